@@ -1,0 +1,1 @@
+"""Typed client (sync and asyncio) for editserve; imports neither torch nor transformers."""

@@ -1,0 +1,1 @@
+"""Model host, gRPC servicers, edit journal, metrics and the `editserve serve` command."""

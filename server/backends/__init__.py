@@ -1,0 +1,1 @@
+"""Generation backends: the interface and its implementations."""
