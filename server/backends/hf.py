@@ -1,0 +1,323 @@
+"""Generation with Hugging Face transformers, batching concurrent requests.
+
+One engine thread owns all forward passes. Requests that arrive while others decode are
+prefilled on their own, then join the running batch: every decode step advances all running
+sequences by one token in a single forward pass over a left-padded KV cache. When the set
+of running sequences changes (a join, a finish, a cancel) the batch cache is rebuilt from
+each sequence's valid slice; while it is stable the cache is reused as is.
+
+Every step holds the host's read lock, so an edit's apply (the writer) lands exactly between
+two steps and every token knows the revision that produced it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from ..detokenize import IncrementalText
+from ..host import ModelHost
+from ..sampling import sample_token
+from .base import (
+    Failed,
+    Finished,
+    FinishReason,
+    GenerationBackend,
+    GenerationParams,
+    LimitExceeded,
+    RequestHandle,
+    Started,
+    Tokens,
+)
+
+log = logging.getLogger(__name__)
+
+
+class EngineObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def on_first_token(self, seconds: float) -> None: ...
+    def on_token(self, seconds_since_previous: float) -> None: ...
+    def on_step(self, batch_size: int, seconds: float) -> None: ...
+
+
+@dataclass
+class _Sequence:
+    handle: RequestHandle
+    params: GenerationParams
+    prompt_ids: list[int]
+    text: IncrementalText
+    generator: torch.Generator | None
+    submitted_at: float
+    generated: list[int] = field(default_factory=list)
+    length: int = 0  # tokens in this sequence's KV cache
+    last_token: int = 0
+    last_token_at: float = 0.0
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # own cache when not batched
+    done: bool = False
+
+
+@dataclass
+class _Batch:
+    rows: list[_Sequence]
+    cache: DynamicCache
+    mask: torch.Tensor  # [B, width] 1 = real token
+    width: int
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class HFBackend(GenerationBackend):
+    name = "hf"
+
+    def __init__(
+        self,
+        host: ModelHost,
+        *,
+        max_batch_size: int = 8,
+        max_pending: int = 64,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.host = host
+        self.max_batch_size = max_batch_size
+        self.max_pending = max_pending
+        self.observer = observer or EngineObserver()
+        self._eos = _eos_ids(host.model, host.tokenizer)
+        config = host.model.config.get_text_config()
+        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 2048))
+        self._device = next(host.model.parameters()).device
+        self._pending: collections.deque[_Sequence] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._batch: _Batch | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- public ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="editserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def load(self) -> int:
+        with self._cond:
+            return len(self._pending) + len(self._running)
+
+    def submit(self, prompt_ids: list[int], params: GenerationParams) -> RequestHandle:
+        if len(prompt_ids) + params.max_new_tokens > self.max_positions:
+            raise LimitExceeded(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"model's context of {self.max_positions} tokens"
+            )
+        handle = RequestHandle()
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        seq = _Sequence(
+            handle=handle,
+            params=params,
+            prompt_ids=list(prompt_ids),
+            text=IncrementalText(self.host.tokenizer, prompt_ids, params.stop),
+            generator=generator,
+            submitted_at=time.perf_counter(),
+        )
+        with self._cond:
+            if self._stopping:
+                raise LimitExceeded("server is shutting down", exhausted=True)
+            if len(self._pending) >= self.max_pending:
+                raise LimitExceeded(
+                    f"too many queued requests (max_pending_requests={self.max_pending})", exhausted=True
+                )
+            self._pending.append(seq)
+            self._cond.notify_all()
+        handle.events.put(Started(prompt_tokens=len(prompt_ids), prompt_token_ids=list(prompt_ids)))
+        return handle
+
+    # --- engine loop -------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not self._stopping and not self._pending and not self._running:
+                    self._cond.wait()
+                if self._stopping:
+                    self._drain()
+                    return
+                admit = []
+                while self._pending and len(self._running) + len(admit) < self.max_batch_size:
+                    admit.append(self._pending.popleft())
+            try:
+                for seq in admit:
+                    if seq.handle.cancelled.is_set():
+                        self._finish(seq, FinishReason.CANCELLED, "")
+                        continue
+                    self._prefill(seq)
+                    if not seq.done:
+                        self._invalidate_batch()  # membership changed
+                        self._running.append(seq)
+                self._reap()
+                if self._running:
+                    self._decode_step()
+                    self._reap()
+            except Exception as error:  # noqa: BLE001 - a failed step fails its requests, not the server
+                log.exception("generation step failed")
+                for seq in [*admit, *self._running]:
+                    if not seq.done:
+                        seq.done = True
+                        seq.handle.events.put(Failed(error))
+                self._running = []
+                self._batch = None
+
+    def _drain(self) -> None:
+        for seq in [*self._pending, *self._running]:
+            if not seq.done:
+                self._finish(seq, FinishReason.CANCELLED, "")
+        self._pending.clear()
+        self._running = []
+        self._batch = None
+
+    def _reap(self) -> None:
+        """Drop finished and cancelled sequences from the running set."""
+        keep = []
+        for seq in self._running:
+            if not seq.done and seq.handle.cancelled.is_set():
+                self._finish(seq, FinishReason.CANCELLED, "")
+            if seq.done:
+                continue
+            keep.append(seq)
+        if len(keep) != len(self._running):
+            self._invalidate_batch()
+            self._running = keep
+
+    # --- model work --------------------------------------------------------------------
+    def _prefill(self, seq: _Sequence) -> None:
+        ids = torch.tensor([seq.prompt_ids], device=self._device)
+        cache = DynamicCache()
+        with self.host.lock.read():
+            revision = self.host.revision
+            out = self.host.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        seq.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        seq.length = len(seq.prompt_ids)
+        now = time.perf_counter()
+        self.observer.on_first_token(now - seq.submitted_at)
+        seq.last_token_at = now
+        self._accept(seq, out.logits[0, -1], revision, first=True)
+
+    def _invalidate_batch(self) -> None:
+        """Give every still-running row its own KV slice back; the next step rebuilds the batch."""
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        for i, seq in enumerate(batch.rows):
+            if seq.done:
+                continue
+            pad = batch.width - seq.length
+            seq.kv = [(layer.keys[i : i + 1, :, pad:], layer.values[i : i + 1, :, pad:]) for layer in batch.cache.layers]
+
+    def _build_batch(self) -> _Batch:
+        rows = self._running
+        width = max(s.length for s in rows)
+        layers = []
+        for layer_index in range(len(rows[0].kv)):
+            k0, v0 = rows[0].kv[layer_index]
+            keys = k0.new_zeros((len(rows), k0.shape[1], width, k0.shape[3]))
+            values = v0.new_zeros((len(rows), v0.shape[1], width, v0.shape[3]))
+            for i, seq in enumerate(rows):
+                k, v = seq.kv[layer_index]
+                keys[i, :, width - seq.length :] = k[0]
+                values[i, :, width - seq.length :] = v[0]
+            layers.append((keys, values))
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self._device)
+        for i, seq in enumerate(rows):
+            mask[i, width - seq.length :] = 1
+            seq.kv = None
+        return _Batch(rows=list(rows), cache=DynamicCache(ddp_cache_data=layers), mask=mask, width=width)
+
+    def _decode_step(self) -> None:
+        if self._batch is None:
+            self._batch = self._build_batch()
+        batch = self._batch
+        rows = batch.rows
+        input_ids = torch.tensor([[s.last_token] for s in rows], device=self._device)
+        positions = torch.tensor([[s.length] for s in rows], device=self._device)
+        mask = torch.cat([batch.mask, torch.ones((len(rows), 1), dtype=batch.mask.dtype, device=self._device)], 1)
+        cache_position = torch.tensor([batch.width], device=self._device)
+        started = time.perf_counter()
+        with self.host.lock.read():
+            revision = self.host.revision
+            out = self.host.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=batch.cache,
+                cache_position=cache_position,
+                use_cache=True,
+            )
+        now = time.perf_counter()
+        self.observer.on_step(len(rows), now - started)
+        batch.mask = mask
+        batch.width += 1
+        logits = out.logits[:, -1]
+        for i, seq in enumerate(rows):
+            seq.length += 1
+            self.observer.on_token(now - seq.last_token_at)
+            seq.last_token_at = now
+            self._accept(seq, logits[i], revision, first=False)
+
+    def _accept(self, seq: _Sequence, logits: torch.Tensor, revision: int, *, first: bool) -> None:
+        """Sample the next token of one sequence, emit it, and decide whether it is done."""
+        params = seq.params
+        token = sample_token(logits, params, seq.generator)
+        logprob = float(torch.log_softmax(logits.float(), -1)[token]) if params.return_logprobs else 0.0
+        if token in self._eos and not params.ignore_eos:
+            self._finish(seq, FinishReason.STOP, "eos", revision)
+            return
+        seq.generated.append(token)
+        seq.last_token = token
+        text = seq.text.add(token)
+        seq.handle.events.put(
+            Tokens(token_ids=[token], text=text, logprobs=[logprob] if params.return_logprobs else [],
+                   revision=revision, first=first)
+        )
+        if seq.text.stopped_by is not None:
+            self._finish(seq, FinishReason.STOP, seq.text.stopped_by, revision)
+        elif len(seq.generated) >= params.max_new_tokens or seq.length + 1 >= self.max_positions:
+            self._finish(seq, FinishReason.LENGTH, "", revision)
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, stop_reason: str, revision: int | None = None) -> None:
+        seq.done = True
+        seq.kv = None
+        rest = "" if reason == FinishReason.STOP and stop_reason != "eos" else seq.text.flush()
+        seq.handle.events.put(
+            Finished(
+                reason=reason,
+                stop_reason=stop_reason,
+                prompt_tokens=len(seq.prompt_ids),
+                generated_tokens=len(seq.generated),
+                revision=self.host.revision if revision is None else revision,
+                text=rest,
+            )
+        )

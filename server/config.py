@@ -1,0 +1,52 @@
+"""Typed server configuration: defaults, a versioned TOML file, then command-line overrides."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `editserve serve` needs. 0 for a port means "pick a free port"."""
+
+    model: str = "smollm2-135m"
+    dtype: str = "fp32"
+    device: str = "cpu"
+    backend: str = "hf"
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9464
+    # Journal directory (SQLite + safetensors). Empty: <cache>/state/<model name>.
+    state_dir: str = ""
+    # Model cache. Empty: $EDITSERVE_CACHE or ~/.cache/editserve.
+    cache_dir: str = ""
+    max_batch_size: int = 8
+    max_pending_requests: int = 64
+    max_concurrent_requests: int = 64
+    max_prompt_tokens: int = 2048
+    max_new_tokens_limit: int = 1024
+    default_max_new_tokens: int = 64
+    trace_max_prompt_tokens: int = 64
+    # torch intra-op threads; 0 keeps torch's default (all cores).
+    torch_threads: int = 0
+    grpc_workers: int = 96
+
+    @classmethod
+    def from_toml(cls, path: Path) -> ServeConfig:
+        data = tomllib.loads(path.read_text())
+        version = data.get("version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ValueError(f"{path}: config version {version} is not supported (expected {CONFIG_VERSION})")
+        section = data.get("serve", {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown [serve] keys {unknown}")
+        return cls(**section)
+
+    def with_overrides(self, **overrides: object) -> ServeConfig:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,142 @@
+"""The model host: one object owns the model, its tokenizer, the weight state and the revision.
+
+Readers (generation steps, traces, scoring) hold ``host.lock.read()``; applying or reverting an
+edit holds ``host.lock.write()`` only for the final tensor copies, which are prepared outside
+the lock. The live value of every touched tensor is always recomputed as
+``base + sum(active deltas)`` from a pristine copy of the base, in one canonical order, so a
+revert restores bit-identical weights and a replay after restart reproduces the same bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from editserve.editing.adapter import ArchitectureAdapter
+from editserve.editing.artifacts import WeightDelta
+
+from .rwlock import RWLock
+
+
+@dataclass
+class _Active:
+    edit_id: str
+    delta: WeightDelta
+
+
+def compose(base: torch.Tensor, deltas: Iterable[WeightDelta], name: str) -> torch.Tensor:
+    """base + sum of the deltas for one tensor, in the given order, cast back to base's dtype.
+
+    Low-rank factors of all deltas are stacked and multiplied once (fast for many small
+    edits); dense parts are added in order. The same inputs always give the same bits.
+    """
+    us, vs, dense = [], [], []
+    for delta in deltas:
+        if name in delta.factors:
+            u, v = delta.factors[name]
+            us.append(u.float())
+            vs.append(v.float())
+        if name in delta.dense:
+            dense.append(delta.dense[name].float())
+    total = base.float().clone()
+    if us:
+        total += torch.cat(us, dim=1) @ torch.cat(vs, dim=1).T
+    for d in dense:
+        total += d
+    return total.to(base.dtype)
+
+
+@dataclass
+class ModelHost:
+    model: nn.Module
+    tokenizer: object
+    name: str
+    dtype: str
+    device: str
+    adapter: ArchitectureAdapter = field(init=False)
+    lock: RWLock = field(default_factory=RWLock)
+    revision: int = 0
+    _pristine: dict[str, torch.Tensor] = field(default_factory=dict)
+    _active: list[_Active] = field(default_factory=list)
+    _state_guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.adapter = ArchitectureAdapter.from_model(self.model)
+
+    # --- weight state ---------------------------------------------------------------
+    @property
+    def active_edit_ids(self) -> list[str]:
+        return [a.edit_id for a in self._active]
+
+    def _prepare(self, active: list[_Active], names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """New live values for the named tensors given an active set (no lock needed)."""
+        out = {}
+        for name in names:
+            base = self._pristine.get(name)
+            if base is None:
+                base = self.model.get_parameter(name).detach().clone()
+            out[name] = compose(base, (a.delta for a in active), name)
+        return out
+
+    def _commit(self, active: list[_Active], values: dict[str, torch.Tensor], revision_step: int) -> None:
+        with self.lock.write():
+            for name, value in values.items():
+                param = self.model.get_parameter(name)
+                if name not in self._pristine:
+                    self._pristine[name] = param.detach().clone()
+                param.data.copy_(value)
+            self._active = active
+            self.revision += revision_step
+
+    def apply(self, edit_id: str, delta: WeightDelta) -> int:
+        """Add an edit; returns the new revision. Raises before changing anything on error."""
+        for name in delta.parameter_names:
+            param = self.model.get_parameter(name)  # AttributeError for unknown names
+            expected = tuple(param.shape)
+            if tuple(delta.delta(name).shape) != expected:
+                raise ValueError(f"delta for {name} has shape {tuple(delta.delta(name).shape)}, parameter has {expected}")
+        if not delta.is_finite():
+            raise ValueError("delta contains NaN or inf")
+        active = [*self._active, _Active(edit_id, delta)]
+        values = self._prepare(active, delta.parameter_names)
+        self._commit(active, values, 1)
+        return self.revision
+
+    def revert(self, edit_id: str) -> int:
+        target = next((a for a in self._active if a.edit_id == edit_id), None)
+        if target is None:
+            raise KeyError(edit_id)
+        active = [a for a in self._active if a.edit_id != edit_id]
+        values = self._prepare(active, target.delta.parameter_names)
+        self._commit(active, values, 1)
+        return self.revision
+
+    def load_state(self, edits: list[tuple[str, WeightDelta]], revision: int) -> None:
+        """Replay: apply a whole active set at once (start-up), setting the revision."""
+        active = [_Active(i, d) for i, d in edits]
+        names = sorted({n for _, d in edits for n in d.parameter_names})
+        values = self._prepare(active, names)
+        self._commit(active, values, 0)
+        self.revision = revision
+
+    def weights_digest(self) -> str:
+        """sha256 over every parameter's bytes, in name order (for replay/revert checks)."""
+        digest = hashlib.sha256()
+        with self.lock.read():
+            for name, param in sorted(self.model.named_parameters()):
+                digest.update(name.encode())
+                digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def fingerprint(self) -> str:
+        """Identity of the *base* model: config plus a sample of base weights, edit-independent."""
+        digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
+        for name, param in sorted(self.model.named_parameters())[:8]:
+            base = self._pristine.get(name, param.detach())
+            digest.update(base.flatten()[:4096].float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]

@@ -1,0 +1,69 @@
+"""Prometheus metrics of one server instance, in their own registry.
+
+Names follow Prometheus conventions: prefix ``editserve_``, base units (seconds, tokens),
+``_total`` for counters, and only bounded labels (rpc, code, method) - never an edit id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from .backends.hf import EngineObserver
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_EDIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+
+
+class Metrics(EngineObserver):
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("editserve_requests", "gRPC requests by method and status code", ["rpc", "code"], registry=r)
+        self.in_flight = Gauge("editserve_requests_in_flight", "gRPC requests being served", ["rpc"], registry=r)
+        self.request_duration = Histogram(
+            "editserve_request_duration_seconds", "End-to-end request latency", ["rpc"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter("editserve_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generated_tokens = Counter("editserve_generated_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram(
+            "editserve_time_to_first_token_seconds", "Time from request arrival to its first token",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.inter_token = Histogram(
+            "editserve_inter_token_latency_seconds", "Time between consecutive tokens of one request",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "editserve_batch_size", "Sequences per decode step", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+        )
+        self.model_info = Info("editserve_model", "The served model", registry=r)
+        self.revision = Gauge("editserve_model_revision", "Edit revision of the served weights", registry=r)
+        self.active_edits = Gauge("editserve_active_edits", "Edits currently applied", registry=r)
+        self.edits = Counter("editserve_edits", "Edit requests by method and outcome", ["method", "status"], registry=r)
+        self.reverts = Counter("editserve_reverts", "Reverts by outcome", ["status"], registry=r)
+        self.edit_compute = Histogram(
+            "editserve_edit_compute_seconds", "Time to compute an edit", ["method"], buckets=_EDIT_BUCKETS, registry=r
+        )
+        self.edit_apply = Histogram(
+            "editserve_edit_apply_seconds", "Time to apply or revert an edit in memory", ["operation"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.trace_duration = Histogram(
+            "editserve_trace_seconds", "Causal trace wall time", buckets=_EDIT_BUCKETS, registry=r
+        )
+        self.ready = Gauge("editserve_ready", "1 once the model is loaded and the journal replayed", registry=r)
+
+    # EngineObserver
+    def on_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def on_token(self, seconds_since_previous: float) -> None:
+        self.inter_token.observe(seconds_since_previous)
+
+    def on_step(self, batch_size: int, seconds: float) -> None:
+        self.batch_size.observe(batch_size)
+
+    def serve_http(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start the /metrics HTTP endpoint; returns the bound port (0 picks a free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_address[1]

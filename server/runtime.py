@@ -1,0 +1,53 @@
+"""What the servicers share: configuration, metrics, and (once loaded) the model host,
+backend and edit manager. The gRPC server starts before the model is loaded so health
+checks can answer NOT_SERVING; every other RPC answers UNAVAILABLE until ``ready``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+
+from .config import ServeConfig
+from .metrics import Metrics
+from .rpc import ServiceError
+
+if TYPE_CHECKING:
+    from .backends.base import GenerationBackend
+    from .edits import EditManager
+    from .host import ModelHost
+
+
+@dataclass
+class Runtime:
+    config: ServeConfig
+    metrics: Metrics = field(default_factory=Metrics)
+    ready: threading.Event = field(default_factory=threading.Event)
+    host: ModelHost | None = None
+    backend: GenerationBackend | None = None
+    edits: EditManager | None = None
+    startup_error: str = ""
+    # in-flight generation RPCs, bounded by config.max_concurrent_requests
+    _inflight: int = 0
+    _inflight_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def require_ready(self) -> None:
+        if not self.ready.is_set():
+            detail = f": {self.startup_error}" if self.startup_error else ""
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"model is not ready yet (loading or replaying the journal){detail}")
+
+    def acquire_slot(self) -> None:
+        with self._inflight_lock:
+            if self._inflight >= self.config.max_concurrent_requests:
+                raise ServiceError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"too many concurrent generation requests (max_concurrent_requests={self.config.max_concurrent_requests})",
+                )
+            self._inflight += 1
+
+    def release_slot(self) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
