@@ -1,1 +1,35 @@
-"""Typed client (sync and asyncio) for editserve; imports neither torch nor transformers."""
+"""Typed client for editserve (sync and asyncio). Imports neither torch nor transformers,
+so a production service can depend on the client alone."""
+
+from .aio import AsyncEditserveClient
+from .errors import (
+    Cancelled,
+    DeadlineExceeded,
+    EditserveError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+)
+from .sync import EditserveClient, GenerationStream
+from .types import (
+    EditInfo,
+    EditResult,
+    Fact,
+    FactReport,
+    Generation,
+    ModelInfo,
+    PromptScore,
+    RevertResult,
+    StreamChunk,
+    TraceResult,
+)
+
+__all__ = [
+    "AsyncEditserveClient", "Cancelled", "DeadlineExceeded", "EditInfo", "EditResult", "EditserveClient",
+    "EditserveError", "Fact", "FactReport", "FailedPrecondition", "Generation", "GenerationStream",
+    "InvalidArgument", "ModelInfo", "NotFound", "PromptScore", "ResourceExhausted", "RevertResult",
+    "StreamChunk", "TraceResult", "Unavailable", "Unimplemented",
+]

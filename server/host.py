@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -83,46 +84,53 @@ class ModelHost:
             out[name] = compose(base, (a.delta for a in active), name)
         return out
 
-    def _commit(self, active: list[_Active], values: dict[str, torch.Tensor], revision_step: int) -> None:
+    def _commit(self, active: list[_Active], values: dict[str, torch.Tensor], revision: int) -> float:
+        """Swap the prepared tensors in under the write lock; returns the pause in seconds."""
         with self.lock.write():
+            started = time.perf_counter()
             for name, value in values.items():
                 param = self.model.get_parameter(name)
                 if name not in self._pristine:
                     self._pristine[name] = param.detach().clone()
                 param.data.copy_(value)
             self._active = active
-            self.revision += revision_step
+            self.revision = revision
+            return time.perf_counter() - started
 
-    def apply(self, edit_id: str, delta: WeightDelta) -> int:
-        """Add an edit; returns the new revision. Raises before changing anything on error."""
+    def check_delta(self, delta: WeightDelta) -> None:
+        """Raise ValueError unless the delta fits this model; call before journaling it."""
         for name in delta.parameter_names:
-            param = self.model.get_parameter(name)  # AttributeError for unknown names
-            expected = tuple(param.shape)
-            if tuple(delta.delta(name).shape) != expected:
-                raise ValueError(f"delta for {name} has shape {tuple(delta.delta(name).shape)}, parameter has {expected}")
+            try:
+                param = self.model.get_parameter(name)
+            except AttributeError as error:
+                raise ValueError(f"delta names unknown parameter {name!r}") from error
+            shape = tuple(delta.delta(name).shape)
+            if shape != tuple(param.shape):
+                raise ValueError(f"delta for {name} has shape {shape}, parameter has {tuple(param.shape)}")
         if not delta.is_finite():
             raise ValueError("delta contains NaN or inf")
+
+    def apply(self, edit_id: str, delta: WeightDelta, revision: int) -> float:
+        """Add an edit and set the revision; returns the write-lock pause in seconds."""
+        self.check_delta(delta)
         active = [*self._active, _Active(edit_id, delta)]
         values = self._prepare(active, delta.parameter_names)
-        self._commit(active, values, 1)
-        return self.revision
+        return self._commit(active, values, revision)
 
-    def revert(self, edit_id: str) -> int:
+    def revert(self, edit_id: str, revision: int) -> float:
         target = next((a for a in self._active if a.edit_id == edit_id), None)
         if target is None:
             raise KeyError(edit_id)
         active = [a for a in self._active if a.edit_id != edit_id]
         values = self._prepare(active, target.delta.parameter_names)
-        self._commit(active, values, 1)
-        return self.revision
+        return self._commit(active, values, revision)
 
     def load_state(self, edits: list[tuple[str, WeightDelta]], revision: int) -> None:
         """Replay: apply a whole active set at once (start-up), setting the revision."""
         active = [_Active(i, d) for i, d in edits]
         names = sorted({n for _, d in edits for n in d.parameter_names})
         values = self._prepare(active, names)
-        self._commit(active, values, 0)
-        self.revision = revision
+        self._commit(active, values, revision)
 
     def weights_digest(self) -> str:
         """sha256 over every parameter's bytes, in name order (for replay/revert checks)."""

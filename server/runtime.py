@@ -33,6 +33,15 @@ class Runtime:
     # in-flight generation RPCs, bounded by config.max_concurrent_requests
     _inflight: int = 0
     _inflight_lock: threading.Lock = field(default_factory=threading.Lock)
+    _noise_scale: float | None = None
+
+    def noise_scale(self) -> float:
+        """Default trace noise (3x the embeddings' std), computed once per served model."""
+        if self._noise_scale is None:
+            from editserve.editing.tracing import embedding_noise_scale
+
+            self._noise_scale = float(embedding_noise_scale(self.host.model, self.host.adapter))
+        return self._noise_scale
 
     def require_ready(self) -> None:
         if not self.ready.is_set():

@@ -1,0 +1,242 @@
+"""The `editserve` command: `serve` runs a server; the other verbs call one over gRPC."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import EditserveError
+from .sync import EditserveClient
+from .types import Fact
+
+SERVER_OPTION = click.option(
+    "--server", default="localhost:50051", show_default=True, envvar="EDITSERVE_SERVER",
+    help="host:port of a running editserve.",
+)
+
+
+def _emit_json(value) -> None:
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    elif isinstance(value, list):
+        value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    click.echo(json.dumps(value, indent=2))
+
+
+def _fail(error: EditserveError) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.version_option(package_name="editserve")
+def main() -> None:
+    """Serve a causal LM over gRPC and edit what it knows while it serves."""
+
+
+@main.command()
+@click.option("--model", default=None, help="Built-in name (smollm2-135m, gemma3-270m), local HF directory, or .gguf file.")
+@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path), help="TOML file with a [serve] table.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default=None)
+@click.option("--device", default=None, help="cpu, cuda, or auto.")
+@click.option("--host", default=None, help="Address to bind (default 0.0.0.0).")
+@click.option("--port", type=int, default=None, help="gRPC port (default 50051; 0 picks a free one).")
+@click.option("--metrics-port", type=int, default=None, help="Prometheus port (default 9464; 0 picks one; -1 disables).")
+@click.option("--state-dir", default=None, help="Edit journal directory.")
+@click.option("--cache-dir", default=None, help="Model and statistics cache.")
+@click.option("--max-batch-size", type=int, default=None)
+@click.option("--max-concurrent-requests", type=int, default=None)
+@click.option("--threads", "torch_threads", type=int, default=None, help="torch threads (0: torch default).")
+@click.option("--port-file", type=click.Path(path_type=Path), default=None,
+              help="Write the bound ports as JSON here once listening (for scripts and tests).")
+def serve(config_file: Path | None, port_file: Path | None, **overrides) -> None:
+    """Run the server (health reports SERVING once the model is loaded and edits replayed)."""
+    from editserve.server.app import serve as run
+    from editserve.server.config import ServeConfig
+
+    config = ServeConfig.from_toml(config_file) if config_file else ServeConfig()
+    sys.exit(run(config.with_overrides(**overrides), port_file=port_file))
+
+
+@main.command()
+@click.argument("prompt")
+@SERVER_OPTION
+@click.option("--max-new-tokens", type=int, default=0, help="0: server default.")
+@click.option("--temperature", type=float, default=0.0, help="0: greedy.")
+@click.option("--top-p", type=float, default=0.0)
+@click.option("--top-k", type=int, default=0)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--chat", is_flag=True, help="Send the prompt as a user chat message.")
+@click.option("--no-stream", is_flag=True, help="Wait for the whole answer.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (implies --no-stream).")
+def generate(prompt: str, server: str, chat: bool, no_stream: bool, as_json: bool, **options) -> None:
+    """Generate a completion; streams to the terminal by default."""
+    payload = [{"role": "user", "content": prompt}] if chat else prompt
+    options = {k: v for k, v in options.items() if v not in (None, ())}
+    with EditserveClient(server) as client:
+        try:
+            if as_json or no_stream:
+                result = client.generate(payload, **options)
+                _emit_json(result) if as_json else click.echo(result.text)
+                return
+            last = None
+            for chunk in client.stream(payload, **options):
+                click.echo(chunk.text, nl=False)
+                last = chunk
+            click.echo()
+            if last is not None:
+                click.echo(f"[{last.finish_reason}, {last.generated_tokens} tokens, revision {last.revision}]", err=True)
+        except EditserveError as error:
+            _fail(error)
+
+
+@main.command()
+@SERVER_OPTION
+@click.option("--prompt", required=True, help='Template with "{}" for the subject, e.g. "The mother tongue of {} is".')
+@click.option("--subject", required=True)
+@click.option("--target", "target_new", required=True, help="The new object.")
+@click.option("--target-true", default="", help="The old object (reported before/after).")
+@click.option("--paraphrase", multiple=True, help="Prompt that should change too (repeatable).")
+@click.option("--neighborhood", multiple=True, help="Prompt that should not change (repeatable).")
+@click.option("--method", default="rome", show_default=True, type=click.Choice(["rome", "memit", "ft_l", "serac", "t_patcher"]))
+@click.option("--layer", type=int, default=None, help="Edited layer (default: the model family's).")
+@click.option("--dry-run", is_flag=True, help="Compute and report; apply nothing.")
+@click.option("--description", default="")
+@click.option("--json", "as_json", is_flag=True)
+def edit(server: str, prompt: str, subject: str, target_new: str, target_true: str, paraphrase, neighborhood,
+         method: str, layer: int | None, dry_run: bool, description: str, as_json: bool) -> None:
+    """Write a fact into the served model."""
+    fact = Fact(prompt, subject, target_new, target_true, tuple(paraphrase), tuple(neighborhood))
+    options = {"layer": layer} if layer is not None else {}
+    with EditserveClient(server) as client:
+        try:
+            result = client.edit(fact, method=method, dry_run=dry_run, description=description, **options)
+        except EditserveError as error:
+            _fail(error)
+    if as_json:
+        _emit_json(result)
+        return
+    head = "dry run (nothing applied)" if not result.applied else f"edit {result.edit_id} applied, revision {result.revision}"
+    click.echo(f"{head}; computed in {result.compute_seconds:.1f}s")
+    for report in result.facts:
+        for label, scores in (("rewrite", [report.rewrite]), ("paraphrase", report.paraphrase),
+                              ("neighborhood", report.neighborhood)):
+            for s in scores:
+                click.echo(f"  {label:12s} P(new) {s.p_new_before:.3f} -> {s.p_new_after:.3f}"
+                           f"  P(true) {s.p_true_before:.3f} -> {s.p_true_after:.3f}  {s.prompt}")
+
+
+@main.command()
+@click.argument("edit_id")
+@SERVER_OPTION
+def revert(edit_id: str, server: str) -> None:
+    """Remove an edit exactly."""
+    with EditserveClient(server) as client:
+        try:
+            result = client.revert(edit_id)
+        except EditserveError as error:
+            _fail(error)
+    click.echo(f"reverted {result.edit_id}; revision {result.revision}")
+
+
+@main.command()
+@SERVER_OPTION
+@click.option("--all", "include_reverted", is_flag=True, help="Include reverted edits.")
+@click.option("--json", "as_json", is_flag=True)
+def edits(server: str, include_reverted: bool, as_json: bool) -> None:
+    """List edits."""
+    with EditserveClient(server) as client:
+        try:
+            items = client.list_edits(include_reverted=include_reverted)
+        except EditserveError as error:
+            _fail(error)
+    if as_json:
+        _emit_json(items)
+        return
+    if not items:
+        click.echo("no edits")
+    for e in items:
+        facts = "; ".join(f"{f.prompt.replace('{}', f.subject)} -> {f.target_new}" for f in e.facts)
+        click.echo(f"{e.edit_id}  {e.status:8s} {e.method:6s} layers {e.layers}  |delta| {e.delta_norm:.3g}  {facts}")
+
+
+@main.command()
+@click.argument("edit_id")
+@SERVER_OPTION
+def show(edit_id: str, server: str) -> None:
+    """Show one edit as JSON."""
+    with EditserveClient(server) as client:
+        try:
+            _emit_json(client.get_edit(edit_id))
+        except EditserveError as error:
+            _fail(error)
+
+
+@main.command()
+@SERVER_OPTION
+@click.option("--prompt", required=True)
+@click.option("--subject", required=True, help="Text inside the prompt whose tokens are corrupted.")
+@click.option("--answer", default="", help="Continuation to measure (default: the model's top token).")
+@click.option("--samples", type=int, default=0, help="Noise samples (0: 10).")
+@click.option("--window", type=int, default=0, help="Layers restored together for MLP/attention (0: 10).")
+@click.option("--noise-scale", type=float, default=0.0, help="0: 3x the embeddings' std.")
+@click.option("--seed", type=int, default=None)
+@click.option("--png", type=click.Path(path_type=Path), default=None, help="Draw the heatmaps to this file.")
+@click.option("--json", "as_json", is_flag=True)
+def trace(server: str, prompt: str, subject: str, png: Path | None, as_json: bool, **options) -> None:
+    """Causal tracing: where in the network is this fact carried?"""
+    options = {k: v for k, v in options.items() if v is not None}
+    with EditserveClient(server) as client:
+        try:
+            result = client.trace(prompt, subject, **options)
+        except EditserveError as error:
+            _fail(error)
+    if png is not None:
+        from .trace_plot import plot_trace
+
+        plot_trace(result, png)
+    if as_json:
+        _emit_json(result)
+        return
+    click.echo(f"answer {result.answer!r}: clean {result.clean_prob:.3f}, corrupted {result.corrupted_prob:.3f} "
+               f"({result.samples} samples, noise {result.noise_scale:.3g}, {result.seconds:.1f}s)")
+    for kind, grid in result.grids.items():
+        best = max(((p, t, layer) for t, row in enumerate(grid) for layer, p in enumerate(row)), default=None)
+        if best:
+            click.echo(f"  {kind:6s} peak {best[0]:.3f} at token {best[1]} ({result.tokens[best[1]]!r}), layer {best[2]}")
+    if png is not None:
+        click.echo(f"wrote {png}")
+
+
+@main.command()
+@SERVER_OPTION
+@click.option("--digest", is_flag=True, help="Include a sha256 of all weights.")
+def info(server: str, digest: bool) -> None:
+    """Show the served model and its edit revision as JSON."""
+    with EditserveClient(server) as client:
+        try:
+            _emit_json(client.model_info(include_weights_digest=digest))
+        except EditserveError as error:
+            _fail(error)
+
+
+@main.command()
+@SERVER_OPTION
+def health(server: str) -> None:
+    """Print the server's health status (exit 0 only when SERVING)."""
+    with EditserveClient(server) as client:
+        try:
+            status = client.health()
+        except EditserveError as error:
+            _fail(error)
+    click.echo(status)
+    sys.exit(0 if status == "SERVING" else 1)
+
+
+if __name__ == "__main__":
+    main()

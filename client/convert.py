@@ -1,0 +1,198 @@
+"""Request building and reply conversion shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from ._pb import editing_pb2 as epb
+from ._pb import inference_pb2 as ipb
+from .types import (
+    EditInfo,
+    EditResult,
+    Fact,
+    FactReport,
+    Generation,
+    ModelInfo,
+    PromptScore,
+    RevertResult,
+    StreamChunk,
+    TraceResult,
+)
+
+FINISH = {
+    ipb.FINISH_REASON_LENGTH: "length",
+    ipb.FINISH_REASON_STOP: "stop",
+    ipb.FINISH_REASON_CANCELLED: "cancelled",
+}
+METHODS = {
+    "rome": epb.EDIT_METHOD_ROME,
+    "memit": epb.EDIT_METHOD_MEMIT,
+    "ft_l": epb.EDIT_METHOD_FT_L,
+    "serac": epb.EDIT_METHOD_SERAC,
+    "t_patcher": epb.EDIT_METHOD_T_PATCHER,
+}
+METHOD_NAMES = {v: k for k, v in METHODS.items()}
+OPTION_FIELDS = {"rome": "rome", "memit": "memit", "ft_l": "ft", "serac": "serac", "t_patcher": "t_patcher"}
+KINDS = {"hidden": epb.TRACE_KIND_HIDDEN, "mlp": epb.TRACE_KIND_MLP, "attn": epb.TRACE_KIND_ATTENTION}
+KIND_NAMES = {v: k for k, v in KINDS.items()}
+
+Prompt = str | Sequence[int] | Sequence[dict]
+
+
+def generate_request(
+    prompt: Prompt,
+    *,
+    max_new_tokens: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: Iterable[str] = (),
+    ignore_eos: bool = False,
+    return_token_ids: bool = False,
+    return_logprobs: bool = False,
+) -> ipb.GenerateRequest:
+    """Text, token ids, or chat messages ({"role": ..., "content": ...}) as the prompt."""
+    request = ipb.GenerateRequest(
+        sampling=ipb.SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k),
+        stopping=ipb.StoppingOptions(max_new_tokens=max_new_tokens, stop=list(stop), ignore_eos=ignore_eos),
+        response=ipb.ResponseOptions(return_token_ids=return_token_ids, return_logprobs=return_logprobs),
+    )
+    if seed is not None:
+        request.sampling.seed = seed
+    if isinstance(prompt, str):
+        request.text = prompt
+    elif prompt and isinstance(prompt[0], dict):
+        request.chat.messages.extend(ipb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)
+    else:
+        request.token_ids.ids.extend(int(i) for i in prompt)
+    return request
+
+
+def generation(reply: ipb.GenerateResponse) -> Generation:
+    return Generation(
+        text=reply.text, finish_reason=FINISH.get(reply.finish_reason, "unspecified"),
+        stop_reason=reply.stop_reason, prompt_tokens=reply.usage.prompt_tokens,
+        generated_tokens=reply.usage.generated_tokens, revision=reply.revision, model=reply.model,
+        token_ids=list(reply.token_ids), logprobs=list(reply.logprobs),
+        time_to_first_token_seconds=reply.time_to_first_token_seconds,
+    )
+
+
+def stream_chunk(chunk: ipb.GenerateStreamChunk) -> StreamChunk:
+    last = chunk.finish_reason != ipb.FINISH_REASON_UNSPECIFIED
+    return StreamChunk(
+        text=chunk.text, revision=chunk.revision, token_ids=list(chunk.token_ids), logprobs=list(chunk.logprobs),
+        prompt_tokens=chunk.prompt.prompt_tokens if chunk.HasField("prompt") else None,
+        finish_reason=FINISH.get(chunk.finish_reason) if last else None,
+        stop_reason=chunk.stop_reason,
+        generated_tokens=chunk.usage.generated_tokens if last else None,
+    )
+
+
+def model_info(reply: ipb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        model=reply.model, model_type=reply.model_type, num_layers=reply.num_layers, hidden_size=reply.hidden_size,
+        vocab_size=reply.vocab_size, dtype=reply.dtype, device=reply.device, revision=reply.revision,
+        active_edits=reply.active_edits, backend=reply.backend, default_max_new_tokens=reply.default_max_new_tokens,
+        max_prompt_tokens=reply.max_prompt_tokens, max_new_tokens_limit=reply.max_new_tokens_limit,
+        has_chat_template=reply.has_chat_template, weights_digest=reply.weights_digest,
+    )
+
+
+def _fact_pb(fact: Fact) -> epb.Fact:
+    return epb.Fact(
+        prompt=fact.prompt, subject=fact.subject, target_new=fact.target_new, target_true=fact.target_true,
+        paraphrase_prompts=list(fact.paraphrase_prompts), neighborhood_prompts=list(fact.neighborhood_prompts),
+    )
+
+
+def _fact(message: epb.Fact) -> Fact:
+    return Fact(
+        prompt=message.prompt, subject=message.subject, target_new=message.target_new,
+        target_true=message.target_true, paraphrase_prompts=tuple(message.paraphrase_prompts),
+        neighborhood_prompts=tuple(message.neighborhood_prompts),
+    )
+
+
+def edit_request(
+    facts: Fact | Sequence[Fact], *, method: str = "rome", dry_run: bool = False, description: str = "", **options
+) -> epb.EditRequest:
+    """``options`` are the method's fields (e.g. layer=5, steps=20 for ROME)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    facts = [facts] if isinstance(facts, Fact) else list(facts)
+    request = epb.EditRequest(method=METHODS[method], facts=[_fact_pb(f) for f in facts], dry_run=dry_run,
+                              description=description)
+    if options:
+        target = getattr(request, OPTION_FIELDS[method])
+        for key, value in options.items():
+            if isinstance(value, (list, tuple)):
+                getattr(target, key).extend(value)
+            else:
+                setattr(target, key, value)
+    return request
+
+
+def _score(message: epb.PromptScore) -> PromptScore:
+    return PromptScore(message.prompt, message.p_new_before, message.p_true_before, message.p_new_after,
+                       message.p_true_after)
+
+
+def edit_info(message: epb.EditInfo) -> EditInfo:
+    return EditInfo(
+        edit_id=message.edit_id, method=METHOD_NAMES.get(message.method, "unspecified"),
+        facts=[_fact(f) for f in message.facts], layers=list(message.layers), delta_norm=message.delta_norm,
+        created_unix_seconds=message.created_unix_seconds,
+        status="active" if message.status == epb.EDIT_STATUS_ACTIVE else "reverted",
+        applied_revision=message.applied_revision, reverted_revision=message.reverted_revision,
+        parameters=list(message.parameters), description=message.description,
+        compute_seconds=message.compute_seconds,
+    )
+
+
+def edit_result(reply: epb.EditResponse) -> EditResult:
+    return EditResult(
+        edit_id=reply.edit_id, revision=reply.revision, applied=reply.applied,
+        facts=[
+            FactReport(_fact(r.fact), _score(r.rewrite), [_score(s) for s in r.paraphrase],
+                       [_score(s) for s in r.neighborhood])
+            for r in reply.facts
+        ],
+        compute_seconds=reply.compute_seconds, apply_seconds=reply.apply_seconds,
+        edit=edit_info(reply.edit) if reply.HasField("edit") else None,
+    )
+
+
+def revert_result(reply: epb.RevertResponse) -> RevertResult:
+    return RevertResult(reply.edit_id, reply.revision, reply.revert_seconds)
+
+
+def trace_request(
+    prompt: str, subject: str, *, answer: str = "", samples: int = 0, noise_scale: float = 0.0, window: int = 0,
+    seed: int | None = None, kinds: Iterable[str] = (),
+) -> epb.TraceRequest:
+    request = epb.TraceRequest(prompt=prompt, subject=subject, answer=answer, samples=samples,
+                               noise_scale=noise_scale, window=window)
+    if seed is not None:
+        request.seed = seed
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown trace kind {kind!r}; choose from {sorted(KINDS)}")
+        request.kinds.append(KINDS[kind])
+    return request
+
+
+def trace_result(reply: epb.TraceResponse) -> TraceResult:
+    grids = {}
+    for grid in reply.grids:
+        values = list(grid.probs)
+        grids[KIND_NAMES.get(grid.kind, str(grid.kind))] = [
+            values[r * grid.cols : (r + 1) * grid.cols] for r in range(grid.rows)
+        ]
+    return TraceResult(
+        tokens=list(reply.tokens), subject_start=reply.subject_start, subject_end=reply.subject_end,
+        answer=reply.answer, clean_prob=reply.clean_prob, corrupted_prob=reply.corrupted_prob,
+        noise_scale=reply.noise_scale, samples=reply.samples, window=reply.window, grids=grids,
+        revision=reply.revision, seconds=reply.seconds,
+    )

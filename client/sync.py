@@ -1,0 +1,121 @@
+"""Blocking client over one gRPC channel."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from . import convert
+from ._pb import editing_pb2 as epb
+from ._pb import editing_pb2_grpc, inference_pb2_grpc
+from ._pb import inference_pb2 as ipb
+from .errors import from_rpc_error
+from .types import EditInfo, EditResult, Fact, Generation, ModelInfo, RevertResult, StreamChunk, TraceResult
+
+
+class GenerationStream:
+    """Iterate to receive chunks; ``cancel()`` stops the generation on the server."""
+
+    def __init__(self, call) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        try:
+            for chunk in self._call:
+                yield convert.stream_chunk(chunk)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.CANCELLED and self._cancelled:
+                return
+            raise from_rpc_error(error) from None
+
+    _cancelled = False
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+
+class EditserveClient:
+    """``EditserveClient("localhost:50051")``; every call raises an EditserveError subclass
+    carrying the gRPC status on failure. ``timeout`` (seconds) becomes the call's deadline."""
+
+    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None,
+                 channel: grpc.Channel | None = None) -> None:
+        self.channel = channel or grpc.insecure_channel(target)
+        self.timeout = timeout
+        self._inference = inference_pb2_grpc.InferenceStub(self.channel)
+        self._editing = editing_pb2_grpc.EditingStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> EditserveClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method, request, timeout: float | None):
+        try:
+            return method(request, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    # --- health ------------------------------------------------------------------------
+    def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        """"SERVING", "NOT_SERVING", ... for the whole server ("") or one service."""
+        reply = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def wait_until_serving(self, timeout: float = 300.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health(timeout=2.0) == "SERVING":
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not SERVING after {timeout:.0f}s")
+            time.sleep(0.2)
+
+    # --- inference -----------------------------------------------------------------------
+    def generate(self, prompt: convert.Prompt, *, timeout: float | None = None, **options) -> Generation:
+        """``options``: max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
+        return_token_ids, return_logprobs (0 means the server default)."""
+        return convert.generation(self._call(self._inference.Generate, convert.generate_request(prompt, **options), timeout))
+
+    def stream(self, prompt: convert.Prompt, *, timeout: float | None = None, **options) -> GenerationStream:
+        request = convert.generate_request(prompt, **options)
+        return GenerationStream(
+            self._inference.GenerateStream(request, timeout=timeout if timeout is not None else self.timeout)
+        )
+
+    def model_info(self, *, include_weights_digest: bool = False, timeout: float | None = None) -> ModelInfo:
+        request = ipb.GetModelInfoRequest(include_weights_digest=include_weights_digest)
+        return convert.model_info(self._call(self._inference.GetModelInfo, request, timeout))
+
+    # --- editing -------------------------------------------------------------------------
+    def edit(self, facts: Fact | Sequence[Fact], *, method: str = "rome", dry_run: bool = False,
+             description: str = "", timeout: float | None = None, **options) -> EditResult:
+        request = convert.edit_request(facts, method=method, dry_run=dry_run, description=description, **options)
+        return convert.edit_result(self._call(self._editing.Edit, request, timeout))
+
+    def revert(self, edit_id: str, *, timeout: float | None = None) -> RevertResult:
+        return convert.revert_result(self._call(self._editing.Revert, epb.RevertRequest(edit_id=edit_id), timeout))
+
+    def list_edits(self, *, include_reverted: bool = False, timeout: float | None = None) -> list[EditInfo]:
+        reply = self._call(self._editing.ListEdits, epb.ListEditsRequest(include_reverted=include_reverted), timeout)
+        return [convert.edit_info(e) for e in reply.edits]
+
+    def get_edit(self, edit_id: str, *, timeout: float | None = None) -> EditInfo:
+        return convert.edit_info(self._call(self._editing.GetEdit, epb.GetEditRequest(edit_id=edit_id), timeout))
+
+    def trace(self, prompt: str, subject: str, *, timeout: float | None = None, **options) -> TraceResult:
+        """``options``: answer, samples, noise_scale, window, seed, kinds (hidden/mlp/attn)."""
+        return convert.trace_result(self._call(self._editing.Trace, convert.trace_request(prompt, subject, **options), timeout))

@@ -1,0 +1,135 @@
+"""Typed results: plain dataclasses built from the protobuf replies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A fact to write. ``prompt`` holds one "{}" for the subject."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str = ""
+    paraphrase_prompts: tuple[str, ...] = ()
+    neighborhood_prompts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    finish_reason: str  # "length", "stop" or "cancelled"
+    stop_reason: str
+    prompt_tokens: int
+    generated_tokens: int
+    revision: int
+    model: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    time_to_first_token_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    text: str
+    revision: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    prompt_tokens: int | None = None  # first chunk only
+    finish_reason: str | None = None  # last chunk only
+    stop_reason: str = ""
+    generated_tokens: int | None = None  # last chunk only
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str
+    device: str
+    revision: int
+    active_edits: int
+    backend: str
+    default_max_new_tokens: int
+    max_prompt_tokens: int
+    max_new_tokens_limit: int
+    has_chat_template: bool
+    weights_digest: str = ""
+
+
+@dataclass(frozen=True)
+class PromptScore:
+    prompt: str
+    p_new_before: float
+    p_true_before: float
+    p_new_after: float
+    p_true_after: float
+
+
+@dataclass(frozen=True)
+class FactReport:
+    fact: Fact
+    rewrite: PromptScore
+    paraphrase: list[PromptScore]
+    neighborhood: list[PromptScore]
+
+
+@dataclass(frozen=True)
+class EditInfo:
+    edit_id: str
+    method: str
+    facts: list[Fact]
+    layers: list[int]
+    delta_norm: float
+    created_unix_seconds: float
+    status: str  # "active" or "reverted"
+    applied_revision: int
+    reverted_revision: int
+    parameters: list[str]
+    description: str
+    compute_seconds: float
+
+
+@dataclass(frozen=True)
+class EditResult:
+    edit_id: str
+    revision: int
+    applied: bool
+    facts: list[FactReport]
+    compute_seconds: float
+    apply_seconds: float
+    edit: EditInfo | None
+
+
+@dataclass(frozen=True)
+class RevertResult:
+    edit_id: str
+    revision: int
+    revert_seconds: float
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """Causal trace of one prompt; ``grids[kind]`` is a [tokens][layers] list of probabilities."""
+
+    tokens: list[str]
+    subject_start: int
+    subject_end: int
+    answer: str
+    clean_prob: float
+    corrupted_prob: float
+    noise_scale: float
+    samples: int
+    window: int
+    grids: dict[str, list[list[float]]]
+    revision: int
+    seconds: float
+
+    @property
+    def subject_span(self) -> tuple[int, int]:
+        return self.subject_start, self.subject_end

@@ -1,0 +1,152 @@
+"""Assemble and run the server: gRPC (Inference, Editing, health, reflection) and /metrics.
+
+Start-up order matters for orchestrators: the gRPC port opens first with health
+NOT_SERVING, then the model loads and the journal is replayed, and only then does health
+turn SERVING. A failure to load (or a journal from another model) exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from editserve.client._pb import editing_pb2, editing_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+from .config import ServeConfig
+from .editing_service import EditingServicer
+from .inference_service import InferenceServicer
+from .runtime import Runtime
+
+log = logging.getLogger("editserve")
+
+SERVICE_NAMES = (
+    inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+    editing_pb2.DESCRIPTOR.services_by_name["Editing"].full_name,
+)
+
+
+class EditserveServer:
+    """One running server. ``start()`` opens the ports; ``load()`` makes it SERVING."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.runtime = Runtime(config)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.grpc = grpc.server(
+            ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="editserve-rpc"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.runtime), self.grpc)
+        editing_pb2_grpc.add_EditingServicer_to_server(EditingServicer(self.runtime), self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = 0
+        self.metrics_port = 0
+        self._stopped = threading.Event()
+
+    def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, status)
+
+    def start(self) -> None:
+        self.port = self.grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC to {self.config.host}:{self.config.port}")
+        self.grpc.start()
+        if self.config.metrics_port >= 0:
+            self.metrics_port = self.runtime.metrics.serve_http(self.config.metrics_port, self.config.host)
+
+    def load(self) -> None:
+        """Load the model, start the backend, replay the journal, then report SERVING."""
+        import torch
+
+        from .edits import EditManager
+        from .host import ModelHost
+        from .journal import Journal
+        from .methods import build_methods
+        from .models import default_cache_dir, load_model
+
+        config = self.config
+        if config.torch_threads > 0:
+            torch.set_num_threads(config.torch_threads)
+        cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer, model_dir = load_model(config.model, dtype=config.dtype, device=device, cache_dir=cache)
+        host = ModelHost(model, tokenizer, name=config.model, dtype=config.dtype, device=device)
+        state_dir = Path(config.state_dir) if config.state_dir else cache / "state" / Path(config.model).name
+        journal = Journal(state_dir, host.fingerprint())
+        metrics = self.runtime.metrics
+        methods, scorer = build_methods(host, cache)
+        manager = EditManager(host, journal, methods, scorer, metrics)
+        replayed = manager.replay()
+        if config.backend != "hf":
+            raise ValueError(f"backend {config.backend!r} is not available in this build (choose 'hf')")
+        from .backends.hf import HFBackend
+
+        backend = HFBackend(host, max_batch_size=config.max_batch_size,
+                            max_pending=config.max_pending_requests, observer=metrics)
+        backend.start()
+        self.runtime.host, self.runtime.backend, self.runtime.edits = host, backend, manager
+        metrics.model_info.info({
+            "model": config.model, "model_type": host.adapter.model_type, "dtype": config.dtype,
+            "device": device, "backend": backend.name, "layers": str(host.adapter.num_layers),
+        })
+        self.runtime.ready.set()
+        metrics.ready.set(1)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s (revision %d, %d edits replayed from %s)", config.model, host.revision, replayed, state_dir)
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.runtime.ready.clear()
+        if self.runtime.backend is not None:
+            self.runtime.backend.stop()
+        self.grpc.stop(grace).wait()
+
+    def wait(self) -> None:
+        self.grpc.wait_for_termination()
+
+
+def serve(config: ServeConfig, port_file: Path | None = None) -> int:
+    """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = EditserveServer(config)
+    server.start()
+    log.info("gRPC on %s:%d, metrics on :%d (NOT_SERVING until loaded)", config.host, server.port, server.metrics_port)
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"grpc_port": server.port, "metrics_port": server.metrics_port}))
+        tmp.rename(port_file)
+
+    def on_signal(signum, _frame) -> None:
+        log.info("signal %d: shutting down", signum)
+        threading.Thread(target=server.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.load()
+    except Exception as error:  # noqa: BLE001 - report and exit non-zero for the orchestrator
+        log.error("start-up failed: %s", error)
+        print(f"editserve: start-up failed: {error}", file=sys.stderr)
+        server.stop(0)
+        return 1
+    server.wait()
+    return 0

@@ -1,0 +1,202 @@
+"""The Editing servicer: Edit, Revert, ListEdits, GetEdit and Trace over the edit manager."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from editserve.client._pb import editing_pb2 as pb
+from editserve.client._pb import editing_pb2_grpc as pb_grpc
+from editserve.editing.facts import Fact
+
+from .edits import EditOutcome, MethodUnavailable, UnknownEdit, stable_weights
+from .journal import EditRecord
+from .rpc import ServiceError, invalid, rpc_handler
+from .runtime import Runtime
+
+METHOD_NAMES = {
+    pb.EDIT_METHOD_ROME: "rome",
+    pb.EDIT_METHOD_MEMIT: "memit",
+    pb.EDIT_METHOD_FT_L: "ft_l",
+    pb.EDIT_METHOD_SERAC: "serac",
+    pb.EDIT_METHOD_T_PATCHER: "t_patcher",
+}
+METHOD_ENUMS = {v: k for k, v in METHOD_NAMES.items()}
+OPTION_FIELDS = {"rome": "rome", "memit": "memit", "ft_l": "ft", "serac": "serac", "t_patcher": "t_patcher"}
+TRACE_KINDS = {pb.TRACE_KIND_HIDDEN: "hidden", pb.TRACE_KIND_MLP: "mlp", pb.TRACE_KIND_ATTENTION: "attn"}
+TRACE_ENUMS = {v: k for k, v in TRACE_KINDS.items()}
+
+
+def _metrics(servicer: EditingServicer):
+    return servicer.runtime.metrics
+
+
+def _options_dict(message) -> dict:
+    """Only the fields the caller set: unset options fall back to the shipped hyperparameters."""
+    out = {}
+    for field, value in message.ListFields():
+        out[field.name] = list(value) if field.label == field.LABEL_REPEATED else value
+    if out.get("stats_source", None) == "":
+        out.pop("stats_source")
+    return out
+
+
+def _fact_pb(fact: dict) -> pb.Fact:
+    return pb.Fact(
+        prompt=fact["prompt"], subject=fact["subject"], target_new=fact["target_new"],
+        target_true=fact.get("target_true", ""),
+        paraphrase_prompts=fact.get("paraphrase_prompts", []),
+        neighborhood_prompts=fact.get("neighborhood_prompts", []),
+    )
+
+
+def edit_info(record: EditRecord) -> pb.EditInfo:
+    return pb.EditInfo(
+        edit_id=record.edit_id,
+        method=METHOD_ENUMS.get(record.method, pb.EDIT_METHOD_UNSPECIFIED),
+        facts=[_fact_pb(f) for f in record.facts],
+        layers=record.layers,
+        delta_norm=record.delta_norm,
+        created_unix_seconds=record.created,
+        status=pb.EDIT_STATUS_ACTIVE if record.status == "active" else pb.EDIT_STATUS_REVERTED,
+        applied_revision=record.applied_revision,
+        reverted_revision=record.reverted_revision,
+        parameters=record.parameters,
+        description=record.description,
+        compute_seconds=record.compute_seconds,
+    )
+
+
+def _score_pb(score) -> pb.PromptScore:
+    return pb.PromptScore(
+        prompt=score.prompt, p_new_before=score.p_new_before, p_true_before=score.p_true_before,
+        p_new_after=score.p_new_after, p_true_after=score.p_true_after,
+    )
+
+
+class EditingServicer(pb_grpc.EditingServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    @rpc_handler(_metrics, "Edit")
+    def Edit(self, request: pb.EditRequest, context: grpc.ServicerContext) -> pb.EditResponse:
+        self.runtime.require_ready()
+        if request.method == pb.EDIT_METHOD_UNSPECIFIED:
+            raise invalid("method is required (e.g. EDIT_METHOD_ROME)")
+        method = METHOD_NAMES.get(request.method)
+        if method is None:
+            raise invalid(f"unknown method {request.method}")
+        which = request.WhichOneof("options")
+        if which is not None and which != OPTION_FIELDS[method]:
+            raise invalid(f"options.{which} given for method {method}; use options.{OPTION_FIELDS[method]}")
+        options = _options_dict(getattr(request, which)) if which else {}
+        facts = [
+            Fact(prompt=f.prompt, subject=f.subject, target_new=f.target_new, target_true=f.target_true,
+                 paraphrase_prompts=tuple(f.paraphrase_prompts), neighborhood_prompts=tuple(f.neighborhood_prompts))
+            for f in request.facts
+        ]
+        try:
+            outcome: EditOutcome = self.runtime.edits.edit(
+                method, facts, options, dry_run=request.dry_run, description=request.description
+            )
+        except MethodUnavailable as error:
+            raise ServiceError(
+                grpc.StatusCode.UNIMPLEMENTED, f"edit method {error.args[0]!r} is not implemented by this server yet"
+            ) from None
+        response = pb.EditResponse(
+            edit_id=outcome.edit_id,
+            revision=outcome.revision,
+            applied=outcome.applied,
+            compute_seconds=outcome.compute_seconds,
+            apply_seconds=outcome.apply_seconds,
+        )
+        for report in outcome.reports:
+            response.facts.append(
+                pb.FactReport(
+                    fact=_fact_pb(report.fact.__dict__),
+                    rewrite=_score_pb(report.rewrite),
+                    paraphrase=[_score_pb(s) for s in report.paraphrase],
+                    neighborhood=[_score_pb(s) for s in report.neighborhood],
+                )
+            )
+        if outcome.record is not None:
+            response.edit.CopyFrom(edit_info(outcome.record))
+        return response
+
+    @rpc_handler(_metrics, "Revert")
+    def Revert(self, request: pb.RevertRequest, context: grpc.ServicerContext) -> pb.RevertResponse:
+        self.runtime.require_ready()
+        if not request.edit_id:
+            raise invalid("edit_id is required")
+        try:
+            revision, seconds = self.runtime.edits.revert(request.edit_id)
+        except UnknownEdit as error:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, error.args[0]) from None
+        return pb.RevertResponse(edit_id=request.edit_id, revision=revision, revert_seconds=seconds)
+
+    @rpc_handler(_metrics, "ListEdits")
+    def ListEdits(self, request: pb.ListEditsRequest, context: grpc.ServicerContext) -> pb.ListEditsResponse:
+        self.runtime.require_ready()
+        records = self.runtime.edits.list(request.include_reverted)
+        return pb.ListEditsResponse(edits=[edit_info(r) for r in records], revision=self.runtime.host.revision)
+
+    @rpc_handler(_metrics, "GetEdit")
+    def GetEdit(self, request: pb.GetEditRequest, context: grpc.ServicerContext) -> pb.EditInfo:
+        self.runtime.require_ready()
+        if not request.edit_id:
+            raise invalid("edit_id is required")
+        try:
+            return edit_info(self.runtime.edits.get(request.edit_id))
+        except UnknownEdit as error:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, error.args[0]) from None
+
+    @rpc_handler(_metrics, "Trace")
+    def Trace(self, request: pb.TraceRequest, context: grpc.ServicerContext) -> pb.TraceResponse:
+        self.runtime.require_ready()
+        from editserve.editing.tracing import causal_trace
+
+        host = self.runtime.host
+        kinds = [TRACE_KINDS[k] for k in request.kinds if k in TRACE_KINDS] or ["hidden", "mlp", "attn"]
+        if any(k not in TRACE_KINDS for k in request.kinds):
+            raise invalid(f"kinds contains an unknown value: {list(request.kinds)}")
+        started = time.perf_counter()
+        with stable_weights(self.runtime.edits):
+            result = causal_trace(
+                host.model,
+                host.tokenizer,
+                host.adapter,
+                request.prompt,
+                request.subject,
+                answer=request.answer or None,
+                samples=request.samples or 10,
+                noise_scale=request.noise_scale or self.runtime.noise_scale(),
+                window=request.window or min(10, host.adapter.num_layers),
+                seed=request.seed if request.HasField("seed") else 0,
+                kinds=tuple(kinds),
+                max_prompt_tokens=self.runtime.config.trace_max_prompt_tokens,
+            )
+            revision = host.revision
+        seconds = time.perf_counter() - started
+        self.runtime.metrics.trace_duration.observe(seconds)
+        response = pb.TraceResponse(
+            tokens=result.tokens,
+            subject_start=result.subject_span[0],
+            subject_end=result.subject_span[1],
+            answer=result.answer,
+            clean_prob=result.clean_prob,
+            corrupted_prob=result.corrupted_prob,
+            noise_scale=result.noise_scale,
+            samples=result.samples,
+            window=result.window,
+            revision=revision,
+            seconds=seconds,
+        )
+        for kind in kinds:
+            grid = result.grids[kind]
+            rows, cols = len(grid), len(grid[0]) if len(grid) else 0
+            response.grids.append(
+                pb.TraceGrid(kind=TRACE_ENUMS[kind], rows=rows, cols=cols,
+                             probs=[float(x) for row in grid for x in row])
+            )
+        return response

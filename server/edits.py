@@ -1,0 +1,216 @@
+"""The edit lifecycle: compute -> report -> journal -> apply, and revert, list, replay.
+
+One edit at a time (``_mutex``): computing reads the served weights, and the only writers
+(apply/revert) go through here too, so a computation never sees a half-applied edit while
+generation keeps running in the engine thread (hooks used by the methods are thread-scoped).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from editserve.editing.artifacts import WeightDelta, preview
+from editserve.editing.errors import PreconditionFailed
+from editserve.editing.facts import Fact, validate_facts
+
+from .host import ModelHost
+from .journal import EditRecord, Journal
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# (facts, options) -> (delta, diagnostics with at least "layers": list[int])
+ComputeFn = Callable[[list[Fact], dict], tuple[WeightDelta, dict]]
+# (prompts, targets) -> probabilities of each target after its prompt
+ScoreFn = Callable[[list[str], list[str]], list[float]]
+
+
+class UnknownEdit(KeyError):
+    pass
+
+
+class MethodUnavailable(Exception):
+    pass
+
+
+@dataclass
+class PromptScore:
+    prompt: str
+    p_new_before: float = 0.0
+    p_true_before: float = 0.0
+    p_new_after: float = 0.0
+    p_true_after: float = 0.0
+
+
+@dataclass
+class FactReport:
+    fact: Fact
+    rewrite: PromptScore
+    paraphrase: list[PromptScore] = field(default_factory=list)
+    neighborhood: list[PromptScore] = field(default_factory=list)
+
+
+@dataclass
+class EditOutcome:
+    edit_id: str
+    revision: int
+    applied: bool
+    reports: list[FactReport]
+    compute_seconds: float
+    apply_seconds: float
+    record: EditRecord | None
+    diagnostics: dict
+
+
+class EditManager:
+    def __init__(
+        self,
+        host: ModelHost,
+        journal: Journal,
+        methods: dict[str, ComputeFn],
+        scorer: ScoreFn,
+        metrics: Metrics,
+    ) -> None:
+        self.host = host
+        self.journal = journal
+        self.methods = methods
+        self.scorer = scorer
+        self.metrics = metrics
+        self._mutex = threading.Lock()
+
+    # --- start-up ----------------------------------------------------------------------
+    def replay(self) -> int:
+        """Apply every active journaled edit (no recomputation); returns how many."""
+        removed = self.journal.remove_orphans()
+        if removed:
+            log.warning("removed %d artifact(s) of edits that were never committed: %s", len(removed), removed)
+        records = self.journal.list()
+        edits = [(r.edit_id, self.journal.load_artifact(r)) for r in records]
+        self.host.load_state(edits, self.journal.revision())
+        self._publish()
+        return len(edits)
+
+    def _publish(self) -> None:
+        self.metrics.revision.set(self.host.revision)
+        self.metrics.active_edits.set(len(self.host.active_edit_ids))
+
+    # --- scoring -------------------------------------------------------------------------
+    def _scores(self, facts: list[Fact], delta: WeightDelta | None) -> list[FactReport]:
+        """P(target_new) and P(target_true) on each fact's prompts, before and after."""
+        prompts: list[tuple[int, str, str]] = []  # (fact index, group, prompt)
+        for i, fact in enumerate(facts):
+            prompts.append((i, "rewrite", fact.text))
+            prompts += [(i, "paraphrase", p) for p in fact.paraphrase_prompts]
+            prompts += [(i, "neighborhood", p) for p in fact.neighborhood_prompts]
+        queries, targets = [], []
+        for i, _group, prompt in prompts:
+            queries += [prompt, prompt]
+            targets += [facts[i].target_new, facts[i].target_true or facts[i].target_new]
+        before = self.scorer(queries, targets)
+        if delta is not None:
+            with preview(self.host.model, delta):
+                after = self.scorer(queries, targets)
+        else:
+            after = before
+        reports = [FactReport(fact=f, rewrite=PromptScore(f.text)) for f in facts]
+        for n, (i, group, prompt) in enumerate(prompts):
+            has_true = bool(facts[i].target_true)
+            score = PromptScore(
+                prompt=prompt,
+                p_new_before=before[2 * n],
+                p_true_before=before[2 * n + 1] if has_true else 0.0,
+                p_new_after=after[2 * n],
+                p_true_after=after[2 * n + 1] if has_true else 0.0,
+            )
+            if group == "rewrite":
+                reports[i].rewrite = score
+            else:
+                getattr(reports[i], group).append(score)
+        return reports
+
+    # --- operations ----------------------------------------------------------------------
+    def edit(
+        self, method: str, facts: list[Fact], options: dict, *, dry_run: bool = False, description: str = ""
+    ) -> EditOutcome:
+        if method not in self.methods:
+            raise MethodUnavailable(method)
+        validate_facts(facts)
+        with self._mutex:
+            started = time.perf_counter()
+            try:
+                delta, diagnostics = self.methods[method](facts, options)
+                if not delta.is_finite():
+                    raise PreconditionFailed("the optimisation produced NaN or inf; the model is unchanged")
+                self.host.check_delta(delta)
+            except Exception:
+                self.metrics.edits.labels(method, "failed").inc()
+                raise
+            compute_seconds = time.perf_counter() - started
+            self.metrics.edit_compute.labels(method).observe(compute_seconds)
+            reports = self._scores(facts, delta)
+            if dry_run:
+                self.metrics.edits.labels(method, "dry_run").inc()
+                return EditOutcome("", self.host.revision, False, reports, compute_seconds, 0.0, None, diagnostics)
+            edit_id = self.journal.new_id()
+            artifact, sha = self.journal.write_artifact(edit_id, delta)
+            try:
+                revision = self.journal.record_apply(
+                    edit_id=edit_id,
+                    method=method,
+                    facts=[asdict(f) for f in facts],
+                    options=options,
+                    layers=[int(x) for x in diagnostics.get("layers", [])],
+                    parameters=delta.parameter_names,
+                    delta_norm=delta.norm(),
+                    compute_seconds=compute_seconds,
+                    description=description,
+                    artifact=artifact,
+                    sha256=sha,
+                )
+            except BaseException:
+                self.journal.discard_artifact(artifact)
+                raise
+            applied_at = time.perf_counter()
+            pause = self.host.apply(edit_id, delta, revision)
+            apply_seconds = time.perf_counter() - applied_at
+            self.metrics.edit_apply.labels("apply").observe(apply_seconds)
+            self.metrics.edits.labels(method, "applied").inc()
+            self._publish()
+            diagnostics = {**diagnostics, "write_lock_seconds": pause}
+            return EditOutcome(edit_id, revision, True, reports, compute_seconds, apply_seconds,
+                               self.journal.get(edit_id), diagnostics)
+
+    def revert(self, edit_id: str) -> tuple[int, float]:
+        with self._mutex:
+            record = self.journal.get(edit_id)
+            if record is None or record.status != "active":
+                self.metrics.reverts.labels("not_found").inc()
+                state = "was already reverted" if record is not None else "does not exist"
+                raise UnknownEdit(f"edit {edit_id!r} {state}")
+            started = time.perf_counter()
+            revision = self.journal.record_revert(edit_id)
+            self.host.revert(edit_id, revision)
+            seconds = time.perf_counter() - started
+            self.metrics.edit_apply.labels("revert").observe(seconds)
+            self.metrics.reverts.labels("ok").inc()
+            self._publish()
+            return revision, seconds
+
+    def get(self, edit_id: str) -> EditRecord:
+        record = self.journal.get(edit_id)
+        if record is None:
+            raise UnknownEdit(f"edit {edit_id!r} does not exist")
+        return record
+
+    def list(self, include_reverted: bool = False) -> list[EditRecord]:
+        return self.journal.list(include_reverted)
+
+
+def stable_weights(manager: EditManager):
+    """Hold while a long read (a trace) must see one revision: no apply/revert can start,
+    and generation is never blocked (it only waits for writers)."""
+    return manager._mutex
