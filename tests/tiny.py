@@ -49,22 +49,22 @@ def tiny_config(arch: str, vocab_size: int):
     common = dict(vocab_size=vocab_size, eos_token_id=0, pad_token_id=0, bos_token_id=0)
     if arch == "llama":
         return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                            tie_word_embeddings=True, **common)
     if arch == "qwen2":
         return Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                            **common)
     if arch == "gemma3":
         return Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                 num_attention_heads=4, num_key_value_heads=1, head_dim=8,
-                                max_position_embeddings=256, sliding_window=16,
+                                max_position_embeddings=2048, sliding_window=16,
                                 layer_types=["sliding_attention", "full_attention"] * 2, **common)
     if arch == "gpt2":
-        return GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=256, **common)
+        return GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=2048, **common)
     if arch == "gpt_neox":
         return GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                             num_attention_heads=4, max_position_embeddings=256, **common)
+                             num_attention_heads=4, max_position_embeddings=2048, **common)
     raise ValueError(arch)
 
 

