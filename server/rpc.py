@@ -61,12 +61,13 @@ def rpc_handler(metrics: Callable[[Any], Metrics], name: str, *, streaming: bool
                 m.in_flight.labels(name).inc()
                 try:
                     yield from method(self, request, context)
-                    if not context.is_active():
-                        code = grpc.StatusCode.CANCELLED
                 except Exception as error:  # noqa: BLE001
                     code, message = _status_of(error)
                     context.abort(code, message)
                 finally:
+                    # a consumer that cancelled closes the generator (GeneratorExit) mid-stream
+                    if code == grpc.StatusCode.OK and not context.is_active():
+                        code = grpc.StatusCode.CANCELLED
                     m.in_flight.labels(name).dec()
                     m.requests.labels(name, code.name).inc()
                     m.request_duration.labels(name).observe(time.perf_counter() - started)
@@ -80,14 +81,13 @@ def rpc_handler(metrics: Callable[[Any], Metrics], name: str, *, streaming: bool
             code = grpc.StatusCode.OK
             m.in_flight.labels(name).inc()
             try:
-                result = method(self, request, context)
-                if not context.is_active():
-                    code = grpc.StatusCode.CANCELLED
-                return result
+                return method(self, request, context)
             except Exception as error:  # noqa: BLE001
                 code, message = _status_of(error)
                 context.abort(code, message)
             finally:
+                if code == grpc.StatusCode.OK and not context.is_active():
+                    code = grpc.StatusCode.CANCELLED
                 m.in_flight.labels(name).dec()
                 m.requests.labels(name, code.name).inc()
                 m.request_duration.labels(name).observe(time.perf_counter() - started)
