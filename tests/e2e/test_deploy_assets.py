@@ -1,0 +1,54 @@
+"""The dashboard and alert rules only reference metrics the server really exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.server_process import start_server
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+
+pytestmark = pytest.mark.e2e
+
+
+def _referenced_metrics() -> set[str]:
+    text = (DEPLOY / "grafana" / "editserve-dashboard.json").read_text()
+    text += (DEPLOY / "prometheus" / "alerts.yaml").read_text()
+    names = set(re.findall(r"editserve_[a-z_]+", text))
+    return {n for n in names if n != "editserve_dashboard"}
+
+
+def test_deploy_files_parse():
+    json.loads((DEPLOY / "grafana" / "editserve-dashboard.json").read_text())
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "editserve.yaml").read_text()))
+    assert {d["kind"] for d in docs} == {"PersistentVolumeClaim", "Deployment", "Service"}
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())
+    assert rules["groups"][0]["rules"]
+
+
+def test_dashboard_and_alerts_use_exported_metrics(tiny_model_dir, tmp_path):
+    server = start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", timeout=120)
+    try:
+        with server.client() as client:
+            client.generate("hello", max_new_tokens=2)
+        exported = set()
+        for line in server.metrics().splitlines():
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split(" ", 3)
+                exported.add(name)
+                if kind in ("counter",):
+                    exported.add(name + "_total")
+                if kind == "histogram":
+                    exported |= {name + "_bucket", name + "_sum", name + "_count"}
+                if kind == "info":
+                    exported.add(name + "_info")
+    finally:
+        server.stop()
+    missing = _referenced_metrics() - exported
+    assert not missing, f"dashboard/alerts reference metrics the server does not export: {sorted(missing)}"
