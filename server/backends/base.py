@@ -10,10 +10,10 @@ import abc
 import queue
 import threading
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     LENGTH = "length"
     STOP = "stop"
     CANCELLED = "cancelled"

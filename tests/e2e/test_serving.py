@@ -103,7 +103,7 @@ def test_cancel_and_deadline_stop_generation(server):
         before = server.metric("editserve_requests_total", rpc="GenerateStream", code="CANCELLED")
         stream = client.stream("The capital of France is", max_new_tokens=1000, ignore_eos=True)
         received = 0
-        for chunk in stream:
+        for _chunk in stream:
             received += 1
             if received == 3:
                 stream.cancel()

@@ -5,7 +5,14 @@ import time
 import pytest
 import torch
 
-from editserve.server.backends.base import Failed, Finished, FinishReason, GenerationParams, LimitExceeded, Tokens
+from editserve.server.backends.base import (
+    Failed,
+    Finished,
+    FinishReason,
+    GenerationParams,
+    LimitExceeded,
+    Tokens,
+)
 from editserve.server.backends.hf import HFBackend
 from editserve.server.host import ModelHost
 from tests.tiny import ARCHITECTURES, tiny_model
