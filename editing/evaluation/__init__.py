@@ -1,0 +1,1 @@
+"""Edit-quality evaluation as the papers define it: datasets, metrics, and the runner."""

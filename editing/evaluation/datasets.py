@@ -1,0 +1,190 @@
+"""Evaluation datasets, normalised to one case shape.
+
+Every loader takes a path (users bring their own files of the same format) and returns
+:class:`EvalCase` records. Formats understood:
+
+- ``counterfact``: ROME's original rich CounterFact records (``requested_rewrite``,
+  ``paraphrase_prompts``, ``neighborhood_prompts``, ``generation_prompts``; optional
+  ``portability`` / ``alternative_subject`` from arXiv 2305.13172's releases).
+- ``counterfact_flat``: EasyEdit's flat CounterFact (``prompt``, ``subject``, ``target_new``,
+  ``ground_truth``, ``rephrase_prompt``, ``locality_prompt``, ``locality_ground_truth``).
+- ``zsre``: MEND/ROME zsRE (``src``, ``subject``, ``alt``, ``answers``, ``rephrase``, ``loc``,
+  ``loc_ans``; optional ``portability``, ``alternative_subject``, ``inverse question``).
+- ``knowedit``: KnowEdit (``prompt``, ``subject``, ``target_new``, ``ground_truth``,
+  ``rephrase_prompt``, ``locality``/``portability`` dicts of prompt lists).
+``detect_format`` picks one from the first record.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..facts import Fact
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A prompt and the answer expected from it."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    case_id: str
+    fact: Fact
+    paraphrase_prompts: tuple[str, ...] = ()
+    # CounterFact neighbourhood: other subjects sharing the true object; expect target_true.
+    neighborhood_prompts: tuple[str, ...] = ()
+    # Locality probes with their own answers (zsRE "loc", KnowEdit relation specificity).
+    locality: tuple[Probe, ...] = ()
+    portability: tuple[Probe, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+    extra: dict = field(default_factory=dict)
+
+
+def _template(prompt: str, subject: str) -> str | None:
+    """Turn a filled prompt into a "{}" template; None when the subject is not in it."""
+    if "{}" in prompt:
+        return prompt
+    if subject not in prompt:
+        return None
+    return prompt.replace(subject, "{}", 1)
+
+
+def _counterfact(record: dict, index: int) -> EvalCase | None:
+    rewrite = record["requested_rewrite"]
+    subject = rewrite["subject"]
+    template = _template(rewrite["prompt"], subject)
+    if template is None:
+        return None
+    fact = Fact(template, subject, rewrite["target_new"]["str"], rewrite["target_true"]["str"])
+    portability = []
+    port = record.get("portability")
+    if isinstance(port, dict) and port.get("New Question"):
+        portability.append(Probe(port["New Question"], port["New Answer"]))
+    if record.get("alternative_subject"):
+        portability.append(Probe(template.replace("{}", record["alternative_subject"]), fact.target_new))
+    return EvalCase(
+        case_id=str(record.get("case_id", index)),
+        fact=fact,
+        paraphrase_prompts=tuple(record.get("paraphrase_prompts", [])),
+        neighborhood_prompts=tuple(record.get("neighborhood_prompts", [])),
+        portability=tuple(portability),
+        generation_prompts=tuple(record.get("generation_prompts", [])),
+    )
+
+
+def _counterfact_flat(record: dict, index: int) -> EvalCase | None:
+    template = _template(record["prompt"], record["subject"])
+    if template is None:
+        return None
+    fact = Fact(template, record["subject"], record["target_new"], record.get("ground_truth", ""))
+    locality = ()
+    if record.get("locality_prompt"):
+        locality = (Probe(record["locality_prompt"], record.get("locality_ground_truth", "")),)
+    return EvalCase(
+        case_id=str(record.get("case_id", index)),
+        fact=fact,
+        paraphrase_prompts=(record["rephrase_prompt"],) if record.get("rephrase_prompt") else (),
+        # EasyEdit's flat file keeps one neighbourhood prompt whose answer is the shared true object
+        neighborhood_prompts=(record["locality_prompt"],)
+        if record.get("locality_prompt") and record.get("locality_ground_truth") == fact.target_true
+        else (),
+        locality=locality,
+    )
+
+
+def _zsre(record: dict, index: int) -> EvalCase | None:
+    subject = record["subject"]
+    template = _template(record["src"], subject)
+    if template is None:
+        return None
+    answers = record.get("answers") or [""]
+    fact = Fact(template, subject, record["alt"], answers[0])
+    portability = []
+    port = record.get("portability")
+    if isinstance(port, dict) and port.get("New Question"):
+        portability.append(Probe(port["New Question"], port["New Answer"]))
+    if record.get("alternative_subject"):
+        question = record.get("alter_subject_question") or template.replace("{}", record["alternative_subject"])
+        portability.append(Probe(question, fact.target_new))
+    if record.get("inverse question"):
+        portability.append(Probe(record["inverse question"], subject))
+    locality = (Probe(record["loc"], record.get("loc_ans", "")),) if record.get("loc") else ()
+    return EvalCase(
+        case_id=str(record.get("case_id", index)),
+        fact=fact,
+        paraphrase_prompts=(record["rephrase"],) if record.get("rephrase") else (),
+        locality=locality,
+        portability=tuple(portability),
+    )
+
+
+def _first(value) -> str:
+    while isinstance(value, list):
+        value = value[0] if value else ""
+    return str(value)
+
+
+def _knowedit(record: dict, index: int) -> EvalCase | None:
+    subject = record["subject"]
+    template = _template(record["prompt"], subject)
+    if template is None:
+        return None
+    fact = Fact(template, subject, record["target_new"], _first(record.get("ground_truth", "")))
+    locality = [Probe(p["prompt"], _first(p["ground_truth"]))
+                for group in (record.get("locality") or {}).values() for p in group]
+    portability = [Probe(p["prompt"], _first(p["ground_truth"]))
+                   for group in (record.get("portability") or {}).values() for p in group]
+    rephrase = record.get("rephrase_prompt") or record.get("rephrase")
+    return EvalCase(
+        case_id=str(record.get("case_id", index)),
+        fact=fact,
+        paraphrase_prompts=(rephrase,) if rephrase else (),
+        locality=tuple(locality),
+        portability=tuple(portability),
+    )
+
+
+LOADERS = {
+    "counterfact": _counterfact,
+    "counterfact_flat": _counterfact_flat,
+    "zsre": _zsre,
+    "knowedit": _knowedit,
+}
+
+
+def detect_format(record: dict) -> str:
+    if "requested_rewrite" in record:
+        return "counterfact"
+    if "src" in record and "alt" in record:
+        return "zsre"
+    if "rephrase_prompt" in record and "locality_prompt" in record:
+        return "counterfact_flat"
+    if "target_new" in record and "prompt" in record:
+        return "knowedit"
+    raise ValueError(f"unrecognised dataset record with keys {sorted(record)}")
+
+
+def load_cases(path: Path | str, *, fmt: str | None = None, limit: int | None = None) -> tuple[list[EvalCase], int]:
+    """(cases, skipped): skipped counts records whose subject is not in their prompt."""
+    records = json.loads(Path(path).read_text())
+    if not records:
+        return [], 0
+    fmt = fmt or detect_format(records[0])
+    if fmt not in LOADERS:
+        raise ValueError(f"unknown dataset format {fmt!r}; choose one of {sorted(LOADERS)}")
+    cases, skipped = [], 0
+    for i, record in enumerate(records):
+        case = LOADERS[fmt](record, i)
+        if case is None:
+            skipped += 1
+            continue
+        cases.append(case)
+        if limit is not None and len(cases) >= limit:
+            break
+    return cases, skipped
