@@ -72,7 +72,8 @@ class EditserveServer:
         """Load the model, start the backend, replay the journal, then report SERVING."""
         import torch
 
-        from .edits import EditManager
+        from .drift import DriftMonitor
+        from .edits import EditManager, stable_weights
         from .host import ModelHost
         from .journal import Journal
         from .methods import build_methods
@@ -92,7 +93,11 @@ class EditserveServer:
         metrics = self.runtime.metrics
         methods, scorer = build_methods(host, cache)
         manager = EditManager(host, journal, methods, scorer, metrics)
+        drift = DriftMonitor(host, metrics, stable_weights(manager))  # reference = unedited weights
         replayed = manager.replay()
+        manager.on_change = drift.request_refresh
+        drift.start()
+        self.drift = drift
         if config.backend != "hf":
             raise ValueError(f"backend {config.backend!r} is not available in this build (choose 'hf')")
         from .backends.hf import HFBackend
@@ -118,6 +123,8 @@ class EditserveServer:
         self.runtime.ready.clear()
         if self.runtime.backend is not None:
             self.runtime.backend.stop()
+        if getattr(self, "drift", None) is not None:
+            self.drift.stop()
         self.grpc.stop(grace).wait()
 
     def wait(self) -> None:

@@ -81,6 +81,7 @@ class EditManager:
         self.scorer = scorer
         self.metrics = metrics
         self._mutex = threading.Lock()
+        self.on_change: Callable[[], None] = lambda: None  # e.g. the drift monitor's refresh
 
     # --- start-up ----------------------------------------------------------------------
     def replay(self) -> int:
@@ -97,6 +98,7 @@ class EditManager:
     def _publish(self) -> None:
         self.metrics.revision.set(self.host.revision)
         self.metrics.active_edits.set(len(self.host.active_edit_ids))
+        self.on_change()
 
     # --- scoring -------------------------------------------------------------------------
     def _scores(self, facts: list[Fact], delta: WeightDelta | None) -> list[FactReport]:

@@ -51,6 +51,20 @@ class Metrics(EngineObserver):
         self.trace_duration = Histogram(
             "editserve_trace_seconds", "Causal trace wall time", buckets=_EDIT_BUCKETS, registry=r
         )
+        self.drift_kl = Gauge(
+            "editserve_drift_kl_divergence", "Mean KL(unedited || current) of next-token distributions on the probe set (nats)",
+            registry=r,
+        )
+        self.drift_kl_max = Gauge(
+            "editserve_drift_kl_divergence_max", "Largest per-probe KL(unedited || current) (nats)", registry=r
+        )
+        self.drift_top1 = Gauge(
+            "editserve_drift_top1_agreement", "Share of probes whose top next token is unchanged by the edits", registry=r
+        )
+        self.drift_refreshed = Gauge(
+            "editserve_drift_last_refresh_timestamp_seconds", "When drift was last recomputed", registry=r
+        )
+        self.drift_probes = Gauge("editserve_drift_probes", "Prompts in the drift probe set", registry=r)
         self.ready = Gauge("editserve_ready", "1 once the model is loaded and the journal replayed", registry=r)
 
     # EngineObserver

@@ -152,6 +152,8 @@ def test_concurrent_clients_are_batched_and_counted(server):
     assert server.metric("editserve_generated_tokens_total") - before_tokens == 30
     assert server.metric("editserve_requests_total", rpc="Generate", code="OK") - before_ok == 3
     text = server.metrics()
+    assert server.metric("editserve_drift_probes") == 60
+    assert server.metric("editserve_drift_top1_agreement") == 1.0  # no edits: nothing drifted
     for name in ("editserve_time_to_first_token_seconds_bucket", "editserve_inter_token_latency_seconds_bucket",
                  "editserve_request_duration_seconds_bucket", "editserve_prompt_tokens_total",
                  "editserve_model_info", "editserve_batch_size_bucket"):

@@ -1,0 +1,80 @@
+"""Locality drift: what the active edits did to prompts unrelated to any of them.
+
+At start-up, before the journal is replayed, the unedited model's next-token distributions
+on the fixed probe set are kept as the reference. After every apply or revert a background
+thread recomputes them under the current weights and publishes the mean and maximum KL
+divergence and the top-1 agreement as gauges, so an SRE sees an edit's side effects in
+Prometheus within a second of it landing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from editserve.editing.evaluation.metrics import distribution_drift
+from editserve.editing.evaluation.probes import load_probes, next_token_logits
+
+from .host import ModelHost
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class DriftMonitor:
+    def __init__(self, host: ModelHost, metrics: Metrics, stable_weights: threading.Lock) -> None:
+        self.host = host
+        self.metrics = metrics
+        self.probes = load_probes()
+        self._stable = stable_weights
+        self._reference = next_token_logits(host.model, host.tokenizer, self.probes)
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="editserve-drift", daemon=True)
+        metrics.drift_probes.set(len(self.probes))
+        self._publish(0.0, 0.0, 1.0)
+
+    def start(self) -> None:
+        self._thread.start()
+        self.request_refresh()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+
+    def request_refresh(self) -> None:
+        self._idle.clear()
+        self._wake.set()
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        return self._idle.wait(timeout)
+
+    def _publish(self, kl: float, kl_max: float, agreement: float) -> None:
+        self.metrics.drift_kl.set(kl)
+        self.metrics.drift_kl_max.set(kl_max)
+        self.metrics.drift_top1.set(agreement)
+        self.metrics.drift_refreshed.set(time.time())
+
+    def refresh(self) -> tuple[float, float]:
+        with self._stable:
+            current = next_token_logits(self.host.model, self.host.tokenizer, self.probes)
+        kl, agreement = distribution_drift(self._reference, current)
+        per_probe = [distribution_drift(self._reference[i : i + 1], current[i : i + 1])[0] for i in range(len(self.probes))]
+        self._publish(kl, max(per_probe), agreement)
+        return kl, agreement
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop:
+                return
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - drift is advisory; never take the server down
+                log.exception("drift refresh failed")
+            if not self._wake.is_set():
+                self._idle.set()
