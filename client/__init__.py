@@ -15,6 +15,7 @@ from .errors import (
 )
 from .sync import EditserveClient, GenerationStream
 from .types import (
+    ContinuationScore,
     EditInfo,
     EditResult,
     Fact,
@@ -28,7 +29,7 @@ from .types import (
 )
 
 __all__ = [
-    "AsyncEditserveClient", "Cancelled", "DeadlineExceeded", "EditInfo", "EditResult", "EditserveClient",
+    "AsyncEditserveClient", "Cancelled", "ContinuationScore", "DeadlineExceeded", "EditInfo", "EditResult", "EditserveClient",
     "EditserveError", "Fact", "FactReport", "FailedPrecondition", "Generation", "GenerationStream",
     "InvalidArgument", "ModelInfo", "NotFound", "PromptScore", "ResourceExhausted", "RevertResult",
     "StreamChunk", "TraceResult", "Unavailable", "Unimplemented",

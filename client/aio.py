@@ -12,7 +12,17 @@ from ._pb import editing_pb2 as epb
 from ._pb import editing_pb2_grpc, inference_pb2_grpc
 from ._pb import inference_pb2 as ipb
 from .errors import from_rpc_error
-from .types import EditInfo, EditResult, Fact, Generation, ModelInfo, RevertResult, StreamChunk, TraceResult
+from .types import (
+    ContinuationScore,
+    EditInfo,
+    EditResult,
+    Fact,
+    Generation,
+    ModelInfo,
+    RevertResult,
+    StreamChunk,
+    TraceResult,
+)
 
 
 class AsyncEditserveClient:
@@ -62,6 +72,10 @@ class AsyncEditserveClient:
     async def model_info(self, *, include_weights_digest: bool = False, timeout: float | None = None) -> ModelInfo:
         request = ipb.GetModelInfoRequest(include_weights_digest=include_weights_digest)
         return convert.model_info(await self._call(self._inference.GetModelInfo, request, timeout))
+
+    async def score(self, pairs: Sequence[tuple[str, str]], *, timeout: float | None = None) -> list[ContinuationScore]:
+        """Teacher-forced scores of (prompt, continuation) pairs (at most 256 per call)."""
+        return convert.scores(await self._call(self._inference.Score, convert.score_request(pairs), timeout))
 
     async def edit(self, facts: Fact | Sequence[Fact], *, method: str = "rome", dry_run: bool = False,
                    description: str = "", timeout: float | None = None, **options) -> EditResult:

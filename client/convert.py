@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from ._pb import editing_pb2 as epb
 from ._pb import inference_pb2 as ipb
 from .types import (
+    ContinuationScore,
     EditInfo,
     EditResult,
     Fact,
@@ -196,3 +197,12 @@ def trace_result(reply: epb.TraceResponse) -> TraceResult:
         noise_scale=reply.noise_scale, samples=reply.samples, window=reply.window, grids=grids,
         revision=reply.revision, seconds=reply.seconds,
     )
+
+
+def score_request(pairs: Sequence[tuple[str, str]]) -> ipb.ScoreRequest:
+    return ipb.ScoreRequest(items=[ipb.ScoreItem(prompt=p, continuation=c) for p, c in pairs])
+
+
+def scores(reply: ipb.ScoreResponse) -> list[ContinuationScore]:
+    return [ContinuationScore(list(s.token_ids), list(s.token_logprobs), list(s.argmax_ids), s.logprob,
+                              reply.revision) for s in reply.scores]

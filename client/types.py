@@ -133,3 +133,30 @@ class TraceResult:
     @property
     def subject_span(self) -> tuple[int, int]:
         return self.subject_start, self.subject_end
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """Teacher-forced score of one continuation after its prompt."""
+
+    token_ids: list[int]
+    token_logprobs: list[float]
+    argmax_ids: list[int]
+    logprob: float
+    revision: int
+
+    @property
+    def probability(self) -> float:
+        import math
+
+        return math.exp(self.logprob)
+
+    @property
+    def mean_probability(self) -> float:
+        import math
+
+        return math.exp(self.logprob / len(self.token_logprobs))
+
+    @property
+    def token_accuracy(self) -> float:
+        return sum(int(a == t) for a, t in zip(self.argmax_ids, self.token_ids, strict=True)) / len(self.token_ids)

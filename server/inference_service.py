@@ -11,8 +11,11 @@ from editserve.client._pb import inference_pb2 as pb
 from editserve.client._pb import inference_pb2_grpc as pb_grpc
 
 from .backends.base import Failed, Finished, FinishReason, GenerationParams, RequestHandle, Started, Tokens
+from .edits import stable_weights
 from .rpc import invalid, rpc_handler
 from .runtime import Runtime
+
+MAX_SCORE_ITEMS = 256
 
 _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -162,6 +165,31 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finally:
             handle.cancel()  # a consumer that stopped reading stops the generation too
             self.runtime.release_slot()
+
+    @rpc_handler(_metrics, "Score")
+    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        self.runtime.require_ready()
+        from editserve.editing.evaluation.teacher_forcing import score_continuations
+
+        if not request.items:
+            raise invalid("items is empty")
+        if len(request.items) > MAX_SCORE_ITEMS:
+            raise invalid(f"{len(request.items)} items is over the limit of {MAX_SCORE_ITEMS} per request")
+        for i, item in enumerate(request.items):
+            if not item.prompt:
+                raise invalid(f"items[{i}].prompt is empty")
+            if not item.continuation.strip():
+                raise invalid(f"items[{i}].continuation is empty")
+        host = self.runtime.host
+        with stable_weights(self.runtime.edits):
+            scores = score_continuations(host.model, host.tokenizer, [i.prompt for i in request.items],
+                                         [i.continuation for i in request.items])
+            revision = host.revision
+        return pb.ScoreResponse(
+            scores=[pb.ScoredContinuation(token_ids=s.token_ids, token_logprobs=s.token_logprobs,
+                                          argmax_ids=s.argmax_ids, logprob=s.logprob) for s in scores],
+            revision=revision,
+        )
 
     @rpc_handler(_metrics, "GetModelInfo")
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:

@@ -38,9 +38,10 @@ class _Bound:
         return delta, {**diagnostics, "layers": [hparams.layer]}
 
     def score(self, prompts: list[str], targets: list[str]) -> list[float]:
-        from editserve.editing.scoring import target_probabilities
+        from editserve.editing.evaluation.teacher_forcing import score_continuations
 
-        return target_probabilities(self.host.model, self.host.tokenizer, prompts, targets)
+        scores = score_continuations(self.host.model, self.host.tokenizer, prompts, targets)
+        return [s.probability for s in scores]
 
 
 def build_methods(host: ModelHost, cache_dir: Path) -> tuple[dict[str, ComputeFn], ScoreFn]:

@@ -62,6 +62,22 @@ def test_generate_and_stream_agree(server):
     assert [t for c in chunks for t in c.token_ids] == unary.token_ids
 
 
+def test_score_matches_generate_logprobs(server):
+    with server.client() as client:
+        generated = client.generate("The capital of France is", max_new_tokens=5, ignore_eos=True,
+                                    return_token_ids=True, return_logprobs=True)
+        [score] = client.score([("The capital of France is", generated.text)])
+        # greedy tokens are the argmax at every position, and their log-probs agree
+        if score.token_ids == generated.token_ids:
+            assert score.argmax_ids == generated.token_ids
+            assert score.token_logprobs == pytest.approx(generated.logprobs, abs=1e-3)
+        assert score.logprob <= 0 and score.revision == 0
+        with pytest.raises(InvalidArgument, match="continuation is empty"):
+            client.score([("x", " ")])
+        with pytest.raises(InvalidArgument, match="limit of 256"):
+            client.score([("x", "y")] * 257)
+
+
 def test_token_id_prompt_and_chat_without_template(server):
     with server.client() as client:
         by_ids = client.generate([5, 6, 7], max_new_tokens=4, ignore_eos=True)
