@@ -213,6 +213,97 @@ def trace(server: str, prompt: str, subject: str, png: Path | None, as_json: boo
         click.echo(f"wrote {png}")
 
 
+DATASETS = {
+    "counterfact": "counterfact/counterfact_rich_union.json",
+    "counterfact_flat": "counterfact/counterfact-edit.json",
+    "zsre": "portability/zsre_mend_eval_portability_gpt4.json",
+    "knowedit_zsre": "knowedit/ZsRE-test-all.json",
+    "portability_counterfact": "portability/counterfact_portability_gpt4.json",
+    "subject_replace_counterfact": "portability/counterfact_subject_replace.json",
+    "subject_replace_zsre": "portability/zsre_subject_replace.json",
+    "inverse_zsre": "portability/zsre_inverse_relation.json",
+}
+
+
+def _dataset_path(name: str, data_dir: str | None) -> Path:
+    path = Path(name)
+    if path.suffix == ".json" and path.exists():
+        return path
+    if name not in DATASETS:
+        raise click.BadParameter(f"{name!r} is neither a .json file nor one of {sorted(DATASETS)}", param_hint="--dataset")
+    import os
+
+    root = Path(data_dir or os.environ.get("EDITSERVE_DATA") or "../shared/data")
+    found = root / DATASETS[name]
+    if not found.exists():
+        raise click.BadParameter(f"{found} not found; pass --data-dir or a .json path", param_hint="--dataset")
+    return found
+
+
+@main.command(name="eval")
+@click.option("--method", default="rome", show_default=True)
+@click.option("--dataset", default="counterfact", show_default=True,
+              help=f"A JSON file, or one of: {', '.join(DATASETS)} (resolved under --data-dir).")
+@click.option("--data-dir", default=None, help="Where named datasets live ($EDITSERVE_DATA, else ../shared/data).")
+@click.option("--n", "limit", type=int, default=200, show_default=True, help="Cases (the first N).")
+@click.option("--model", default="smollm2-135m", show_default=True, help="In-process model (ignored with --server).")
+@click.option("--server", default=None, help="Evaluate a running server through the client instead.")
+@click.option("--sequential", is_flag=True, help="Accumulate edits instead of edit-measure-revert.")
+@click.option("--batch", type=int, default=1, help="Facts per edit in sequential mode.")
+@click.option("--checkpoints", default="10,100,1000", help="Sequential mode: measure after this many edits.")
+@click.option("--fluency", type=int, default=0, help="Generation prompts per case for fluency (GE); 0 skips.")
+@click.option("--layer", type=int, default=None)
+@click.option("--threads", type=int, default=0, help="torch threads in-process (0: default).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Per-case JSON; an existing file resumes.")
+def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model: str, server: str | None,
+             sequential: bool, batch: int, checkpoints: str, fluency: int, layer: int | None, threads: int,
+             out: Path | None) -> None:
+    """Measure edit quality the way the papers do (ES/PS/NS, EasyEdit metrics, fluency, drift)."""
+    import time as _time
+
+    from editserve.editing.evaluation.datasets import load_cases
+    from editserve.editing.evaluation.runner import (
+        Progress,
+        run_non_sequential,
+        run_sequential,
+        summary_table,
+    )
+
+    path = _dataset_path(dataset, data_dir)
+    cases, skipped = load_cases(path, limit=limit)
+    options = {"layer": layer} if layer is not None else {}
+    started = _time.perf_counter()
+    if server:
+        from .eval_target import ServerTarget
+
+        target = ServerTarget(EditserveClient(server), method=method, options=options)
+    else:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        from editserve.server.eval_target import InProcessTarget
+
+        target = InProcessTarget(model, method=method, options=options)
+    progress = Progress(len(cases))
+    if sequential:
+        points = [int(x) for x in checkpoints.split(",") if x.strip()]
+        result = run_sequential(target, cases, batch=batch, checkpoints=points, out=out, progress=progress.update)
+        records = result["records"]
+        click.echo("| edits | ES | PS | NS | Score | KL | top-1 |")
+        click.echo("|---|---|---|---|---|---|---|")
+        for p in result["curve"]:
+            f = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+            kl = "-" if p["kl"] is None else f"{p['kl']:.4f}"
+            click.echo(f"| {p['edits']} | {f(p['es'])} | {f(p['ps'])} | {f(p['ns'])} | {f(p['score'])} | {kl} | {f(p['top1_agreement'])} |")
+    else:
+        records = run_non_sequential(target, cases, out=out, fluency_prompts=fluency, progress=progress.update)
+    where = f"server {server}" if server else f"in-process {model}"
+    mode = f"sequential, batch {batch}" if sequential else "non-sequential"
+    click.echo(summary_table(records, title=f"{method} on {path.name}, {where}, {mode}"))
+    click.echo(f"\n{skipped} records skipped (subject not in prompt); wall time {_time.perf_counter() - started:.0f} s")
+
+
 @main.command()
 @SERVER_OPTION
 @click.option("--digest", is_flag=True, help="Include a sha256 of all weights.")

@@ -136,8 +136,10 @@ class EditManager:
 
     # --- operations ----------------------------------------------------------------------
     def edit(
-        self, method: str, facts: list[Fact], options: dict, *, dry_run: bool = False, description: str = ""
+        self, method: str, facts: list[Fact], options: dict, *, dry_run: bool = False, description: str = "",
+        report: bool = True,
     ) -> EditOutcome:
+        """Compute, score (unless ``report`` is off), journal and apply one edit."""
         if method not in self.methods:
             raise MethodUnavailable(method)
         validate_facts(facts)
@@ -153,7 +155,7 @@ class EditManager:
                 raise
             compute_seconds = time.perf_counter() - started
             self.metrics.edit_compute.labels(method).observe(compute_seconds)
-            reports = self._scores(facts, delta)
+            reports = self._scores(facts, delta) if report else []
             if dry_run:
                 self.metrics.edits.labels(method, "dry_run").inc()
                 return EditOutcome("", self.host.revision, False, reports, compute_seconds, 0.0, None, diagnostics)

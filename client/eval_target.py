@@ -1,0 +1,38 @@
+"""The evaluation harness's server target: every edit, score and revert goes through the
+public client to a running editserve, so the numbers are what its users get."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .sync import EditserveClient
+from .types import ContinuationScore, Fact
+
+_SCORE_BATCH = 256
+
+
+class ServerTarget:
+    def __init__(self, client: EditserveClient, *, method: str = "rome", options: dict | None = None) -> None:
+        self.client = client
+        self.method = method
+        self.options = options or {}
+
+    def edit(self, facts: list) -> tuple[str, float, float]:
+        plain = [Fact(f.prompt, f.subject, f.target_new, f.target_true) for f in facts]
+        result = self.client.edit(plain, method=self.method, **self.options)
+        return result.edit_id, result.compute_seconds, result.apply_seconds
+
+    def revert(self, edit_id: str) -> float:
+        return self.client.revert(edit_id).revert_seconds
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[ContinuationScore]:
+        out: list[ContinuationScore] = []
+        for start in range(0, len(pairs), _SCORE_BATCH):
+            out += self.client.score(pairs[start : start + _SCORE_BATCH])
+        return out
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        return [self.client.generate(p, max_new_tokens=max_new_tokens, ignore_eos=True).text for p in prompts]
+
+    def probe_logits(self):
+        return None  # the server publishes drift itself: editserve_drift_kl_divergence

@@ -1,0 +1,250 @@
+"""The evaluation loop: edit -> measure -> revert (or accumulate), per case, resumable.
+
+It talks to an :class:`EditTarget`, so the same loop measures an in-process model (through
+the server's own edit manager and journal) or a running server through the public client:
+what is measured is what users get. No gRPC or server import here.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Protocol
+
+from ..facts import Fact
+from .datasets import EvalCase
+from .metrics import distribution_drift, harmonic_mean, ngram_entropy, rome_case_metrics, summarize
+
+
+class Scored(Protocol):
+    token_ids: list[int]
+    argmax_ids: list[int]
+
+    @property
+    def mean_probability(self) -> float: ...
+
+    @property
+    def token_accuracy(self) -> float: ...
+
+
+class EditTarget(Protocol):
+    """What the runner needs from a model that can be edited."""
+
+    def edit(self, facts: list[Fact]) -> tuple[str, float, float]:
+        """Apply; returns (edit id, compute seconds, apply seconds)."""
+
+    def revert(self, edit_id: str) -> float: ...
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]: ...
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]: ...
+
+    def probe_logits(self):
+        """Next-token logits on the drift probe set, or None where unavailable."""
+
+
+ROME_KEYS = ("es", "ps", "ns", "em", "pm", "nm")
+EASYEDIT_KEYS = ("reliability", "generalization", "locality", "portability")
+
+
+def _measure(target: EditTarget, case: EvalCase, *, fluency_prompts: int, fluency_tokens: int,
+             locality_before: list[list[int]] | None) -> dict:
+    """Every metric of one case against the target's current weights."""
+    fact = case.fact
+    groups = [("rewrite", [fact.text])]
+    groups += [("paraphrase", list(case.paraphrase_prompts)), ("neighborhood", list(case.neighborhood_prompts))]
+    pairs, index = [], []
+    for group, prompts in groups:
+        for prompt in prompts:
+            pairs += [(prompt, fact.target_new), (prompt, fact.target_true or fact.target_new)]
+            index.append(group)
+    pairs += [(p.prompt, p.answer) for p in case.locality]
+    pairs += [(p.prompt, p.answer) for p in case.portability]
+    scores = target.score(pairs)
+    by_group: dict[str, list[tuple[float, float]]] = {"rewrite": [], "paraphrase": [], "neighborhood": []}
+    accuracy: dict[str, list[float]] = {"rewrite": [], "paraphrase": []}
+    for n, group in enumerate(index):
+        new, true = scores[2 * n], scores[2 * n + 1]
+        by_group[group].append((new.mean_probability, true.mean_probability))
+        if group in accuracy:
+            accuracy[group].append(new.token_accuracy)
+    offset = 2 * len(index)
+    locality = scores[offset : offset + len(case.locality)]
+    portability = scores[offset + len(case.locality) :]
+    record = rome_case_metrics(by_group["rewrite"][0], by_group["paraphrase"], by_group["neighborhood"])
+    record["reliability"] = accuracy["rewrite"][0]
+    record["generalization"] = statistics.fmean(accuracy["paraphrase"]) if accuracy["paraphrase"] else None
+    record["portability"] = statistics.fmean(s.token_accuracy for s in portability) if portability else None
+    record["locality_argmax"] = [s.argmax_ids for s in locality]
+    if locality_before is not None and locality:
+        shares = [sum(int(a == b) for a, b in zip(pre, s.argmax_ids, strict=True)) / len(pre)
+                  for pre, s in zip(locality_before, locality, strict=True)]
+        record["locality"] = statistics.fmean(shares)
+    else:
+        record["locality"] = None
+    record["p_new_rewrite"], record["p_true_rewrite"] = by_group["rewrite"][0]
+    if fluency_prompts and case.generation_prompts:
+        texts = target.generate(list(case.generation_prompts[:fluency_prompts]), fluency_tokens)
+        record["fluency"] = ngram_entropy(texts)
+    else:
+        record["fluency"] = None
+    return record
+
+
+def _drift(target: EditTarget, reference) -> dict:
+    if reference is None:
+        return {"kl": None, "top1_agreement": None}
+    kl, agree = distribution_drift(reference, target.probe_logits())
+    return {"kl": kl, "top1_agreement": agree}
+
+
+class Progress:
+    """One line per case: done/total, running means and ETA (stderr)."""
+
+    def __init__(self, total: int, stream=sys.stderr) -> None:
+        self.total = total
+        self.started = time.perf_counter()
+        self.stream = stream
+
+    def update(self, done: int, records: list[dict]) -> None:
+        post = [r["post"] for r in records]
+        means = summarize(post, ("es", "ps", "ns"))
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(done, 1) * (self.total - done)
+        shown = "  ".join(f"{k.upper()} {100 * v:5.1f}" for k, v in means.items() if v is not None)
+        print(f"[{done}/{self.total}] {shown}  elapsed {elapsed:5.0f}s  eta {eta:5.0f}s", file=self.stream, flush=True)
+
+
+def run_non_sequential(target: EditTarget, cases: Sequence[EvalCase], *, out: Path | None = None,
+                       fluency_prompts: int = 0, fluency_tokens: int = 50,
+                       progress: Callable[[int, list[dict]], None] | None = None) -> list[dict]:
+    """Edit, measure and revert each case; resumes from ``out`` if it holds earlier records."""
+    records: list[dict] = []
+    if out is not None and out.exists():
+        records = json.loads(out.read_text()).get("records", [])
+    done = {r["case_id"] for r in records}
+    reference = target.probe_logits()
+    for case in cases:
+        if case.case_id in done:
+            continue
+        pre = _measure(target, case, fluency_prompts=fluency_prompts, fluency_tokens=fluency_tokens,
+                       locality_before=None)
+        edit_id, compute_s, apply_s = target.edit([case.fact])
+        post = _measure(target, case, fluency_prompts=fluency_prompts, fluency_tokens=fluency_tokens,
+                        locality_before=pre["locality_argmax"])
+        drift = _drift(target, reference)
+        revert_s = target.revert(edit_id)
+        check = target.score([(case.fact.text, case.fact.target_new)])[0].mean_probability
+        record = {
+            "case_id": case.case_id, "fact": asdict(case.fact), "pre": pre, "post": post, **drift,
+            "compute_seconds": compute_s, "apply_seconds": apply_s, "revert_seconds": revert_s,
+            # the revert is checked: the rewrite prompt's P(new) is back to its pre-edit value
+            "revert_restored": abs(check - pre["p_new_rewrite"]) <= 1e-6 + 1e-4 * pre["p_new_rewrite"],
+        }
+        records.append(record)
+        if out is not None:
+            _write(out, records)
+        if progress:
+            progress(len(records), records)
+    return records
+
+
+def run_sequential(target: EditTarget, cases: Sequence[EvalCase], *, batch: int = 1,
+                   checkpoints: Sequence[int] = (), out: Path | None = None,
+                   progress: Callable[[int, list[dict]], None] | None = None) -> dict:
+    """Accumulate edits (``batch`` facts per edit); measure every edited case at each
+    checkpoint and after the last edit, to draw the degradation curve."""
+    reference = target.probe_logits()
+    pre = {c.case_id: _measure(target, c, fluency_prompts=0, fluency_tokens=0, locality_before=None) for c in cases}
+    edits, timings, curve = [], [], []
+    applied = 0
+    wanted = sorted({c for c in checkpoints if c < len(cases)} | {len(cases)})
+    for start in range(0, len(cases), batch):
+        chunk = cases[start : start + batch]
+        edit_id, compute_s, apply_s = target.edit([c.fact for c in chunk])
+        edits.append(edit_id)
+        timings.append({"compute_seconds": compute_s, "apply_seconds": apply_s})
+        applied += len(chunk)
+        if wanted and applied >= wanted[0]:
+            wanted.pop(0)
+            edited = cases[:applied]
+            post = [{"case_id": c.case_id, "pre": pre[c.case_id],
+                     "post": _measure(target, c, fluency_prompts=0, fluency_tokens=0,
+                                      locality_before=pre[c.case_id]["locality_argmax"])} for c in edited]
+            point = {"edits": applied, **_summary_of(post), **_drift(target, reference)}
+            curve.append(point)
+            if progress:
+                progress(applied, post)
+            if out is not None:
+                _write(out, post, extra={"curve": curve, "timings": timings})
+    reverted = [target.revert(e) for e in reversed(edits)]
+    result = {"records": post, "curve": curve, "timings": timings, "revert_seconds": reverted}
+    if out is not None:
+        _write(out, post, extra={"curve": curve, "timings": timings, "revert_seconds": reverted})
+    return result
+
+
+def _write(out: Path, records: list[dict], extra: dict | None = None) -> None:
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps({"records": records, **(extra or {})}, indent=1))
+    tmp.replace(out)
+
+
+def _summary_of(records: Sequence[dict]) -> dict:
+    post = summarize([r["post"] for r in records], ROME_KEYS + EASYEDIT_KEYS + ("fluency",))
+    post["score"] = harmonic_mean([post["es"], post["ps"], post["ns"]])
+    return post
+
+
+def _quantiles(values: Sequence[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan"), float("nan")
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return statistics.median(ordered), p90
+
+
+def summary_table(records: Sequence[dict], *, title: str) -> str:
+    """Markdown: the unedited model's row beside the edited one, then costs."""
+    pre = summarize([r["pre"] for r in records], ROME_KEYS + EASYEDIT_KEYS + ("fluency",))
+    pre["score"] = harmonic_mean([pre["es"], pre["ps"], pre["ns"]])
+    post = _summary_of(records)
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    def num(v: float | None, fmt: str = "{:.3f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    lines = [
+        f"**{title}** ({len(records)} cases)",
+        "",
+        "| model | Score | ES | PS | NS | EM | PM | NM | Rel | Gen | Loc | Port | GE | KL | top-1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    kl = summarize(records, ("kl", "top1_agreement"))
+    for name, row, drift in (("unedited", pre, {"kl": None, "top1_agreement": None}), ("edited", post, kl)):
+        lines.append(
+            f"| {name} | {pct(row['score'])} | {pct(row['es'])} | {pct(row['ps'])} | {pct(row['ns'])} | "
+            f"{pct(row['em'])} | {pct(row['pm'])} | {pct(row['nm'])} | {pct(row['reliability'])} | "
+            f"{pct(row['generalization'])} | {pct(row['locality']) if name == 'edited' else '-'} | "
+            f"{pct(row['portability'])} | {num(row['fluency'], '{:.2f}')} | {num(drift['kl'], '{:.4f}')} | "
+            f"{pct(drift['top1_agreement'])} |"
+        )
+    timings = [r for r in records if "compute_seconds" in r]
+    if timings:
+        c50, c90 = _quantiles([r["compute_seconds"] for r in timings])
+        a50, a90 = _quantiles([r["apply_seconds"] for r in timings])
+        r50, r90 = _quantiles([r["revert_seconds"] for r in timings])
+        restored = sum(bool(r.get("revert_restored")) for r in timings)
+        lines += ["", "| cost | median | p90 |", "|---|---|---|",
+                  f"| edit compute (s) | {c50:.2f} | {c90:.2f} |",
+                  f"| apply (ms) | {1000 * a50:.1f} | {1000 * a90:.1f} |",
+                  f"| revert (ms) | {1000 * r50:.1f} | {1000 * r90:.1f} |",
+                  "", f"Reverts checked (P(new) back to its pre-edit value): {restored}/{len(timings)}"]
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""The evaluation harness's in-process target: a model edited through the server's own
+edit manager and journal (in a temporary directory), so in-process numbers measure the
+same compute -> journal -> apply -> revert path a server runs."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from editserve.editing.evaluation.probes import load_probes, next_token_logits
+from editserve.editing.evaluation.teacher_forcing import ContinuationScore, score_continuations
+from editserve.editing.facts import Fact
+
+from .edits import EditManager, stable_weights
+from .host import ModelHost
+from .journal import Journal
+from .methods import build_methods
+from .metrics import Metrics
+from .models import default_cache_dir, load_model
+
+
+class InProcessTarget:
+    def __init__(self, model: str, *, method: str = "rome", options: dict | None = None, dtype: str = "fp32",
+                 cache_dir: Path | None = None) -> None:
+        cache = cache_dir or default_cache_dir()
+        loaded, tokenizer, _ = load_model(model, dtype=dtype, cache_dir=cache)
+        self.host = ModelHost(loaded, tokenizer, name=model, dtype=dtype, device="cpu")
+        self._tmp = tempfile.TemporaryDirectory(prefix="editserve-eval-")
+        journal = Journal(Path(self._tmp.name), self.host.fingerprint())
+        methods, scorer = build_methods(self.host, cache)
+        self.manager = EditManager(self.host, journal, methods, scorer, Metrics())
+        self.method = method
+        self.options = options or {}
+        self.probes = load_probes()
+
+    def edit(self, facts: list[Fact]) -> tuple[str, float, float]:
+        outcome = self.manager.edit(self.method, facts, self.options, report=False)
+        return outcome.edit_id, outcome.compute_seconds, outcome.apply_seconds
+
+    def revert(self, edit_id: str) -> float:
+        started = time.perf_counter()
+        self.manager.revert(edit_id)
+        return time.perf_counter() - started
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[ContinuationScore]:
+        with stable_weights(self.manager):
+            return score_continuations(self.host.model, self.host.tokenizer, [p for p, _ in pairs],
+                                       [c for _, c in pairs])
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        texts = []
+        tok = self.host.tokenizer
+        with stable_weights(self.manager):
+            for prompt in prompts:
+                ids = tok(prompt, return_tensors="pt").input_ids
+                out = self.host.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                               pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        return texts
+
+    def probe_logits(self):
+        with stable_weights(self.manager):
+            return next_token_logits(self.host.model, self.host.tokenizer, self.probes)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
