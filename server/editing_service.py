@@ -181,8 +181,8 @@ class EditingServicer(pb_grpc.EditingServicer):
         self.runtime.metrics.trace_duration.observe(seconds)
         response = pb.TraceResponse(
             tokens=result.tokens,
-            subject_start=result.subject_span[0],
-            subject_end=result.subject_span[1],
+            subject_start=result.subject_range[0],
+            subject_end=result.subject_range[1],
             answer=result.answer,
             clean_prob=result.clean_prob,
             corrupted_prob=result.corrupted_prob,
