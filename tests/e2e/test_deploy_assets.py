@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -32,13 +34,27 @@ def test_deploy_files_parse():
     assert rules["groups"][0]["rules"]
 
 
+PROMTOOL = shutil.which("promtool")
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool (Debian package prometheus) not installed")
+def test_promtool_accepts_alert_rules():
+    done = subprocess.run([PROMTOOL, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yaml")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_dashboard_and_alerts_use_exported_metrics(tiny_model_dir, tmp_path):
     server = start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", timeout=120)
     try:
         with server.client() as client:
             client.generate("hello", max_new_tokens=2)
+        exposition = server.metrics()
+        if PROMTOOL:  # Prometheus' own linter on our exposition: naming, units, help texts
+            lint = subprocess.run([PROMTOOL, "check", "metrics"], input=exposition, capture_output=True, text=True)
+            assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout + lint.stderr
         exported = set()
-        for line in server.metrics().splitlines():
+        for line in exposition.splitlines():
             if line.startswith("# TYPE "):
                 _, _, name, kind = line.split(" ", 3)
                 exported.add(name)
