@@ -94,11 +94,17 @@ def test_token_id_prompt_and_chat_without_template(server):
         ("hello", {"temperature": -1.0}, "temperature"),
         ("hello", {"top_p": 1.5}, "top_p"),
         ([10**7], {}, "vocabulary"),
+        ("word " * 2100, {}, "max_prompt_tokens=2048"),
     ],
 )
 def test_bad_generate_requests_get_invalid_argument(server, prompt, options, message):
     with server.client() as client, pytest.raises(InvalidArgument, match=message):
         client.generate(prompt, **options)
+
+
+def test_bad_stream_request_gets_invalid_argument(server):
+    with server.client() as client, pytest.raises(InvalidArgument, match="top_p"):
+        list(client.stream("hello", top_p=2.0))
 
 
 def test_edit_control_plane_errors(server):
