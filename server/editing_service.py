@@ -36,7 +36,7 @@ def _options_dict(message) -> dict:
     """Only the fields the caller set: unset options fall back to the shipped hyperparameters."""
     out = {}
     for field, value in message.ListFields():
-        out[field.name] = list(value) if field.label == field.LABEL_REPEATED else value
+        out[field.name] = list(value) if field.is_repeated else value
     if out.get("stats_source", None) == "":
         out.pop("stats_source")
     return out

@@ -37,6 +37,12 @@ class _Bound:
         delta, diagnostics = compute_rome(self.context, facts, hparams)
         return delta, {**diagnostics, "layers": [hparams.layer]}
 
+    def ft_l(self, facts: list[Fact], options: dict) -> tuple[WeightDelta, dict]:
+        from editserve.editing.ft import compute_ft, default_ft_hparams
+
+        hparams = default_ft_hparams(self.host.adapter).with_overrides(**options)
+        return compute_ft(self.host.model, self.host.tokenizer, self.host.adapter, facts, hparams)
+
     def score(self, prompts: list[str], targets: list[str]) -> list[float]:
         from editserve.editing.evaluation.teacher_forcing import score_continuations
 
@@ -46,4 +52,4 @@ class _Bound:
 
 def build_methods(host: ModelHost, cache_dir: Path) -> tuple[dict[str, ComputeFn], ScoreFn]:
     bound = _Bound(host, cache_dir)
-    return {"rome": bound.rome}, bound.score
+    return {"rome": bound.rome, "ft_l": bound.ft_l}, bound.score
