@@ -1,0 +1,63 @@
+"""The evaluation loop on a tiny model through the real edit manager and journal."""
+
+import json
+
+import pytest
+
+from editserve.editing.evaluation.datasets import load_cases
+from editserve.editing.evaluation.runner import run_non_sequential, run_sequential, summary_table
+from editserve.server.eval_target import InProcessTarget
+
+OPTIONS = {"layer": 1, "steps": 10, "learning_rate": 1e-2, "norm_constraint": 0.05}
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "cf.json"
+    records = []
+    for i, (subject, new, true) in enumerate([("Danielle Darrieux", "English", "French"),
+                                              ("Michael Jordan", "football", "basketball"),
+                                              ("Steve Jobs", "Microsoft", "Apple")]):
+        records.append({
+            "case_id": i,
+            "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": subject,
+                                  "target_new": {"str": new}, "target_true": {"str": true}},
+            "paraphrase_prompts": [f"{subject} speaks"], "neighborhood_prompts": ["The capital of Italy is"],
+            "generation_prompts": [f"{subject} is"],
+        })
+    path.write_text(json.dumps(records))
+    return load_cases(path)[0]
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model_dir, tmp_path_factory):
+    t = InProcessTarget(str(tiny_model_dir), method="ft_l", options=OPTIONS,
+                        cache_dir=tmp_path_factory.mktemp("cache"))
+    yield t
+    t.close()
+
+
+def test_non_sequential_measures_and_restores(target, cases, tmp_path):
+    digest = target.host.weights_digest()
+    out = tmp_path / "results.json"
+    records = run_non_sequential(target, cases, out=out, fluency_prompts=1, fluency_tokens=8)
+    assert [r["case_id"] for r in records] == ["0", "1", "2"]
+    for r in records:
+        assert r["revert_restored"] is True
+        assert r["post"]["p_new_rewrite"] > r["pre"]["p_new_rewrite"]
+        assert r["kl"] > 0 and 0 <= r["top1_agreement"] <= 1 and r["post"]["fluency"] >= 0
+    assert target.host.weights_digest() == digest  # every edit was reverted exactly
+    table = summary_table(records, title="ft_l tiny")
+    assert "| unedited |" in table and "| edited |" in table and "Reverts checked" in table
+    # resuming from the output file recomputes nothing
+    again = run_non_sequential(target, cases, out=out)
+    assert again == json.loads(out.read_text())["records"]
+    assert target.manager.journal.revision() == 6
+
+
+def test_sequential_curve(target, cases):
+    digest = target.host.weights_digest()
+    result = run_sequential(target, cases, batch=1, checkpoints=[2])
+    assert [p["edits"] for p in result["curve"]] == [2, 3]
+    assert len(result["records"]) == 3
+    assert target.host.weights_digest() == digest
