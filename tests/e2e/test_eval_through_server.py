@@ -1,0 +1,45 @@
+"""`editserve eval --server`: the harness measures what a server's users get."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.server_process import start_server
+
+pytestmark = pytest.mark.e2e
+
+
+def test_eval_cli_against_a_running_server(tiny_model_dir, tmp_path):
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps([
+        {"subject": "Danielle Darrieux", "src": "What language does Danielle Darrieux speak?", "alt": "English",
+         "answers": ["French"], "rephrase": "Which language is spoken by Danielle Darrieux?",
+         "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare",
+         "portability": {"New Question": "Where is the language of Danielle Darrieux spoken?", "New Answer": "England"}},
+        {"subject": "Michael Jordan", "src": "Which sport does Michael Jordan play?", "alt": "football",
+         "answers": ["basketball"], "rephrase": "What is Michael Jordan's sport?",
+         "loc": "nq question: capital of italy", "loc_ans": "Rome"},
+    ]))
+    server = start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", timeout=120)
+    try:
+        out = tmp_path / "results.json"
+        done = subprocess.run(
+            [sys.executable, "-m", "editserve.client.cli", "eval", "--server", server.target, "--method", "ft_l",
+             "--dataset", str(data), "--n", "2", "--layer", "1", "--out", str(out)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "| unedited |" in done.stdout and "| edited |" in done.stdout
+        assert "Reverts checked (P(new) back to its pre-edit value): 2/2" in done.stdout
+        records = json.loads(out.read_text())["records"]
+        assert len(records) == 2 and all(r["post"]["locality"] is not None for r in records)
+        assert records[0]["post"]["portability"] is not None
+        with server.client() as client:
+            assert client.list_edits() == []  # every edit was reverted
+            assert len(client.list_edits(include_reverted=True)) == 2
+    finally:
+        server.stop()
