@@ -1,0 +1,90 @@
+"""Per-model caches for editing: context templates, key statistics and their factorisation.
+
+One :class:`EditingContext` lives as long as the served model (the server keeps one; a
+notebook makes one). It holds no model state of its own: everything in it can be rebuilt,
+and the covariance statistics also persist on disk under ``cache_dir`` keyed by the model's
+:attr:`fingerprint`. Thread-safe: concurrent edits share one computation per key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .adapter import ArchitectureAdapter
+from .contexts import generate_context_templates
+from .covariance import load_or_estimate
+
+
+class EditingContext:
+    def __init__(self, model, tokenizer, adapter: ArchitectureAdapter | None = None,
+                 cache_dir: Path | str | None = None, *, progress: bool = True) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter = adapter or ArchitectureAdapter.from_model(model)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.progress = progress
+        self._lock = threading.Lock()
+        self._templates: dict[tuple[int, int, int], list[str]] = {}
+        self._moments: dict[tuple[int, str, int], torch.Tensor] = {}
+        self._factors: dict[tuple[int, str, int], torch.Tensor] = {}
+        self.last_stats_info: dict = {}
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of the config and a sample of weights edits never touch (embeddings, the first
+        attention block), so applied edits do not invalidate cached statistics."""
+        digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
+        embed = self.model.get_submodule(self.adapter.embed_name).weight
+        sample = [embed.reshape(-1)[:4096], embed.reshape(-1)[-4096:]]
+        for _name, param in list(self.model.get_submodule(self.adapter.attn(0)).named_parameters())[:2]:
+            sample.append(param.reshape(-1)[:4096])
+        for tensor in sample:
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:20]
+
+    def context_templates(self, count: int, length: int, seed: int = 0) -> list[str]:
+        key = (count, length, seed)
+        with self._lock:
+            if key not in self._templates:
+                self._templates[key] = generate_context_templates(self.model, self.tokenizer, count, length, seed)
+            return list(self._templates[key])
+
+    def second_moment(self, layer: int, source: str, tokens: int) -> torch.Tensor:
+        """C = E[k k^T] for the layer's MLP output projection inputs (fp32, on CPU)."""
+        self.adapter.check_layer(layer)
+        key = (layer, source, tokens)
+        with self._lock:
+            if key not in self._moments:
+                if self.cache_dir is None:
+                    raise ValueError("EditingContext needs a cache_dir for statistics")
+                moment, info = load_or_estimate(
+                    self.model, self.tokenizer, self.adapter, fingerprint=self.fingerprint,
+                    cache_dir=self.cache_dir, layer=layer, source=source, tokens=tokens,
+                    progress=self.progress)
+                self._moments[key] = moment
+                self.last_stats_info = info
+            return self._moments[key]
+
+    def solve_second_moment(self, layer: int, source: str, tokens: int, rhs: torch.Tensor) -> torch.Tensor:
+        """C^-1 rhs through a cached Cholesky factor (with a tiny ridge for rank-deficient C)."""
+        key = (layer, source, tokens)
+        moment = self.second_moment(layer, source, tokens)
+        with self._lock:
+            if key not in self._factors:
+                c = moment.double()
+                ridge = 1e-6 * c.diagonal().mean().clamp_min(1e-12)
+                eye = torch.eye(c.shape[0], dtype=c.dtype)
+                factor, info = torch.linalg.cholesky_ex(c + ridge * eye)
+                scale = ridge
+                while int(info) != 0:
+                    scale = scale * 10
+                    factor, info = torch.linalg.cholesky_ex(c + scale * eye)
+                self._factors[key] = factor
+            factor = self._factors[key]
+        b = rhs.double().reshape(-1, 1).cpu()
+        return torch.cholesky_solve(b, factor).reshape(rhs.shape).float()

@@ -1,0 +1,120 @@
+"""ROME: Rank-One Model Editing (Meng et al. 2022, "Locating and Editing Factual Associations
+in GPT", section 3).
+
+An MLP output projection W (keys k -> values v) gets the rank-one update that maps the
+subject's key k* to the value v* the new fact needs, while changing W's output for other keys
+as little as possible, measured by the keys' second moment C = E[k k^T]:
+
+    W <- W + Lambda (C^-1 k*)^T,      Lambda = (v* - W k*) / ((C^-1 k*)^T k*)
+
+so that (W + Lambda (C^-1 k*)^T) k* = v* exactly. Here v* - W k* is the optimised MLP-output
+change ``delta`` (:mod:`.values`), k* the averaged key (:mod:`.keys`), C the statistics
+(:mod:`.covariance`). The result is a :class:`~editserve.editing.artifacts.WeightDelta` with
+one pair of factors per edited weight in the parameter's own layout; the served weights are
+never touched here.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+from .artifacts import WeightDelta, preview
+from .context import EditingContext
+from .covariance import resolve_source
+from .errors import InvalidRequest, PreconditionFailed
+from .facts import Fact, validate_facts
+from .hparams import RomeHyperParams
+from .keys import compute_key, locate_subject
+from .values import compute_value_delta, target_ids
+
+
+def _check_request(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperParams) -> RomeHyperParams:
+    """Everything that can be wrong with a request, found before any heavy compute."""
+    validate_facts(facts)
+    hparams = hparams.for_depth(ctx.adapter.num_layers)
+    try:
+        ctx.adapter.check_layer(hparams.layer)
+    except IndexError as exc:
+        raise InvalidRequest(str(exc)) from None
+    for i, fact in enumerate(facts):
+        try:
+            located = locate_subject(ctx.tokenizer, "{}", fact.prompt, fact.subject)
+            target_ids(ctx.tokenizer, located.text, fact.target_new)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"facts[{i}]: {exc}") from None
+    resolve_source(hparams.stats_source)
+    return hparams
+
+
+def rank_one_factors(ctx: EditingContext, layer: int, key: torch.Tensor, change: torch.Tensor,
+                     hparams: RomeHyperParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, v) with u @ v.T the update, in the weight's layout: Lambda (C^-1 k*)^T for nn.Linear
+    ([out, in]), its transpose for GPT-2's Conv1D ([in, out])."""
+    left = ctx.solve_second_moment(layer, hparams.stats_source, hparams.stats_tokens, key.cpu())
+    denominator = float(left @ key.cpu())
+    if not abs(denominator) > 1e-12:
+        raise PreconditionFailed(f"ROME: (C^-1 k*)^T k* = {denominator}; the subject's key is degenerate")
+    lam = change.cpu() / denominator
+    out_in = (lam[:, None], left[:, None])
+    return (out_in[1], out_in[0]) if ctx.adapter.mlp_out_is_conv1d else out_in
+
+
+def _add_factors(total: WeightDelta, name: str, u: torch.Tensor, v: torch.Tensor) -> WeightDelta:
+    if name in total.factors:
+        pu, pv = total.factors[name]
+        u, v = torch.cat([pu, u], 1), torch.cat([pv, v], 1)
+    return WeightDelta(factors={**total.factors, name: (u, v)}, dense=dict(total.dense))
+
+
+def compute_rome(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperParams) -> tuple[WeightDelta, dict]:
+    """The ROME edit for ``facts`` as a WeightDelta, plus diagnostics.
+
+    Several facts are composed sequentially: each is computed against the model as changed by
+    the previous ones (through a thread-scoped preview), and their rank-one updates are
+    summed (factors of rank len(facts)). Raises InvalidRequest for a malformed request and
+    PreconditionFailed for an unusable statistics source or a diverged optimisation.
+    """
+    started = time.perf_counter()
+    hparams = _check_request(ctx, facts, hparams)
+    layer = hparams.layer
+    weight_name = ctx.adapter.mlp_out_weight_name(layer)
+
+    ctx.second_moment(layer, hparams.stats_source, hparams.stats_tokens)
+    stats_seconds = time.perf_counter() - started
+    templates = ctx.context_templates(hparams.context_count, hparams.context_length)
+    context_seconds = time.perf_counter() - started - stats_seconds
+
+    total = WeightDelta()
+    per_fact = []
+    for fact in facts:
+        fact_started = time.perf_counter()
+        with preview(ctx.model, total) if total.parameter_names else nullcontext():
+            prompts = [locate_subject(ctx.tokenizer, t, fact.prompt, fact.subject) for t in templates]
+            key = compute_key(ctx.model, ctx.tokenizer, ctx.adapter, layer, prompts)
+            change, info = compute_value_delta(ctx.model, ctx.tokenizer, ctx.adapter, layer, fact, templates,
+                                               hparams)
+        u, v = rank_one_factors(ctx, layer, key, change, hparams)
+        if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+            raise PreconditionFailed("ROME produced a non-finite update")
+        total = _add_factors(total, weight_name, u, v)
+        per_fact.append({**info, "seconds": time.perf_counter() - fact_started})
+
+    diagnostics = {
+        "method": "rome",
+        "hparams_version": hparams.version,
+        "layer": layer,
+        "layers": [layer],
+        "steps": [f["steps"] for f in per_fact],
+        "final_loss": [f["final_nll"] for f in per_fact],
+        "facts": per_fact,
+        "timings": {
+            "statistics_s": stats_seconds,
+            "contexts_s": context_seconds,
+            "total_s": time.perf_counter() - started,
+        },
+        "hparams": hparams.as_dict(),
+    }
+    return total, diagnostics
