@@ -21,7 +21,9 @@ SUBJECT = "The Space Needle"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--threads", type=int, default=2)
@@ -46,9 +48,11 @@ def main() -> None:
     kwargs = dict(samples=args.samples, window=args.window, noise_scale=noise, seed=0)
 
     n_tokens = len(tokenizer(PROMPT).input_ids)
-    print(f"model {args.model} ({adapter.num_layers} layers, {args.dtype}), {args.threads} threads, "
-          f"prompt {PROMPT!r} ({n_tokens} tokens), subject {SUBJECT!r}, {args.samples} samples, "
-          f"window {args.window}, noise {noise:.4f}")
+    print(
+        f"model {args.model} ({adapter.num_layers} layers, {args.dtype}), {args.threads} threads, "
+        f"prompt {PROMPT!r} ({n_tokens} tokens), subject {SUBJECT!r}, {args.samples} samples, "
+        f"window {args.window}, noise {noise:.4f}"
+    )
 
     started = time.perf_counter()
     fast = causal_trace(model, tokenizer, adapter, PROMPT, SUBJECT, **kwargs)

@@ -42,8 +42,16 @@ def causal_trace_naive(
 ) -> TraceResult:
     kinds = tuple(dict.fromkeys(kinds))
     inputs = prepare_inputs(
-        tokenizer, adapter, prompt, subject, answer=answer, samples=samples, window=window,
-        kinds=kinds, noise_scale=noise_scale, max_prompt_tokens=max_prompt_tokens,
+        tokenizer,
+        adapter,
+        prompt,
+        subject,
+        answer=answer,
+        samples=samples,
+        window=window,
+        kinds=kinds,
+        noise_scale=noise_scale,
+        max_prompt_tokens=max_prompt_tokens,
     )
     if noise_scale is None:
         noise_scale = embedding_noise_scale(model, adapter)
@@ -78,8 +86,10 @@ def causal_trace_naive(
                 output[:, token] = clean[name][token]
                 return output
 
-            with Trace(model, adapter.embed_name, retain_output=False, edit_output=add_noise), \
-                    TraceDict(model, restore, retain_output=False, edit_output=put_back):
+            with (
+                Trace(model, adapter.embed_name, retain_output=False, edit_output=add_noise),
+                TraceDict(model, restore, retain_output=False, edit_output=put_back),
+            ):
                 logits = model(batch).logits[:, -1].float()
             return float(torch.softmax(logits, dim=-1)[:, answer_id].mean())
 
@@ -97,9 +107,20 @@ def causal_trace_naive(
             grids[kind] = grid
 
     return TraceResult(
-        prompt=prompt, subject=subject, tokens=[tokenizer.decode([i]) for i in inputs.token_ids],
-        token_ids=list(inputs.token_ids), subject_range=(s0, s1),
-        answer=tokenizer.decode(answer_ids), answer_token_ids=list(answer_ids), clean_prob=clean_prob,
-        corrupted_prob=corrupted_prob, noise_scale=float(noise_scale), samples=samples, window=window,
-        seed=seed, num_layers=n_layers, kinds=kinds, grids=grids,
+        prompt=prompt,
+        subject=subject,
+        tokens=[tokenizer.decode([i]) for i in inputs.token_ids],
+        token_ids=list(inputs.token_ids),
+        subject_range=(s0, s1),
+        answer=tokenizer.decode(answer_ids),
+        answer_token_ids=list(answer_ids),
+        clean_prob=clean_prob,
+        corrupted_prob=corrupted_prob,
+        noise_scale=float(noise_scale),
+        samples=samples,
+        window=window,
+        seed=seed,
+        num_layers=n_layers,
+        kinds=kinds,
+        grids=grids,
     )

@@ -221,7 +221,9 @@ def prepare_inputs(
     if not isinstance(samples, int) or not 1 <= samples <= MAX_SAMPLES:
         raise InvalidRequest(f"samples must be in [1, {MAX_SAMPLES}], got {samples!r}")
     if not isinstance(window, int) or not 1 <= window <= adapter.num_layers:
-        raise InvalidRequest(f"window must be in [1, {adapter.num_layers}] (the model's layers), got {window!r}")
+        raise InvalidRequest(
+            f"window must be in [1, {adapter.num_layers}] (the model's layers), got {window!r}"
+        )
     if not kinds:
         raise InvalidRequest(f"kinds is empty: choose from {KINDS}")
     unknown = [k for k in kinds if k not in KINDS]
@@ -399,8 +401,13 @@ class _PrefixKV:
     interrupted right after: only its keys/values were wanted.
     """
 
-    def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None, tiles: int = 1,
-                 keep: int | None = None, stop: bool = False) -> None:
+    def __init__(
+        self,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None,
+        tiles: int = 1,
+        keep: int | None = None,
+        stop: bool = False,
+    ) -> None:
         self.prefix = prefix
         self.tiles = tiles
         self.keep = keep
@@ -514,8 +521,16 @@ def causal_trace(
     """
     kinds = tuple(dict.fromkeys(kinds))
     inputs = prepare_inputs(
-        tokenizer, adapter, prompt, subject, answer=answer, samples=samples, window=window,
-        kinds=kinds, noise_scale=noise_scale, max_prompt_tokens=max_prompt_tokens,
+        tokenizer,
+        adapter,
+        prompt,
+        subject,
+        answer=answer,
+        samples=samples,
+        window=window,
+        kinds=kinds,
+        noise_scale=noise_scale,
+        max_prompt_tokens=max_prompt_tokens,
     )
     if noise_scale is None:
         noise_scale = embedding_noise_scale(model, adapter)
@@ -523,18 +538,31 @@ def causal_trace(
         tracer = _Tracer(model, tokenizer, adapter, inputs, samples, float(noise_scale), window, seed, kinds)
         grids = tracer.run()
     return TraceResult(
-        prompt=prompt, subject=subject, tokens=[tokenizer.decode([i]) for i in inputs.token_ids],
-        token_ids=list(inputs.token_ids), subject_range=inputs.subject_range, answer=tracer.answer_text,
-        answer_token_ids=list(tracer.answer_ids), clean_prob=tracer.clean_prob,
-        corrupted_prob=tracer.corrupted_prob, noise_scale=float(noise_scale), samples=samples,
-        window=window, seed=seed, num_layers=adapter.num_layers, kinds=kinds, grids=grids,
+        prompt=prompt,
+        subject=subject,
+        tokens=[tokenizer.decode([i]) for i in inputs.token_ids],
+        token_ids=list(inputs.token_ids),
+        subject_range=inputs.subject_range,
+        answer=tracer.answer_text,
+        answer_token_ids=list(tracer.answer_ids),
+        clean_prob=tracer.clean_prob,
+        corrupted_prob=tracer.corrupted_prob,
+        noise_scale=float(noise_scale),
+        samples=samples,
+        window=window,
+        seed=seed,
+        num_layers=adapter.num_layers,
+        kinds=kinds,
+        grids=grids,
     )
 
 
 class _Tracer:
     """One trace: the clean and corrupted runs, then every restoration, token by token."""
 
-    def __init__(self, model, tokenizer, adapter, inputs: TraceInputs, samples, noise_scale, window, seed, kinds):
+    def __init__(
+        self, model, tokenizer, adapter, inputs: TraceInputs, samples, noise_scale, window, seed, kinds
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.adapter = adapter
@@ -563,8 +591,11 @@ class _Tracer:
         layer_names = [adapter.layer(i) for i in range(n_layers)]
         self.clean_cache = _new_cache(model)
         with TraceDict(model, layer_names + self.module_names) as traces:
-            logits = model(input_ids=self.ids, past_key_values=self.clean_cache, use_cache=True,
-                           logits_to_keep=1).logits[0, -1].float()
+            logits = (
+                model(input_ids=self.ids, past_key_values=self.clean_cache, use_cache=True, logits_to_keep=1)
+                .logits[0, -1]
+                .float()
+            )
         self.clean_states = {"hidden": torch.stack([traces[n].output[0] for n in layer_names])}
         for kind in self.windowed_kinds:
             self.clean_states[kind] = torch.stack(
@@ -588,15 +619,25 @@ class _Tracer:
 
     def _corrupted_run(self) -> None:
         s0, s1 = self.inputs.subject_range
-        noise = subject_noise(self.samples, s1 - s0, self.clean_embeds.shape[-1], self.noise_scale, self.seed,
-                              self.clean_embeds.dtype, self.device)
+        noise = subject_noise(
+            self.samples,
+            s1 - s0,
+            self.clean_embeds.shape[-1],
+            self.noise_scale,
+            self.seed,
+            self.clean_embeds.dtype,
+            self.device,
+        )
         embeds = self.clean_embeds.repeat(self.samples, 1, 1)
         embeds[:, s0:s1] += noise
         self.corrupted_embeds = embeds
         cache = _new_cache(self.model)
         with _LayerCalls(self.model, self.adapter) as calls:
-            logits = self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True,
-                                logits_to_keep=1).logits[:, -1].float()
+            logits = (
+                self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                .logits[:, -1]
+                .float()
+            )
         self.corrupted_prob = float(torch.softmax(logits, dim=-1)[:, self.answer_id].mean())
         self.corrupted_inputs = calls.inputs  # per layer [samples, tokens, hidden]
         self.corrupted_kv = self._whole_prompt_kv(cache)
@@ -619,15 +660,21 @@ class _Tracer:
             for index, (keys, values) in enumerate(whole):
                 cache.update(keys[:, :, :length], values[:, :, :length], index)
         else:
-            self.model(inputs_embeds=embeds[:, :length], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self.model(
+                inputs_embeds=embeds[:, :length], past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
         return cache
 
     def _record_calls(self, start: int, stop: int) -> _LayerCalls:
         """How the model calls its layers on positions [start, stop) after a cached prefix."""
         cache = self._prefix_cache(self.clean_embeds, self.clean_kv, start)
         with _LayerCalls(self.model, self.adapter) as calls:
-            self.model(inputs_embeds=self.clean_embeds[:, start:stop], past_key_values=cache, use_cache=True,
-                       logits_to_keep=1)
+            self.model(
+                inputs_embeds=self.clean_embeds[:, start:stop],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return calls
 
     def _corrupted_prefix(self, t: int) -> list:
@@ -655,7 +702,8 @@ class _Tracer:
                 self.prefix = self._corrupted_prefix(t)
                 self._edit_values = {
                     _module_name(self.adapter, kind, layer): self.clean_states[kind][layer, t]
-                    for kind in self.windowed_kinds for layer in range(n_layers)
+                    for kind in self.windowed_kinds
+                    for layer in range(n_layers)
                 }
                 per_chunk = max(1, _CHUNK_TOKENS // (self.samples * (n_tokens - t)))
                 for begin in range(0, len(plan), per_chunk):
@@ -684,8 +732,15 @@ class _Tracer:
                 rows = (rows + torch.arange(self.samples, device=self.device)).reshape(-1)
                 self._edit_rows[_module_name(self.adapter, kind, layer)] = rows
 
-    def _call(self, calls: _LayerCalls, layer: int, hidden: torch.Tensor, chunk, pos: int | None,
-              keep: int | None = None) -> torch.Tensor:
+    def _call(
+        self,
+        calls: _LayerCalls,
+        layer: int,
+        hidden: torch.Tensor,
+        chunk,
+        pos: int | None,
+        keep: int | None = None,
+    ) -> torch.Tensor:
         """One decoder layer on ``hidden`` (rows of ``chunk``), after the corrupted prefix."""
         self._set_edits(chunk, layer, pos)
         try:
