@@ -38,6 +38,9 @@ class RomeHyperParams:
     stats_source: text for the key covariance C = E[k k^T]: "default" (shipped with the
         package) or a path to a .txt file or a directory of them.
     stats_tokens: how many tokens of that text to average over.
+    anchor_plain_key: scale the update so the bare rewrite prompt's MLP output changes by
+        exactly the optimised delta (the authors' code) rather than the averaged key's (the
+        paper's equation).
     """
 
     version: str
@@ -53,6 +56,7 @@ class RomeHyperParams:
     kl_prompt: str = "{} is a"
     stats_source: str = "default"
     stats_tokens: int = 100_000
+    anchor_plain_key: bool = True
     tuned_num_layers: int = 0  # the depth ``layer`` was chosen for (0: use as is)
 
     def __post_init__(self) -> None:
@@ -88,6 +92,10 @@ class RomeHyperParams:
             try:
                 if kind is int and isinstance(value, float) and not value.is_integer():
                     raise ValueError(value)
+                if kind is bool and isinstance(value, str):
+                    if value.lower() not in ("true", "false", "1", "0"):
+                        raise ValueError(value)
+                    value = value.lower() in ("true", "1")
                 changes[name] = kind(value)
             except (TypeError, ValueError):
                 raise InvalidRequest(f"rome option {key!r} must be {kind.__name__}, got {value!r}") from None

@@ -123,12 +123,18 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
-def compute_key(model, tokenizer, adapter: ArchitectureAdapter, layer: int,
-                prompts: list[PromptTokens]) -> torch.Tensor:
-    """k*: the mean projection input at the subject's last token over ``prompts`` (fp32, [d_mlp])."""
+def compute_keys(model, tokenizer, adapter: ArchitectureAdapter, layer: int,
+                 prompts: list[PromptTokens]) -> torch.Tensor:
+    """The projection input at the subject's last token of each prompt (fp32, [n, d_mlp])."""
     device = next(model.parameters()).device
     ids, mask = batch_rows([p.ids for p in prompts], pad_id_of(tokenizer), device)
     keys = capture_projection_inputs(model, adapter, [layer], ids, mask)[layer]
     rows = torch.arange(len(prompts), device=device)
     cols = torch.tensor([p.subject_last for p in prompts], device=device)
-    return keys[rows, cols].float().mean(0)
+    return keys[rows, cols].float()
+
+
+def compute_key(model, tokenizer, adapter: ArchitectureAdapter, layer: int,
+                prompts: list[PromptTokens]) -> torch.Tensor:
+    """k*: the mean projection input at the subject's last token over ``prompts`` (fp32, [d_mlp])."""
+    return compute_keys(model, tokenizer, adapter, layer, prompts).mean(0)

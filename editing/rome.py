@@ -8,8 +8,11 @@ as little as possible, measured by the keys' second moment C = E[k k^T]:
     W <- W + Lambda (C^-1 k*)^T,      Lambda = (v* - W k*) / ((C^-1 k*)^T k*)
 
 so that (W + Lambda (C^-1 k*)^T) k* = v* exactly. Here v* - W k* is the optimised MLP-output
-change ``delta`` (:mod:`.values`), k* the averaged key (:mod:`.keys`), C the statistics
-(:mod:`.covariance`). The result is a :class:`~editserve.editing.artifacts.WeightDelta` with
+change ``delta`` (:mod:`.values`), k* the key averaged over context prefixes (:mod:`.keys`), C
+the statistics (:mod:`.covariance`). As in the authors' implementation, the denominator uses
+the key of the bare rewrite prompt k0 (``anchor_plain_key``): the direction C^-1 k* still
+comes from the averaged key, but the output change at the prompt as asked is exactly delta,
+(C^-1 k*)^T k0 / (C^-1 k*)^T k0 = 1, rather than off by the ratio (C^-1 k*)^T k0 / (C^-1 k*)^T k*. The result is a :class:`~editserve.editing.artifacts.WeightDelta` with
 one pair of factors per edited weight in the parameter's own layout; the served weights are
 never touched here.
 """
@@ -27,7 +30,7 @@ from .covariance import resolve_source
 from .errors import InvalidRequest, PreconditionFailed
 from .facts import Fact, validate_facts
 from .hparams import RomeHyperParams
-from .keys import compute_key, locate_subject
+from .keys import compute_keys, locate_subject
 from .values import compute_value_delta, target_ids
 
 
@@ -50,11 +53,15 @@ def _check_request(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperPar
 
 
 def rank_one_factors(ctx: EditingContext, layer: int, key: torch.Tensor, change: torch.Tensor,
-                     hparams: RomeHyperParams) -> tuple[torch.Tensor, torch.Tensor]:
+                     hparams: RomeHyperParams, anchor_key: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(u, v) with u @ v.T the update, in the weight's layout: Lambda (C^-1 k*)^T for nn.Linear
-    ([out, in]), its transpose for GPT-2's Conv1D ([in, out])."""
+    ([out, in]), its transpose for GPT-2's Conv1D ([in, out]).
+
+    ``anchor_key`` (default k*) is the key whose output changes by exactly ``change``."""
     left = ctx.solve_second_moment(layer, hparams.stats_source, hparams.stats_tokens, key.cpu())
-    denominator = float(left @ key.cpu())
+    anchor = (anchor_key if anchor_key is not None else key).cpu()
+    denominator = float(left @ anchor)
     if not abs(denominator) > 1e-12:
         raise PreconditionFailed(f"ROME: (C^-1 k*)^T k* = {denominator}; the subject's key is degenerate")
     lam = change.cpu() / denominator
@@ -93,10 +100,12 @@ def compute_rome(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperParam
         fact_started = time.perf_counter()
         with preview(ctx.model, total) if total.parameter_names else nullcontext():
             prompts = [locate_subject(ctx.tokenizer, t, fact.prompt, fact.subject) for t in templates]
-            key = compute_key(ctx.model, ctx.tokenizer, ctx.adapter, layer, prompts)
+            keys = compute_keys(ctx.model, ctx.tokenizer, ctx.adapter, layer, prompts)
             change, info = compute_value_delta(ctx.model, ctx.tokenizer, ctx.adapter, layer, fact, templates,
                                                hparams)
-        u, v = rank_one_factors(ctx, layer, key, change, hparams)
+        key = keys.mean(0)
+        anchor = keys[0] if hparams.anchor_plain_key else None  # templates[0] is the bare "{}"
+        u, v = rank_one_factors(ctx, layer, key, change, hparams, anchor)
         if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
             raise PreconditionFailed("ROME produced a non-finite update")
         total = _add_factors(total, weight_name, u, v)
