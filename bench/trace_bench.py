@@ -17,6 +17,39 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PROMPT = "The Space Needle is located in the city of"
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds spent by every process on the machine so far (Linux /proc/stat)."""
+    import os
+
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class _Timer:
+    """Wall time, and the CPU seconds other processes took meanwhile (a timing taken while
+    something else runs is not worth reporting)."""
+
+    def __enter__(self):
+        import os
+
+        self.wall = time.perf_counter()
+        self.machine = _machine_busy_s()
+        self.own = sum(os.times()[:2])
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        self.seconds = time.perf_counter() - self.wall
+        own = sum(os.times()[:2]) - self.own
+        self.others = max(0.0, _machine_busy_s() - self.machine - own)
+
+    def __str__(self) -> str:
+        return f"{self.seconds:7.1f} s wall (other processes used {self.others:.1f} CPU-s meanwhile)"
 SUBJECT = "The Space Needle"
 
 
@@ -54,11 +87,10 @@ def main() -> None:
         f"window {args.window}, noise {noise:.4f}"
     )
 
-    started = time.perf_counter()
-    fast = causal_trace(model, tokenizer, adapter, PROMPT, SUBJECT, **kwargs)
-    fast_s = time.perf_counter() - started
+    with _Timer() as fast_t:
+        fast = causal_trace(model, tokenizer, adapter, PROMPT, SUBJECT, **kwargs)
     print(f"answer {fast.answer!r}: clean {fast.clean_prob:.4f}, corrupted {fast.corrupted_prob:.4f}")
-    print(f"fast tracer:            {fast_s:7.1f} s")
+    print(f"fast tracer:            {fast_t}")
     for kind in fast.kinds:
         grid = fast.grids[kind]
         t, layer = np.unravel_index(grid.argmax(), grid.shape)
@@ -71,14 +103,13 @@ def main() -> None:
     if args.skip_naive:
         return
 
-    started = time.perf_counter()
-    naive = causal_trace_naive(model, tokenizer, adapter, PROMPT, SUBJECT, **kwargs)
-    naive_s = time.perf_counter() - started
-    print(f"straightforward tracer: {naive_s:7.1f} s")
+    with _Timer() as naive_t:
+        naive = causal_trace_naive(model, tokenizer, adapter, PROMPT, SUBJECT, **kwargs)
+    print(f"straightforward tracer: {naive_t}")
     worst = max(float(np.abs(fast.grids[k] - naive.grids[k]).max()) for k in fast.kinds)
     agree = worst <= 1e-4 and abs(fast.clean_prob - naive.clean_prob) <= 1e-5
     print(f"grids agree: {agree} (max |difference| {worst:.2e} in probability)")
-    print(f"speed-up: {naive_s / fast_s:.1f}x")
+    print(f"speed-up: {naive_t.seconds / fast_t.seconds:.1f}x")
     if not agree:
         sys.exit(1)
 

@@ -54,10 +54,12 @@ def plot_trace(
     *,
     kinds: Sequence[str] | None = None,
     title: str | None = None,
+    colorbar_label: str | None = None,
     dpi: int = 150,
 ) -> Path:
     """Draw ``result`` into an image file (format from the suffix: .png, .svg, .pdf) and
-    return its path."""
+    return its path. The colour scale runs from the corrupted probability up; ``title`` and
+    ``colorbar_label`` replace the defaults (e.g. to draw averaged indirect effects)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -107,7 +109,7 @@ def plot_trace(
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel(xlabel.format(w=window if window else "?"), fontsize=9)
         bar = fig.colorbar(image, ax=ax, fraction=0.06, pad=0.02)
-        bar.set_label(f"p({answer.strip() or answer!r})", fontsize=9)
+        bar.set_label(colorbar_label or f"p({answer.strip() or answer!r})", fontsize=9)
         bar.ax.tick_params(labelsize=8)
     heading = title or (
         f"answer {answer!r}: clean p = {clean:.3f}, corrupted p = {corrupted:.3f}"

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -65,8 +65,8 @@ DEFAULT_NOISE_MULTIPLIER = 3.0
 
 # rows x positions processed per chunk of restored runs (bounds memory, keeps GEMMs large)
 _CHUNK_TOKENS = 16384
-# sequences per chunk when computing the LM head (a 262k-vocabulary head is large)
-_HEAD_CHUNK_ROWS = 64
+# logits computed at once by the LM head (a 262k-vocabulary head is large)
+_HEAD_CHUNK_LOGITS = 1 << 24
 
 
 @dataclass
@@ -447,6 +447,7 @@ class _Restoration:
     layer: int  # the grid column
     enter: int  # first decoder layer run on all positions (num_layers: none)
     modules: frozenset[int]  # layers whose "mlp"/"attn" output is restored
+    source: int | None = None  # computed as a copy of this restoration (same kind) until `enter`
 
     @property
     def windowed(self) -> bool:
@@ -484,8 +485,10 @@ def _first(output: Any) -> torch.Tensor:
 def _answer_probs(model, adapter, last_hidden: torch.Tensor, answer_id: int) -> torch.Tensor:
     """P(answer) for each row of [rows, hidden] last-position states (the head in chunks)."""
     out = []
-    for begin in range(0, last_hidden.shape[0], _HEAD_CHUNK_ROWS):
-        logits = final_logits(model, adapter, last_hidden[begin : begin + _HEAD_CHUNK_ROWS])
+    vocab = model.get_submodule(adapter.lm_head_name).weight.shape[0]
+    step = max(16, _HEAD_CHUNK_LOGITS // vocab)
+    for begin in range(0, last_hidden.shape[0], step):
+        logits = final_logits(model, adapter, last_hidden[begin : begin + step])
         out.append(torch.softmax(logits, dim=-1)[:, answer_id])
     return torch.cat(out)
 
@@ -708,7 +711,8 @@ class _Tracer:
                 per_chunk = max(1, _CHUNK_TOKENS // (self.samples * (n_tokens - t)))
                 for begin in range(0, len(plan), per_chunk):
                     chunk = plan[begin : begin + per_chunk]
-                    probs = self._run_chunk(chunk).view(len(chunk), self.samples).mean(dim=1).tolist()
+                    chunk, probs = self._run_chunk(chunk)
+                    probs = probs.view(len(chunk), self.samples).mean(dim=1).tolist()
                     for restoration, p in zip(chunk, probs, strict=True):
                         grids[restoration.kind][t, restoration.layer] = p
         return grids
@@ -749,29 +753,62 @@ class _Tracer:
         finally:
             self._edit_rows = {}
 
-    def _enter(self, chunk: Sequence[_Restoration], hidden: torch.Tensor, offset: int) -> None:
-        """Initialise the rows of restorations ``chunk`` (starting at row ``offset``) as the
-        input of the layer where they join: the corrupted input, one position replaced."""
+    def _enter(self, group: Sequence[_Restoration], hidden: torch.Tensor, offset: int) -> None:
+        """Initialise the rows of the restorations ``group`` (from row ``offset``) as the input
+        of the layer where they join: the corrupted input with the restored token's state
+        replaced, or a copy of the restoration they were identical to until now."""
         t, S = self.t, self.samples
-        for i, r in enumerate(chunk):
-            hidden[offset + i * S : offset + (i + 1) * S] = self.corrupted_inputs[r.enter][:, t:]
-        hidden_rows = [i for i, r in enumerate(chunk) if not r.windowed]
-        for i in hidden_rows:
-            hidden[offset + i * S : offset + (i + 1) * S, 0] = self.clean_states["hidden"][chunk[i].layer, t]
-        windowed = [r for r in chunk if r.windowed]
-        if windowed:  # their first restored layer, at the restored token only
-            layer = windowed[0].enter - 1
-            x = self.corrupted_inputs[layer][:, t : t + 1].repeat(len(windowed), 1, 1)
-            out = self._call(self.single_calls, layer, x, windowed, pos=0)
-            first = len(hidden_rows)  # within an entering group, "hidden" ones come first
-            hidden[offset + first * S : offset + len(chunk) * S, 0] = out[:, 0]
+        regular = []
+        for i, r in enumerate(group):
+            if r.source is not None:
+                continue
+            rows = slice(offset + i * S, offset + (i + 1) * S)
+            hidden[rows] = self.corrupted_inputs[r.enter][:, t:]
+            if r.windowed:
+                regular.append(i)
+            else:
+                hidden[rows, 0] = self.clean_states["hidden"][r.layer, t]
+        if regular:  # their first restored layer, computed at the restored token only
+            members = [group[i] for i in regular]
+            layer = members[0].enter - 1
+            x = self.corrupted_inputs[layer][:, t : t + 1].repeat(len(members), 1, 1)
+            out = self._call(self.single_calls, layer, x, members, pos=0)
+            for j, i in enumerate(regular):
+                hidden[offset + i * S : offset + (i + 1) * S, 0] = out[j * S : (j + 1) * S, 0]
+        for i, r in enumerate(group):
+            if r.source is not None:
+                source = self._index[(r.kind, r.source)]
+                hidden[offset + i * S : offset + (i + 1) * S] = hidden[source * S : (source + 1) * S]
 
-    def _run_chunk(self, chunk: list[_Restoration]) -> torch.Tensor:
-        """P(answer) for every (restoration, sample) of ``chunk`` at token ``t``, restoration-major.
+    @staticmethod
+    def _share_clipped_windows(chunk: list[_Restoration]) -> list[_Restoration]:
+        """Windows clipped at layer 0 ([0, b) for the first layers) restore the same modules
+        until the shorter one ends: such a restoration is computed as a copy of the longest
+        one, made at the layer where it stops restoring. Sorted by the layer where each joins."""
+        longest: dict[str, _Restoration] = {}
+        for r in chunk:
+            if r.windowed and min(r.modules) == 0:
+                if r.kind not in longest or max(r.modules) > max(longest[r.kind].modules):
+                    longest[r.kind] = r
+        out = []
+        for r in chunk:
+            source = longest.get(r.kind) if r.windowed and min(r.modules) == 0 else None
+            if source is not None and source is not r:
+                r = replace(r, enter=max(r.modules) + 1, source=source.layer)
+            out.append(r)
+        out.sort(key=lambda r: (r.enter, r.windowed, r.source is not None))
+        return out
 
-        The chunk is sorted by the layer where restorations join, so the rows running at
-        layer k are always a prefix of the batch, growing as restorations join.
+    def _run_chunk(self, chunk: list[_Restoration]) -> tuple[list[_Restoration], torch.Tensor]:
+        """P(answer) for every (restoration, sample) of ``chunk`` at token ``t``: the
+        restorations in the order computed, and [restorations * samples] probabilities,
+        restoration-major.
+
+        Restorations are sorted by the layer where they join, so the rows running at layer k
+        are always a prefix of the batch, growing as restorations join.
         """
+        chunk = self._share_clipped_windows(chunk)
+        self._index = {(r.kind, r.layer): i for i, r in enumerate(chunk)}
         t, S, N = self.t, self.samples, self.num_layers
         q = self.n_tokens - t
         first = self.corrupted_inputs[N]
@@ -816,11 +853,15 @@ class _Tracer:
             self.prefix_last = (keys[:, :, :-1], values[:, :, :-1])  # all but the last position
             out = self._call_last(k, hidden[:rows, -1:], active, keep)
             final[:rows] = out[:, 0]
-        join_until(N)  # restorations of the last layer's output run no layer
-        for i in range(len(chunk)):
-            if chunk[i].enter == N:
-                final[i * S : (i + 1) * S] = hidden[i * S : (i + 1) * S, -1]
-        return _answer_probs(self.model, self.adapter, final, self.answer_id)
+        join_until(N)  # restorations that run no layer (the last layer's output restored)
+        for i, r in enumerate(chunk):
+            if r.enter == N:
+                if r.source is None:
+                    final[i * S : (i + 1) * S] = hidden[i * S : (i + 1) * S, -1]
+                else:
+                    source = self._index[(r.kind, r.source)]
+                    final[i * S : (i + 1) * S] = final[source * S : (source + 1) * S]
+        return chunk, _answer_probs(self.model, self.adapter, final, self.answer_id)
 
     def _call_last(self, layer: int, hidden: torch.Tensor, chunk, keep: int) -> torch.Tensor:
         """The last layer at the last position, after the keys/values of all others."""

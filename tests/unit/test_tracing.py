@@ -60,6 +60,17 @@ def test_batched_tracer_equals_straightforward(models, arch):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "weights changed"
 
 
+@pytest.mark.parametrize("window", [1, 2, 4])
+def test_every_window_equals_straightforward(models, window):
+    """Windows clipped at the first layer share computation; window 4 restores all layers."""
+    model, tok, adapter = models["llama"]
+    kwargs = dict(FAST, window=window, kinds=("mlp", "attn"))
+    fast = causal_trace(model, tok, adapter, "The capital of France is", "capital", **kwargs)
+    slow = causal_trace_naive(model, tok, adapter, "The capital of France is", "capital", **kwargs)
+    for kind in ("mlp", "attn"):
+        _close(fast.grids[kind], slow.grids[kind])
+
+
 def test_restoring_the_state_that_carries_everything_gives_clean(models):
     model, tok, adapter = models["llama"]
     result = causal_trace(model, tok, adapter, PROMPT, SUBJECT, samples=4, window=1, noise_scale=2.0)
