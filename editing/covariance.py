@@ -6,8 +6,9 @@ occur; C is that "usually", the uncentred covariance of the output projection's 
 ordinary text. MEMIT uses the same statistics for several layers at once.
 
 Sources: ``"default"`` (a ~1 MB sample of Wikipedia article summaries shipped inside the
-package, so a user needs nothing else), or a path to a .txt file or a directory holding .txt
-files. Text is packed into fixed-length rows (BOS in front where the model adds one; BOS and
+package, so a user needs nothing else), ``"model"`` (text the model samples itself, also
+self-contained; measured worse, see docs/ROME.md), or a path to a .txt file or a directory
+holding .txt files. Text is packed into fixed-length rows (BOS in front where the model adds one; BOS and
 padding positions are left out of the average), and the forward pass stops after the deepest
 layer asked for. Results are cached as safetensors under
 ``<cache_dir>/<model fingerprint>/`` keyed by layer, source and token count.
@@ -31,6 +32,7 @@ from .errors import PreconditionFailed
 from .keys import capture_projection_inputs
 
 DEFAULT_SOURCE = "default"
+MODEL_SOURCE = "model"
 _DEFAULT_FILE = "stats_corpus.txt"
 
 
@@ -47,6 +49,8 @@ def resolve_source(source: str) -> TextSource:
 
     Raises PreconditionFailed naming the path and what is wrong with it.
     """
+    if source == MODEL_SOURCE:
+        return TextSource("model-sample-1", ())
     if source == DEFAULT_SOURCE:
         shipped = resources.files("editserve.editing") / "data" / _DEFAULT_FILE
         path = Path(str(shipped))
@@ -109,6 +113,36 @@ def iter_rows(tokenizer, paragraphs: Iterator[str], seq_len: int) -> Iterator[li
 
 
 @torch.no_grad()
+def sample_rows(model, tokenizer, seq_len: int, batch_size: int = 32, seed: int = 0) -> Iterator[list[int]]:
+    """Rows of text the model writes itself (plain sampling, temperature 1), endlessly.
+
+    Each row starts from BOS where the model uses one, else from a neutral seed word.
+    """
+    from .contexts import SEED_TEXTS
+
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    bos = _bos_id(tokenizer)
+    block = 0
+    while True:
+        if bos is not None:
+            starts = [[bos]] * batch_size
+        else:
+            starts = [tokenizer(SEED_TEXTS[(block * batch_size + i) % len(SEED_TEXTS)],
+                                add_special_tokens=False).input_ids[:1] for i in range(batch_size)]
+        ids = torch.tensor(starts, device=device)
+        past, step_input = None, ids
+        while ids.shape[1] < seq_len:
+            out = model(input_ids=step_input, past_key_values=past, use_cache=True, logits_to_keep=1)
+            past = out.past_key_values
+            probs = torch.softmax(out.logits[:, -1].float(), -1).cpu()
+            step_input = torch.multinomial(probs, 1, generator=generator).to(device)
+            ids = torch.cat([ids, step_input], 1)
+        block += 1
+        yield from ids.tolist()
+
+
+@torch.no_grad()
 def estimate_second_moments(model, tokenizer, adapter: ArchitectureAdapter, layers: list[int],
                             source: TextSource, tokens: int, *, seq_len: int = 256, batch_size: int = 8,
                             progress: bool = True) -> dict[int, tuple[torch.Tensor, int]]:
@@ -123,7 +157,10 @@ def estimate_second_moments(model, tokenizer, adapter: ArchitectureAdapter, laye
     bos = _bos_id(tokenizer)
     sums: dict[int, torch.Tensor] = {}
     seen = 0
-    rows = iter_rows(tokenizer, iter_paragraphs(source), seq_len)
+    if source.files:
+        rows = iter_rows(tokenizer, iter_paragraphs(source), seq_len)
+    else:
+        rows = sample_rows(model, tokenizer, seq_len)
     bar = tqdm(total=tokens, unit="tok", desc=f"key statistics, layers {layers}", disable=not progress,
                leave=False)
     try:
