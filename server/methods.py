@@ -33,7 +33,8 @@ class _Bound:
         from editserve.editing.hparams import load_rome_hparams
         from editserve.editing.rome import compute_rome
 
-        hparams = load_rome_hparams(self.host.adapter.model_type).with_overrides(**options)
+        base = load_rome_hparams(self.host.adapter.model_type, self.host.adapter.num_layers)
+        hparams = base.with_overrides(**options)
         delta, diagnostics = compute_rome(self.context, facts, hparams)
         return delta, {**diagnostics, "layers": [hparams.layer]}
 

@@ -13,11 +13,13 @@ import time
 
 import pytest
 
-from editserve.client import EditserveError, Fact, InvalidArgument, NotFound
+from editserve.client import EditserveError, Fact, FailedPrecondition, InvalidArgument, NotFound
 from tests.server_process import start_server
 
 pytestmark = pytest.mark.e2e
 
+# ROME on a random tiny model needs room to move: no norm clamp, no weight decay, few stats.
+ROME_TINY = {"layer": 1, "steps": 40, "clamp_norm_factor": 1e4, "weight_decay": 0.0, "stats_tokens": 2000}
 # The lifecycle is method-agnostic; FT-L on layer 1 is the fastest real edit on a tiny model.
 FAST = {"method": "ft_l", "layer": 1, "steps": 10, "learning_rate": 1e-2, "norm_constraint": 0.05}
 
@@ -77,6 +79,24 @@ def test_edit_revert_is_exact_and_survives_restart(served):
         assert info.weights_digest == only_second  # replayed bit-exactly, no recomputation
         assert [e.status for e in client.list_edits(include_reverted=True)] == ["reverted", "active"]
         client.revert(second.edit_id)
+        assert client.model_info(include_weights_digest=True).weights_digest == pristine
+
+
+def test_rome_edit_and_revert_over_grpc(served):
+    server = served()
+    with server.client() as client:
+        pristine = client.model_info(include_weights_digest=True).weights_digest
+        result = client.edit(_fact(2), **ROME_TINY)
+        assert result.applied and result.edit.method == "rome" and result.edit.layers == [1]
+        # (quality is the real-model tests' job: a random 4-layer model has no facts to move)
+        assert result.edit.delta_norm > 0 and len(result.edit.parameters) == 1
+        assert client.model_info(include_weights_digest=True).weights_digest != pristine
+        client.revert(result.edit_id)
+        assert client.model_info(include_weights_digest=True).weights_digest == pristine
+        with pytest.raises(FailedPrecondition, match="/nonexistent/corpus"):
+            client.edit(_fact(0), layer=1, steps=5, stats_source="/nonexistent/corpus")
+        with pytest.raises(InvalidArgument, match="layer"):
+            client.edit(_fact(0), layer=40)
         assert client.model_info(include_weights_digest=True).weights_digest == pristine
 
 
