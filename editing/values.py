@@ -194,23 +194,26 @@ def compute_value_delta(model, tokenizer, adapter: ArchitectureAdapter, layer: i
             kl_term = torch.sum(kl_init.exp() * (kl_init - logp[n_loss]))
         return nll, kl_term, logp
 
-    with torch.no_grad():
-        logits0, mlp_out0 = runner.logits(None)
-        nll0, _, logp0 = losses(logits0, None, None)
-    kl_init = logp0[n_loss].detach() if has_kl else None
-    base_norm = mlp_out0[0].norm().clamp_min(1e-6)
-    max_norm = hparams.clamp_norm_factor * base_norm
-    prepared = time.perf_counter()
-
-    delta = torch.zeros(mlp_out0.shape[-1], device=device, dtype=torch.float32, requires_grad=True)
+    # step 0 runs at delta = 0: its outputs are the unedited ones (KL reference, output norm)
+    delta = torch.zeros(adapter.hidden_size, device=device, dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.lr)
-    steps_run, nll_value, kl_value = 0, float(nll0), 0.0
+    kl_init: torch.Tensor | None = None
+    base_norm = max_norm = None
+    steps_run, nll0, nll_value, kl_value = 0, 0.0, 0.0, 0.0
+    prepared = time.perf_counter()
     for step in range(hparams.steps + 1):
-        logits, _ = runner.logits(delta)
+        logits, mlp_out = runner.logits(delta)
+        if step == 0:
+            logp0 = torch.log_softmax(logits.detach(), -1)
+            kl_init = logp0[n_loss] if has_kl else None
+            base_norm = mlp_out[0].detach().norm().clamp_min(1e-6)
+            max_norm = hparams.clamp_norm_factor * base_norm
         nll, kl_term, _ = losses(logits, delta, kl_init)
         decay = delta.pow(2).sum() / base_norm.pow(2)
         loss = nll + hparams.kl_factor * kl_term + hparams.weight_decay * decay
         nll_value, kl_value = float(nll.detach()), float(kl_term.detach())
+        if step == 0:
+            nll0 = nll_value
         if not math.isfinite(float(loss.detach())):
             raise PreconditionFailed(f"ROME value optimisation diverged (loss {float(loss.detach())}) at step {step}; "
                                      "try a smaller learning_rate or another layer")
@@ -230,7 +233,7 @@ def compute_value_delta(model, tokenizer, adapter: ArchitectureAdapter, layer: i
         raise PreconditionFailed("ROME value optimisation produced a non-finite vector")
     return result, {
         "steps": steps_run,
-        "initial_nll": float(nll0),
+        "initial_nll": nll0,
         "final_nll": nll_value,
         "final_kl": kl_value,
         "target_prob": math.exp(-nll_value),
