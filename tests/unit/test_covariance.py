@@ -77,3 +77,14 @@ def test_bad_sources(tmp_path):
         list(iter_paragraphs(resolve_source(str(bad))))
     assert resolve_source("default").tag.startswith("default-")
     assert list(iter_paragraphs(resolve_source("default")))[0].startswith("= ")
+
+
+def test_model_sampled_source(tiny_tokenizer):
+    from editserve.editing.adapter import ArchitectureAdapter
+
+    model, tok = tiny_model("llama", tokenizer=tiny_tokenizer)
+    source = resolve_source("model")
+    assert source.files == () and source.tag.startswith("model-")
+    (moment, count), = estimate_second_moments(model, tok, ArchitectureAdapter.from_model(model), [1], source,
+                                               500, seq_len=32, batch_size=4, progress=False).values()
+    assert count == 500 and torch.isfinite(moment).all()
