@@ -50,6 +50,8 @@ class _Timer:
 
     def __str__(self) -> str:
         return f"{self.seconds:7.1f} s wall (other processes used {self.others:.1f} CPU-s meanwhile)"
+
+
 SUBJECT = "The Space Needle"
 
 
