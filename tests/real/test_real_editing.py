@@ -48,7 +48,8 @@ def test_edit_changes_generation_and_revert_restores_it(server):
 
 def test_trace_finds_the_subject(server):
     with server.client() as client:
-        trace = client.trace("The Space Needle is located in the city of", "The Space Needle", samples=3)
+        trace = client.trace("The Space Needle is located in the city of", "The Space Needle", samples=3,
+                             answer="Seattle")
     assert trace.answer.strip() == "Seattle"
     assert trace.clean_prob > trace.corrupted_prob
     assert set(trace.grids) == {"hidden", "mlp", "attn"}
@@ -56,4 +57,4 @@ def test_trace_finds_the_subject(server):
     assert len(hidden) == len(trace.tokens) and len(hidden[0]) == 30
     # restoring the residual stream at the last subject token, early on, recovers most of the answer
     last_subject = trace.subject_end - 1
-    assert max(hidden[last_subject][:10]) > (trace.clean_prob + trace.corrupted_prob) / 2
+    assert max(hidden[last_subject][:10]) > trace.corrupted_prob + 0.5 * (trace.clean_prob - trace.corrupted_prob)
