@@ -11,6 +11,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -48,6 +49,27 @@ def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
 
 
+@contextmanager
+def _observed(m: Metrics, name: str, context: grpc.ServicerContext) -> Iterator[None]:
+    """Count one RPC: in-flight gauge, final status, duration. Errors become ``context.abort``
+    with the mapped status; a consumer that went away (cancel, deadline, a closed stream
+    generator) counts as CANCELLED."""
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    m.in_flight.labels(name).inc()
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001
+        code, message = _status_of(error)
+        context.abort(code, message)
+    finally:
+        if code == grpc.StatusCode.OK and not context.is_active():
+            code = grpc.StatusCode.CANCELLED
+        m.in_flight.labels(name).dec()
+        m.requests.labels(name, code.name).inc()
+        m.request_duration.labels(name).observe(time.perf_counter() - started)
+
+
 def rpc_handler(metrics: Callable[[Any], Metrics], name: str, *, streaming: bool = False):
     """Decorate a servicer method: status mapping, in-flight gauge, duration, request count."""
 
@@ -55,42 +77,15 @@ def rpc_handler(metrics: Callable[[Any], Metrics], name: str, *, streaming: bool
         if streaming:
             @functools.wraps(method)
             def stream_wrapper(self, request, context: grpc.ServicerContext) -> Iterator[Any]:
-                m = metrics(self)
-                started = time.perf_counter()
-                code = grpc.StatusCode.OK
-                m.in_flight.labels(name).inc()
-                try:
+                with _observed(metrics(self), name, context):
                     yield from method(self, request, context)
-                except Exception as error:  # noqa: BLE001
-                    code, message = _status_of(error)
-                    context.abort(code, message)
-                finally:
-                    # a consumer that cancelled closes the generator (GeneratorExit) mid-stream
-                    if code == grpc.StatusCode.OK and not context.is_active():
-                        code = grpc.StatusCode.CANCELLED
-                    m.in_flight.labels(name).dec()
-                    m.requests.labels(name, code.name).inc()
-                    m.request_duration.labels(name).observe(time.perf_counter() - started)
 
             return stream_wrapper
 
         @functools.wraps(method)
         def unary_wrapper(self, request, context: grpc.ServicerContext):
-            m = metrics(self)
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            m.in_flight.labels(name).inc()
-            try:
+            with _observed(metrics(self), name, context):
                 return method(self, request, context)
-            except Exception as error:  # noqa: BLE001
-                code, message = _status_of(error)
-                context.abort(code, message)
-            finally:
-                if code == grpc.StatusCode.OK and not context.is_active():
-                    code = grpc.StatusCode.CANCELLED
-                m.in_flight.labels(name).dec()
-                m.requests.labels(name, code.name).inc()
-                m.request_duration.labels(name).observe(time.perf_counter() - started)
 
         return unary_wrapper
 
