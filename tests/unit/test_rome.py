@@ -31,7 +31,7 @@ FACT_IS = Fact("The mother tongue of {} is", "Danielle Darrieux", "capital plays
 def tiny_hparams(model, **overrides) -> RomeHyperParams:
     base = load_rome_hparams(model.config.model_type, model.config.num_hidden_layers
                              if hasattr(model.config, "num_hidden_layers") else None)
-    settings = dict(stats_tokens=2000, steps=40, context_count=3, context_length=5,
+    settings = dict(layer=1, stats_tokens=2000, steps=40, context_count=3, context_length=5,
                     clamp_norm_factor=1e4, weight_decay=0.0)
     settings.update(overrides)
     return base.with_overrides(**settings)
