@@ -36,7 +36,7 @@ class _Bound:
         base = load_rome_hparams(self.host.adapter.model_type, self.host.adapter.num_layers)
         hparams = base.with_overrides(**options)
         delta, diagnostics = compute_rome(self.context, facts, hparams)
-        return delta, {**diagnostics, "layers": [hparams.layer]}
+        return delta, diagnostics  # diagnostics["layers"]: the layer actually edited
 
     def ft_l(self, facts: list[Fact], options: dict) -> tuple[WeightDelta, dict]:
         from editserve.editing.ft import compute_ft, default_ft_hparams
