@@ -1,8 +1,7 @@
 """The model host: one object owns the model, its tokenizer, the weight state and the revision.
 
 Readers (generation steps, traces, scoring) hold ``host.lock.read()``; applying or reverting an
-edit holds ``host.lock.write()`` only for the final tensor copies, which are prepared outside
-the lock. The live value of every touched tensor is always recomputed as
+edit holds ``host.lock.write()`` only to swap in tensors prepared outside the lock. The live value of every touched tensor is always recomputed as
 ``base + sum(active deltas)`` from a pristine copy of the base, in one canonical order, so a
 revert restores bit-identical weights and a replay after restart reproduces the same bits.
 """
@@ -74,25 +73,36 @@ class ModelHost:
     def active_edit_ids(self) -> list[str]:
         return [a.edit_id for a in self._active]
 
-    def _prepare(self, active: list[_Active], names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """New live values for the named tensors given an active set (no lock needed)."""
-        out = {}
+    def _prepare(self, active: list[_Active], names: Iterable[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """New live values for the named tensors given an active set, and the pristine copies
+        still to record (no lock needed: only the edit manager's one writer calls this).
+
+        A tensor seen for the first time has no active edit, so its live value *is* the base;
+        since commits swap storage instead of copying into it, that storage is never written
+        again and can be kept as the pristine copy without cloning.
+        """
+        values, pristine = {}, {}
         for name in names:
             base = self._pristine.get(name)
             if base is None:
-                base = self.model.get_parameter(name).detach().clone()
-            out[name] = compose(base, (a.delta for a in active), name)
-        return out
+                base = pristine[name] = self.model.get_parameter(name).detach()
+            values[name] = compose(base, (a.delta for a in active), name)
+        return values, pristine
 
-    def _commit(self, active: list[_Active], values: dict[str, torch.Tensor], revision: int) -> float:
-        """Swap the prepared tensors in under the write lock; returns the pause in seconds."""
+    def _commit(self, active: list[_Active], prepared: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+                revision: int) -> float:
+        """Swap the prepared tensors in under the write lock; returns the pause in seconds.
+
+        Swapping each parameter's storage (not copying into it) makes the pause independent of
+        tensor size: generation waits microseconds, not the milliseconds a copy takes while
+        the cores are busy with an edit computation.
+        """
+        values, pristine = prepared
         with self.lock.write():
             started = time.perf_counter()
             for name, value in values.items():
-                param = self.model.get_parameter(name)
-                if name not in self._pristine:
-                    self._pristine[name] = param.detach().clone()
-                param.data.copy_(value)
+                self.model.get_parameter(name).data = value
+            self._pristine.update(pristine)
             self._active = active
             self.revision = revision
             return time.perf_counter() - started
@@ -114,23 +124,23 @@ class ModelHost:
         """Add an edit and set the revision; returns the write-lock pause in seconds."""
         self.check_delta(delta)
         active = [*self._active, _Active(edit_id, delta)]
-        values = self._prepare(active, delta.parameter_names)
-        return self._commit(active, values, revision)
+        prepared = self._prepare(active, delta.parameter_names)
+        return self._commit(active, prepared, revision)
 
     def revert(self, edit_id: str, revision: int) -> float:
         target = next((a for a in self._active if a.edit_id == edit_id), None)
         if target is None:
             raise KeyError(edit_id)
         active = [a for a in self._active if a.edit_id != edit_id]
-        values = self._prepare(active, target.delta.parameter_names)
-        return self._commit(active, values, revision)
+        prepared = self._prepare(active, target.delta.parameter_names)
+        return self._commit(active, prepared, revision)
 
     def load_state(self, edits: list[tuple[str, WeightDelta]], revision: int) -> None:
         """Replay: apply a whole active set at once (start-up), setting the revision."""
         active = [_Active(i, d) for i, d in edits]
         names = sorted({n for _, d in edits for n in d.parameter_names})
-        values = self._prepare(active, names)
-        self._commit(active, values, revision)
+        prepared = self._prepare(active, names)
+        self._commit(active, prepared, revision)
 
     def weights_digest(self) -> str:
         """sha256 over every parameter's bytes, in name order (for replay/revert checks)."""

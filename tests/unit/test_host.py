@@ -78,3 +78,27 @@ def test_fingerprint_ignores_edits(tiny_tokenizer):
     fp = host.fingerprint()
     host.apply("a", _delta(host, 0, 0), 1)
     assert host.fingerprint() == fp
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_apply_swaps_storage_and_never_writes_the_old_one(arch, tiny_tokenizer):
+    # Why: commits swap tensors in (an O(1) pause); the base storage becomes the pristine copy,
+    # so nothing may ever write into it, and the model must run on the new values.
+    host = _host(arch, tiny_tokenizer)
+    name = host.adapter.mlp_out_weight_name(1)
+    param = host.model.get_parameter(name)
+    seen = param.detach()
+    original = seen.clone()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = host.model(ids).logits
+    host.apply("a", _delta(host, 1, 5), 1)
+    assert torch.equal(seen, original)
+    assert host.model.get_parameter(name) is param  # same Parameter object (hooks, tying)
+    assert not torch.equal(param.detach(), original)
+    with torch.no_grad():
+        assert not torch.allclose(host.model(ids).logits, before)
+    host.revert("a", 2)
+    assert torch.equal(param.detach(), original)
+    with torch.no_grad():
+        assert torch.equal(host.model(ids).logits, before)
