@@ -264,6 +264,7 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
     from editserve.editing.evaluation.datasets import load_cases
     from editserve.editing.evaluation.runner import (
         Progress,
+        curve_table,
         run_non_sequential,
         run_sequential,
         summary_table,
@@ -290,12 +291,7 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
         points = [int(x) for x in checkpoints.split(",") if x.strip()]
         result = run_sequential(target, cases, batch=batch, checkpoints=points, out=out, progress=progress.update)
         records = result["records"]
-        click.echo("| edits | ES | PS | NS | Score | KL | top-1 |")
-        click.echo("|---|---|---|---|---|---|---|")
-        for p in result["curve"]:
-            f = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-            kl = "-" if p["kl"] is None else f"{p['kl']:.4f}"
-            click.echo(f"| {p['edits']} | {f(p['es'])} | {f(p['ps'])} | {f(p['ns'])} | {f(p['score'])} | {kl} | {f(p['top1_agreement'])} |")
+        click.echo(curve_table(result) + "\n")
     else:
         records = run_non_sequential(target, cases, out=out, fluency_prompts=fluency, progress=progress.update)
     where = f"server {server}" if server else f"in-process {model}"

@@ -238,13 +238,37 @@ def summary_table(records: Sequence[dict], *, title: str) -> str:
         )
     timings = [r for r in records if "compute_seconds" in r]
     if timings:
-        c50, c90 = _quantiles([r["compute_seconds"] for r in timings])
-        a50, a90 = _quantiles([r["apply_seconds"] for r in timings])
-        r50, r90 = _quantiles([r["revert_seconds"] for r in timings])
+        lines += ["", *cost_table([r["compute_seconds"] for r in timings], [r["apply_seconds"] for r in timings],
+                                  [r["revert_seconds"] for r in timings])]
         restored = sum(bool(r.get("revert_restored")) for r in timings)
-        lines += ["", "| cost | median | p90 |", "|---|---|---|",
-                  f"| edit compute (s) | {c50:.2f} | {c90:.2f} |",
-                  f"| apply (ms) | {1000 * a50:.1f} | {1000 * a90:.1f} |",
-                  f"| revert (ms) | {1000 * r50:.1f} | {1000 * r90:.1f} |",
-                  "", f"Reverts checked (P(new) back to its pre-edit value): {restored}/{len(timings)}"]
+        lines += ["", f"Reverts checked (P(new) back to its pre-edit value): {restored}/{len(timings)}"]
+    return "\n".join(lines)
+
+
+def cost_table(compute: Sequence[float], apply: Sequence[float], revert: Sequence[float]) -> list[str]:
+    """Markdown rows: median and p90 of edit compute (s), apply and revert (ms)."""
+    c50, c90 = _quantiles(compute)
+    a50, a90 = _quantiles(apply)
+    r50, r90 = _quantiles(revert)
+    return ["| cost | median | p90 |", "|---|---|---|",
+            f"| edit compute (s) | {c50:.2f} | {c90:.2f} |",
+            f"| apply (ms) | {1000 * a50:.2f} | {1000 * a90:.2f} |",
+            f"| revert (ms) | {1000 * r50:.2f} | {1000 * r90:.2f} |"]
+
+
+def curve_table(result: dict) -> str:
+    """Markdown for a sequential run: the degradation curve, then the edits' costs."""
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    lines = ["| edits | ES | PS | NS | Score | Rel | Gen | Loc | KL | top-1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in result["curve"]:
+        kl = "-" if p["kl"] is None else f"{p['kl']:.4f}"
+        lines.append(f"| {p['edits']} | {pct(p['es'])} | {pct(p['ps'])} | {pct(p['ns'])} | {pct(p['score'])} | "
+                     f"{pct(p['reliability'])} | {pct(p['generalization'])} | {pct(p['locality'])} | {kl} | "
+                     f"{pct(p['top1_agreement'])} |")
+    timings = result["timings"]
+    if timings:
+        lines += ["", *cost_table([t["compute_seconds"] for t in timings], [t["apply_seconds"] for t in timings],
+                                  result.get("revert_seconds") or [])]
     return "\n".join(lines)

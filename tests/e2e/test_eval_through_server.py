@@ -41,5 +41,16 @@ def test_eval_cli_against_a_running_server(tiny_model_dir, tmp_path):
         with server.client() as client:
             assert client.list_edits() == []  # every edit was reverted
             assert len(client.list_edits(include_reverted=True)) == 2
+        # sequential: edits accumulate, the curve and costs are printed, then all are reverted
+        done = subprocess.run(
+            [sys.executable, "-m", "editserve.client.cli", "eval", "--server", server.target, "--method", "ft_l",
+             "--dataset", str(data), "--n", "2", "--layer", "1", "--sequential", "--checkpoints", "1"],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "\n| 1 |" in done.stdout and "\n| 2 |" in done.stdout and "| edit compute (s) |" in done.stdout
+        with server.client() as client:
+            assert client.list_edits() == []
+            assert len(client.list_edits(include_reverted=True)) == 4
     finally:
         server.stop()

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from editserve.editing.evaluation.datasets import load_cases
-from editserve.editing.evaluation.runner import run_non_sequential, run_sequential, summary_table
+from editserve.editing.evaluation.runner import curve_table, run_non_sequential, run_sequential, summary_table
 from editserve.server.eval_target import InProcessTarget
 
 OPTIONS = {"layer": 1, "steps": 10, "learning_rate": 1e-2, "norm_constraint": 0.05}
@@ -61,3 +61,6 @@ def test_sequential_curve(target, cases):
     assert [p["edits"] for p in result["curve"]] == [2, 3]
     assert len(result["records"]) == 3
     assert target.host.weights_digest() == digest
+    table = curve_table(result)
+    assert table.count("\n| 2 |") == 1 and "\n| 3 |" in table
+    assert "| edit compute (s) |" in table and "| revert (ms) |" in table
