@@ -4,6 +4,7 @@ public client to a running editserve, so the numbers are what its users get."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from .sync import EditserveClient
 from .types import ContinuationScore, Fact
@@ -32,7 +33,10 @@ class ServerTarget:
         return out
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        return [self.client.generate(p, max_new_tokens=max_new_tokens, ignore_eos=True).text for p in prompts]
+        # concurrent requests: the server batches them into one decode loop
+        with ThreadPoolExecutor(max_workers=max(1, len(prompts))) as pool:
+            return list(pool.map(lambda p: self.client.generate(p, max_new_tokens=max_new_tokens,
+                                                                ignore_eos=True).text, prompts))
 
     def probe_logits(self):
         return None  # the server publishes drift itself: editserve_drift_kl_divergence
