@@ -255,9 +255,10 @@ def _dataset_path(name: str, data_dir: str | None) -> Path:
 @click.option("--layer", type=int, default=None)
 @click.option("--threads", type=int, default=0, help="torch threads in-process (0: default).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Per-case JSON; an existing file resumes.")
+@click.option("--report", is_flag=True, help="Only print the tables of the existing --out file (loads no model).")
 def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model: str, server: str | None,
              sequential: bool, batch: int, checkpoints: str, fluency: int, layer: int | None, threads: int,
-             out: Path | None) -> None:
+             out: Path | None, report: bool) -> None:
     """Measure edit quality the way the papers do (ES/PS/NS, EasyEdit metrics, fluency, drift)."""
     import time as _time
 
@@ -270,6 +271,14 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
         summary_table,
     )
 
+    if report:
+        if out is None or not out.exists():
+            raise click.BadParameter("--report needs an existing --out file", param_hint="--out")
+        saved = json.loads(out.read_text())
+        if "curve" in saved:
+            click.echo(curve_table(saved) + "\n")
+        click.echo(summary_table(saved["records"], title=f"{method} on {dataset}, from {out.name}"))
+        return
     path = _dataset_path(dataset, data_dir)
     cases, skipped = load_cases(path, limit=limit)
     options = {"layer": layer} if layer is not None else {}

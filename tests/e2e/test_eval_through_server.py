@@ -36,6 +36,12 @@ def test_eval_cli_against_a_running_server(tiny_model_dir, tmp_path):
         assert "| unedited |" in done.stdout and "| edited |" in done.stdout
         assert "Reverts checked (P(new) back to its pre-edit value): 2/2" in done.stdout
         records = json.loads(out.read_text())["records"]
+        # --report prints the same tables from the file alone
+        shown = subprocess.run([sys.executable, "-m", "editserve.client.cli", "eval", "--dataset", str(data),
+                                "--out", str(out), "--report"], capture_output=True, text=True, timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        edited = next(line for line in done.stdout.splitlines() if line.startswith("| edited |"))
+        assert edited in shown.stdout
         assert len(records) == 2 and all(r["post"]["locality"] is not None for r in records)
         assert records[0]["post"]["portability"] is not None
         with server.client() as client:
