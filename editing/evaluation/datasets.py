@@ -55,13 +55,26 @@ def _template(prompt: str, subject: str) -> str | None:
     return prompt.replace(subject, "{}", 1)
 
 
+def _fact(template: str, subject: str, target_new: str, target_true: str) -> Fact:
+    """A case's fact; a "true" answer equal to the new target is dropped.
+
+    zsRE (and KnowEdit, which derives from it) has cases whose edit target is already the
+    recorded answer (e.g. alt == answers[0] == "male"). They are kept, as the published
+    zsRE tables keep them: token accuracy (Rel/Gen) is defined for them, while the ROME-style
+    P(new) > P(true) comparisons are not and are left out of ES/PS/NS for that case.
+    """
+    if target_true.strip() == target_new.strip():
+        target_true = ""
+    return Fact(template, subject, target_new, target_true)
+
+
 def _counterfact(record: dict, index: int) -> EvalCase | None:
     rewrite = record["requested_rewrite"]
     subject = rewrite["subject"]
     template = _template(rewrite["prompt"], subject)
     if template is None:
         return None
-    fact = Fact(template, subject, rewrite["target_new"]["str"], rewrite["target_true"]["str"])
+    fact = _fact(template, subject, rewrite["target_new"]["str"], rewrite["target_true"]["str"])
     portability = []
     port = record.get("portability")
     if isinstance(port, dict) and port.get("New Question"):
@@ -82,7 +95,7 @@ def _counterfact_flat(record: dict, index: int) -> EvalCase | None:
     template = _template(record["prompt"], record["subject"])
     if template is None:
         return None
-    fact = Fact(template, record["subject"], record["target_new"], record.get("ground_truth", ""))
+    fact = _fact(template, record["subject"], record["target_new"], record.get("ground_truth", ""))
     locality = ()
     if record.get("locality_prompt"):
         locality = (Probe(record["locality_prompt"], record.get("locality_ground_truth", "")),)
@@ -104,7 +117,7 @@ def _zsre(record: dict, index: int) -> EvalCase | None:
     if template is None:
         return None
     answers = record.get("answers") or [""]
-    fact = Fact(template, subject, record["alt"], answers[0])
+    fact = _fact(template, subject, record["alt"], answers[0])
     portability = []
     port = record.get("portability")
     if isinstance(port, dict) and port.get("New Question"):
@@ -135,7 +148,7 @@ def _knowedit(record: dict, index: int) -> EvalCase | None:
     template = _template(record["prompt"], subject)
     if template is None:
         return None
-    fact = Fact(template, subject, record["target_new"], _first(record.get("ground_truth", "")))
+    fact = _fact(template, subject, record["target_new"], _first(record.get("ground_truth", "")))
     locality = [Probe(p["prompt"], _first(p["ground_truth"]))
                 for group in (record.get("locality") or {}).values() for p in group]
     portability = [Probe(p["prompt"], _first(p["ground_truth"]))

@@ -77,6 +77,9 @@ def _measure(target: EditTarget, case: EvalCase, *, fluency_prompts: int, fluenc
     locality = scores[offset : offset + len(case.locality)]
     portability = scores[offset + len(case.locality) :]
     record = rome_case_metrics(by_group["rewrite"][0], by_group["paraphrase"], by_group["neighborhood"])
+    if not fact.target_true:
+        # No counterfactual answer to beat: ROME's P(new) > P(true) comparisons are undefined.
+        record.update(dict.fromkeys(ROME_KEYS))
     record["reliability"] = accuracy["rewrite"][0]
     record["generalization"] = statistics.fmean(accuracy["paraphrase"]) if accuracy["paraphrase"] else None
     record["portability"] = statistics.fmean(s.token_accuracy for s in portability) if portability else None

@@ -83,3 +83,14 @@ def test_dataset_formats(tmp_path):
     assert cases[0].fact.prompt == "What does {} speak?"
     cases, _ = load_cases(tmp_path / "zsre.json")
     assert cases[0].locality[0].answer == "y" and cases[0].portability[0].answer == "Ann"
+
+
+def test_true_answer_equal_to_the_target_is_dropped(tmp_path):
+    """zsRE has cases whose edit target is already the answer (alt == answers[0])."""
+    import json
+
+    zsre = {"subject": "Ann", "src": "What is Ann's sex?", "alt": "male", "answers": ["male "], "rephrase": "Ann is?"}
+    (tmp_path / "zsre.json").write_text(json.dumps([zsre]))
+    case = load_cases(tmp_path / "zsre.json")[0][0]
+    assert case.fact.target_new == "male" and case.fact.target_true == ""
+    case.fact.validate()  # an editable fact, not "nothing to edit"

@@ -64,3 +64,20 @@ def test_sequential_curve(target, cases):
     table = curve_table(result)
     assert table.count("\n| 2 |") == 1 and "\n| 3 |" in table
     assert "| edit compute (s) |" in table and "| revert (ms) |" in table
+
+
+def test_case_without_a_distinct_true_answer_has_no_rome_comparisons(target, tmp_path):
+    """ES/PS/NS compare P(new) with P(true); with no true answer they are undefined (None),
+    while token accuracy (Rel/Gen) still is, and the case is edited and reverted."""
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps([{"subject": "Ann Smith", "src": "What is the sex of Ann Smith?", "alt": "female",
+                                 "answers": ["female"], "rephrase": "Ann Smith's sex is?",
+                                 "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"}]))
+    cases, _ = load_cases(path)
+    digest = target.host.weights_digest()
+    [record] = run_non_sequential(target, cases)
+    for key in ("es", "ps", "ns", "em", "pm", "nm"):
+        assert record["post"][key] is None and record["pre"][key] is None
+    assert 0 <= record["post"]["reliability"] <= 1 and record["post"]["locality"] is not None
+    assert record["revert_restored"] is True and target.host.weights_digest() == digest
+    assert "| edited |" in summary_table([record], title="no true answer")
