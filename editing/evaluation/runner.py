@@ -113,12 +113,16 @@ class Progress:
         self.total = total
         self.started = time.perf_counter()
         self.stream = stream
+        # Cases already in a resumed output file cost nothing now; the rate counts this run's.
+        self.resumed_from: int | None = None
 
     def update(self, done: int, records: list[dict]) -> None:
+        if self.resumed_from is None:
+            self.resumed_from = done - 1  # the first call comes after one new case
         post = [r["post"] for r in records]
         means = summarize(post, ("es", "ps", "ns"))
         elapsed = time.perf_counter() - self.started
-        eta = elapsed / max(done, 1) * (self.total - done)
+        eta = elapsed / max(done - self.resumed_from, 1) * (self.total - done)
         shown = "  ".join(f"{k.upper()} {100 * v:5.1f}" for k, v in means.items() if v is not None)
         print(f"[{done}/{self.total}] {shown}  elapsed {elapsed:5.0f}s  eta {eta:5.0f}s", file=self.stream, flush=True)
 
@@ -245,6 +249,10 @@ def summary_table(records: Sequence[dict], *, title: str) -> str:
                                   [r["revert_seconds"] for r in timings])]
         restored = sum(bool(r.get("revert_restored")) for r in timings)
         lines += ["", f"Reverts checked (P(new) back to its pre-edit value): {restored}/{len(timings)}"]
+    undefined = sum(r["post"].get("es") is None for r in records)
+    if undefined:
+        lines += ["", f"{undefined} cases have no true answer distinct from the new target: "
+                      "ES/PS/NS/EM/PM/NM average over the other cases"]
     return "\n".join(lines)
 
 

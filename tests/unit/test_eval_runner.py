@@ -80,4 +80,21 @@ def test_case_without_a_distinct_true_answer_has_no_rome_comparisons(target, tmp
         assert record["post"][key] is None and record["pre"][key] is None
     assert 0 <= record["post"]["reliability"] <= 1 and record["post"]["locality"] is not None
     assert record["revert_restored"] is True and target.host.weights_digest() == digest
-    assert "| edited |" in summary_table([record], title="no true answer")
+    table = summary_table([record], title="no true answer")
+    assert "| edited |" in table and "1 cases have no true answer distinct from the new target" in table
+
+
+def test_progress_eta_counts_only_this_runs_cases():
+    """A run resumed at case 150 of 200 must not divide its elapsed time by 150."""
+    import io
+
+    from editserve.editing.evaluation.runner import Progress
+
+    stream = io.StringIO()
+    progress = Progress(200, stream=stream)
+    progress.started -= 10.0  # the first new case took 10 s
+    progress.update(151, [{"post": {"es": 1.0, "ps": 1.0, "ns": None}}])
+    line = stream.getvalue()
+    assert line.startswith("[151/200] ES 100.0  PS 100.0")
+    eta = float(line.split("eta")[1].strip().rstrip("s"))
+    assert eta == pytest.approx(490, abs=2)  # 49 cases left at 10 s each, not 49 * 10/151
