@@ -22,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-
 def main() -> None:
     from editserve.client import Fact
     from tests.server_process import start_server
@@ -71,6 +70,10 @@ def main() -> None:
                     rows[-1] = (began, ended, result, revert)
             stop.set()
             reader.join()
+            swaps = {op: (server.metric("editserve_weight_swap_pause_seconds_sum", operation=op),
+                          server.metric("editserve_weight_swap_pause_seconds_count", operation=op))
+                     for op in ("apply", "revert")}
+            slowest_bucket = _max_bucket(server.metrics(), "editserve_weight_swap_pause_seconds_bucket")
         finally:
             server.stop()
 
@@ -99,6 +102,25 @@ def main() -> None:
     print(f"median stream throughput during compute: {statistics.median(rates):.1f} tok/s "
           f"({statistics.median(rates) / baseline_rate:.2f} of baseline)")
     print(f"longest gap at an apply: {1000 * max(gaps):.0f} ms (a decode step plus the weight swap)")
+    for op, (total, count) in swaps.items():
+        print(f"server-side write-lock pause ({op}): mean {1e6 * total / max(count, 1):.0f} us over {count:.0f}")
+    print(f"every write-lock pause <= {1000 * slowest_bucket:g} ms (smallest histogram bucket holding all)")
+
+
+def _max_bucket(exposition: str, name: str) -> float:
+    """The smallest histogram bound that holds every observation (over all label sets)."""
+    counts: dict[float, float] = {}
+    total = 0.0
+    for line in exposition.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        key, _, value = line.rpartition(" ")
+        bound = key.split('le="')[1].split('"')[0]
+        if bound == "+Inf":
+            total += float(value)
+        else:
+            counts[float(bound)] = counts.get(float(bound), 0.0) + float(value)
+    return min((b for b, c in counts.items() if c >= total), default=float("inf"))
 
 
 if __name__ == "__main__":

@@ -182,6 +182,7 @@ class EditManager:
             pause = self.host.apply(edit_id, delta, revision)
             apply_seconds = time.perf_counter() - applied_at
             self.metrics.edit_apply.labels("apply").observe(apply_seconds)
+            self.metrics.weight_swap_pause.labels("apply").observe(pause)
             self.metrics.edits.labels(method, "applied").inc()
             self._publish()
             diagnostics = {**diagnostics, "write_lock_seconds": pause}
@@ -197,9 +198,10 @@ class EditManager:
                 raise UnknownEdit(f"edit {edit_id!r} {state}")
             started = time.perf_counter()
             revision = self.journal.record_revert(edit_id)
-            self.host.revert(edit_id, revision)
+            pause = self.host.revert(edit_id, revision)
             seconds = time.perf_counter() - started
             self.metrics.edit_apply.labels("revert").observe(seconds)
+            self.metrics.weight_swap_pause.labels("revert").observe(pause)
             self.metrics.reverts.labels("ok").inc()
             self._publish()
             return revision, seconds

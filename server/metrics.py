@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from .backends.hf import EngineObserver
 
+# The swap under the write lock is a pointer exchange: microseconds, so finer buckets.
+_PAUSE_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 0.001, 0.005, 0.01, 0.05)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _EDIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
@@ -47,6 +49,11 @@ class Metrics(EngineObserver):
         self.edit_apply = Histogram(
             "editserve_edit_apply_seconds", "Time to apply or revert an edit in memory", ["operation"],
             buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.weight_swap_pause = Histogram(
+            "editserve_weight_swap_pause_seconds",
+            "Time generation is held off (write lock) while an apply or revert swaps weights in",
+            ["operation"], buckets=_PAUSE_BUCKETS, registry=r,
         )
         self.trace_duration = Histogram(
             "editserve_trace_seconds", "Causal trace wall time", buckets=_EDIT_BUCKETS, registry=r

@@ -70,6 +70,10 @@ def test_edit_revert_is_exact_and_survives_restart(served):
         only_second = client.model_info(include_weights_digest=True).weights_digest
     assert server.metric("editserve_edits_total", method="ft_l", status="applied") == 2
     assert server.metric("editserve_active_edits") == 1
+    # generation was held off only for the weight swaps: two applies and one revert, well under 50 ms
+    assert server.metric("editserve_weight_swap_pause_seconds_count", operation="apply") == 2
+    assert server.metric("editserve_weight_swap_pause_seconds_count", operation="revert") == 1
+    assert 0 < server.metric("editserve_weight_swap_pause_seconds_sum", operation="apply") < 0.05
     server.stop()
 
     restarted = served()
