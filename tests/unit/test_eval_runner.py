@@ -98,3 +98,25 @@ def test_progress_eta_counts_only_this_runs_cases():
     assert line.startswith("[151/200] ES 100.0  PS 100.0")
     eta = float(line.split("eta")[1].strip().rstrip("s"))
     assert eta == pytest.approx(490, abs=2)  # 49 cases left at 10 s each, not 49 * 10/151
+
+
+def test_revert_check_catches_a_revert_that_left_the_edit_in(target, cases):
+    """The check is not vacuous: a target whose revert does nothing is reported."""
+
+    class RevertDoesNothing:
+        def __init__(self, inner):
+            self.inner, self.kept = inner, []
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def revert(self, edit_id):
+            self.kept.append(edit_id)
+            return 0.0
+
+    broken = RevertDoesNothing(target)
+    [record] = run_non_sequential(broken, cases[:1])
+    assert record["revert_restored"] is False
+    assert record["p_new_after_revert"] > record["p_new_before_edit"]
+    for edit_id in broken.kept:
+        target.revert(edit_id)
