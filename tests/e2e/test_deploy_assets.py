@@ -44,6 +44,14 @@ def test_promtool_accepts_alert_rules():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool (Debian package prometheus) not installed")
+def test_alerts_fire_on_measured_drift_and_slow_swaps_only():
+    """Prometheus' rule engine evaluates the alerts on series shaped like our measurements."""
+    done = subprocess.run([PROMTOOL, "test", "rules", str(ROOT / "tests" / "data" / "alerts_test.yaml")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_dashboard_and_alerts_use_exported_metrics(tiny_model_dir, tmp_path):
     server = start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", timeout=120)
     try:
