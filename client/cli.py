@@ -27,6 +27,39 @@ def _emit_json(value) -> None:
     click.echo(json.dumps(value, indent=2))
 
 
+def _typed(raw: str) -> int | float | bool | str:
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(raw.lower(), raw)
+
+
+def _edit_options(method: str, layer: int | None, pairs: tuple[str, ...]) -> dict:
+    """--layer and --set KEY=VALUE as request options, checked against the method's options
+    message before anything runs (a typo fails at once, not after a model has loaded)."""
+    from .convert import edit_request
+
+    options: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--set")
+        options[key.strip()] = _typed(raw.strip())
+    if layer is not None:
+        options["layer"] = layer
+    try:
+        edit_request(Fact("{} is", "x", "y"), method=method, **options)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--set") from None
+    return options
+
+
+SET_OPTION = click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+                          help="Method option for every edit, e.g. steps=40 (repeatable; see the proto's options).")
+
+
 def _fail(error: EditserveError) -> None:
     click.echo(f"error: {error}", err=True)
     sys.exit(2)
@@ -105,14 +138,16 @@ def generate(prompt: str, server: str, chat: bool, no_stream: bool, as_json: boo
 @click.option("--neighborhood", multiple=True, help="Prompt that should not change (repeatable).")
 @click.option("--method", default="rome", show_default=True, type=click.Choice(["rome", "memit", "ft_l", "serac", "t_patcher"]))
 @click.option("--layer", type=int, default=None, help="Edited layer (default: the model family's).")
+@SET_OPTION
 @click.option("--dry-run", is_flag=True, help="Compute and report; apply nothing.")
 @click.option("--description", default="")
 @click.option("--json", "as_json", is_flag=True)
 def edit(server: str, prompt: str, subject: str, target_new: str, target_true: str, paraphrase, neighborhood,
-         method: str, layer: int | None, dry_run: bool, description: str, as_json: bool) -> None:
+         method: str, layer: int | None, settings: tuple[str, ...], dry_run: bool, description: str,
+         as_json: bool) -> None:
     """Write a fact into the served model."""
     fact = Fact(prompt, subject, target_new, target_true, tuple(paraphrase), tuple(neighborhood))
-    options = {"layer": layer} if layer is not None else {}
+    options = _edit_options(method, layer, settings)
     with EditserveClient(server) as client:
         try:
             result = client.edit(fact, method=method, dry_run=dry_run, description=description, **options)
@@ -253,12 +288,13 @@ def _dataset_path(name: str, data_dir: str | None) -> Path:
 @click.option("--checkpoints", default="10,100,1000", help="Sequential mode: measure after this many edits.")
 @click.option("--fluency", type=int, default=0, help="Generation prompts per case for fluency (GE); 0 skips.")
 @click.option("--layer", type=int, default=None)
+@SET_OPTION
 @click.option("--threads", type=int, default=0, help="torch threads in-process (0: default).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Per-case JSON; an existing file resumes.")
 @click.option("--report", is_flag=True, help="Only print the tables of the existing --out file (loads no model).")
 def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model: str, server: str | None,
-             sequential: bool, batch: int, checkpoints: str, fluency: int, layer: int | None, threads: int,
-             out: Path | None, report: bool) -> None:
+             sequential: bool, batch: int, checkpoints: str, fluency: int, layer: int | None,
+             settings: tuple[str, ...], threads: int, out: Path | None, report: bool) -> None:
     """Measure edit quality the way the papers do (ES/PS/NS, EasyEdit metrics, fluency, drift)."""
     import time as _time
 
@@ -279,9 +315,9 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
             click.echo(curve_table(saved) + "\n")
         click.echo(summary_table(saved["records"], title=f"{method} on {dataset}, from {out.name}"))
         return
+    options = _edit_options(method, layer, settings)
     path = _dataset_path(dataset, data_dir)
     cases, skipped = load_cases(path, limit=limit)
-    options = {"layer": layer} if layer is not None else {}
     started = _time.perf_counter()
     if server:
         from .eval_target import ServerTarget

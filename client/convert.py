@@ -116,6 +116,13 @@ def _fact(message: epb.Fact) -> Fact:
     )
 
 
+def option_names(method: str) -> list[str]:
+    """The per-request options a method accepts (the fields of its options message)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    return sorted(getattr(epb.EditRequest(), OPTION_FIELDS[method]).DESCRIPTOR.fields_by_name)
+
+
 def edit_request(
     facts: Fact | Sequence[Fact], *, method: str = "rome", dry_run: bool = False, description: str = "", **options
 ) -> epb.EditRequest:
@@ -128,10 +135,15 @@ def edit_request(
     if options:
         target = getattr(request, OPTION_FIELDS[method])
         for key, value in options.items():
-            if isinstance(value, (list, tuple)):
-                getattr(target, key).extend(value)
-            else:
-                setattr(target, key, value)
+            if key not in target.DESCRIPTOR.fields_by_name:
+                raise ValueError(f"unknown {method} option {key!r}; known: {option_names(method)}")
+            try:
+                if isinstance(value, (list, tuple)):
+                    getattr(target, key).extend(value)
+                else:
+                    setattr(target, key, value)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{method} option {key!r} cannot be {value!r}: {error}") from None
     return request
 
 

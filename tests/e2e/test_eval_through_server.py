@@ -29,7 +29,7 @@ def test_eval_cli_against_a_running_server(tiny_model_dir, tmp_path):
         out = tmp_path / "results.json"
         done = subprocess.run(
             [sys.executable, "-m", "editserve.client.cli", "eval", "--server", server.target, "--method", "ft_l",
-             "--dataset", str(data), "--n", "2", "--layer", "1", "--out", str(out)],
+             "--dataset", str(data), "--n", "2", "--layer", "1", "--set", "steps=8", "--out", str(out)],
             capture_output=True, text=True, timeout=300,
         )
         assert done.returncode == 0, done.stderr

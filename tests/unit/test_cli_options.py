@@ -1,0 +1,26 @@
+"""`--set KEY=VALUE` method options: typed, checked against the API's options message before
+any model loads, with precise messages."""
+
+import pytest
+from click.testing import CliRunner
+
+from editserve.client.cli import main
+from editserve.client.convert import edit_request, option_names
+from editserve.client.types import Fact
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "foo=1"], "unknown rome option 'foo'; known: ['clamp_norm_factor'"),
+    (["--set", "steps=0.5"], "rome option 'steps' cannot be 0.5"),
+    (["--set", "steps"], "expected KEY=VALUE, got 'steps'"),
+    (["--method", "ft_l", "--set", "clamp_norm_factor=2"], "unknown ft_l option 'clamp_norm_factor'"),
+])
+def test_bad_options_fail_before_anything_runs(args, message):
+    result = CliRunner().invoke(main, ["eval", "--n", "1", "--model", "/nonexistent", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_options_become_typed_request_fields():
+    request = edit_request(Fact("{} is", "x", "y"), method="rome", steps=40, clamp_norm_factor=4, stats_source="model")
+    assert request.rome.steps == 40 and request.rome.clamp_norm_factor == 4.0 and request.rome.stats_source == "model"
+    assert "norm_constraint" in option_names("ft_l")
