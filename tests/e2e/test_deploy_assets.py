@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 def _referenced_metrics() -> set[str]:
     text = (DEPLOY / "grafana" / "editserve-dashboard.json").read_text()
     text += (DEPLOY / "prometheus" / "alerts.yaml").read_text()
-    names = set(re.findall(r"editserve_[a-z_]+", text))
+    names = set(re.findall(r"editserve_[a-z0-9_]+", text))
     return {n for n in names if n != "editserve_dashboard"}
 
 
