@@ -313,7 +313,9 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
         saved = json.loads(out.read_text())
         if "curve" in saved:
             click.echo(curve_table(saved) + "\n")
-        click.echo(summary_table(saved["records"], title=f"{method} on {dataset}, from {out.name}"))
+        # runs record their own title; files from before that fall back to the options given
+        title = saved.get("title") or f"{method} on {dataset}"
+        click.echo(summary_table(saved["records"], title=f"{title}, from {out.name}"))
         return
     options = _edit_options(method, layer, settings)
     path = _dataset_path(dataset, data_dir)
@@ -341,7 +343,14 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
         records = run_non_sequential(target, cases, out=out, fluency_prompts=fluency, progress=progress.update)
     where = f"server {server}" if server else f"in-process {model}"
     mode = f"sequential, batch {batch}" if sequential else "non-sequential"
-    click.echo(summary_table(records, title=f"{method} on {path.name}, {where}, {mode}"))
+    title = f"{method} on {path.name}, {where}, {mode}"
+    if out is not None and out.exists():
+        saved = json.loads(out.read_text())
+        saved["title"] = title
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(saved, indent=1))
+        tmp.replace(out)
+    click.echo(summary_table(records, title=title))
     click.echo(f"\n{skipped} records skipped (subject not in prompt); wall time {_time.perf_counter() - started:.0f} s")
 
 

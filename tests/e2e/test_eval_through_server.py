@@ -42,6 +42,7 @@ def test_eval_cli_against_a_running_server(tiny_model_dir, tmp_path):
         assert shown.returncode == 0, shown.stderr
         edited = next(line for line in done.stdout.splitlines() if line.startswith("| edited |"))
         assert edited in shown.stdout
+        assert f"ft_l on zsre.json, server {server.target}, non-sequential, from results.json" in shown.stdout
         assert len(records) == 2 and all(r["post"]["locality"] is not None for r in records)
         assert records[0]["post"]["portability"] is not None
         with server.client() as client:
