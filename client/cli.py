@@ -311,11 +311,13 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
         if out is None or not out.exists():
             raise click.BadParameter("--report needs an existing --out file", param_hint="--out")
         saved = json.loads(out.read_text())
-        if "curve" in saved:
+        final_drift = None
+        if saved.get("curve"):
             click.echo(curve_table(saved) + "\n")
+            final_drift = {k: saved["curve"][-1][k] for k in ("kl", "top1_agreement")}
         # runs record their own title; files from before that fall back to the options given
         title = saved.get("title") or f"{method} on {dataset}"
-        click.echo(summary_table(saved["records"], title=f"{title}, from {out.name}"))
+        click.echo(summary_table(saved["records"], title=f"{title}, from {out.name}", drift=final_drift))
         return
     options = _edit_options(method, layer, settings)
     path = _dataset_path(dataset, data_dir)
@@ -334,11 +336,14 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
 
         target = InProcessTarget(model, method=method, options=options)
     progress = Progress(len(cases))
+    final_drift = None  # sequential: drift of the model holding every edit (the curve's last point)
     if sequential:
         points = [int(x) for x in checkpoints.split(",") if x.strip()]
         result = run_sequential(target, cases, batch=batch, checkpoints=points, out=out, progress=progress.update)
         records = result["records"]
         click.echo(curve_table(result) + "\n")
+        if result["curve"]:
+            final_drift = {k: result["curve"][-1][k] for k in ("kl", "top1_agreement")}
     else:
         records = run_non_sequential(target, cases, out=out, fluency_prompts=fluency, progress=progress.update)
     where = f"server {server}" if server else f"in-process {model}"
@@ -350,7 +355,7 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
         tmp = out.with_suffix(out.suffix + ".tmp")
         tmp.write_text(json.dumps(saved, indent=1))
         tmp.replace(out)
-    click.echo(summary_table(records, title=title))
+    click.echo(summary_table(records, title=title, drift=final_drift))
     click.echo(f"\n{skipped} records skipped (subject not in prompt); wall time {_time.perf_counter() - started:.0f} s")
 
 

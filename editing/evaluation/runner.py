@@ -222,8 +222,11 @@ def _quantiles(values: Sequence[float]) -> tuple[float, float]:
     return statistics.median(ordered), p90
 
 
-def summary_table(records: Sequence[dict], *, title: str) -> str:
-    """Markdown: the unedited model's row beside the edited one, then costs."""
+def summary_table(records: Sequence[dict], *, title: str, drift: dict | None = None) -> str:
+    """Markdown: the unedited model's row beside the edited one, then costs.
+
+    ``drift`` (kl, top1_agreement) replaces the per-case means: a sequential run measures drift
+    once for the model holding all its edits (the curve's last point), not per case."""
     pre = summarize([r["pre"] for r in records], ROME_KEYS + EASYEDIT_KEYS + ("fluency",))
     pre["score"] = harmonic_mean([pre["es"], pre["ps"], pre["ns"]])
     post = _summary_of(records)
@@ -240,7 +243,7 @@ def summary_table(records: Sequence[dict], *, title: str) -> str:
         "| model | Score | ES | PS | NS | EM | PM | NM | Rel | Gen | Loc | Port | GE | KL | top-1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    kl = summarize(records, ("kl", "top1_agreement"))
+    kl = drift if drift is not None else summarize(records, ("kl", "top1_agreement"))
     for name, row, drift in (("unedited", pre, {"kl": None, "top1_agreement": None}), ("edited", post, kl)):
         lines.append(
             f"| {name} | {pct(row['score'])} | {pct(row['es'])} | {pct(row['ps'])} | {pct(row['ns'])} | "

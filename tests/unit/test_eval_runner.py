@@ -64,6 +64,10 @@ def test_sequential_curve(target, cases):
     table = curve_table(result)
     assert table.count("\n| 2 |") == 1 and "\n| 3 |" in table
     assert "| edit compute (s) |" in table and "| revert (ms) |" in table
+    last = result["curve"][-1]
+    summary = summary_table(result["records"], title="seq", drift={"kl": last["kl"], "top1_agreement": last["top1_agreement"]})
+    edited = next(line for line in summary.splitlines() if line.startswith("| edited |"))
+    assert edited.endswith(f"| {last['kl']:.4f} | {100 * last['top1_agreement']:.1f} |")
 
 
 def test_case_without_a_distinct_true_answer_has_no_rome_comparisons(target, tmp_path):
