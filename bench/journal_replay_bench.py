@@ -51,7 +51,8 @@ def main() -> None:
                                                 torch.randn(p.shape[1], 1, generator=g) * 1e-3)})
             deltas.append(delta)
             artifact, sha = journal.write_artifact(f"e{i}", delta)
-            journal.record_apply(edit_id=f"e{i}", method="rome", facts=[], options={}, layers=[layers[i % 6]],
+            journal.record_apply(edit_id=f"e{i}", method="rome", kind="weight_delta", facts=[], options={},
+                                 layers=[layers[i % 6]],
                                  parameters=delta.parameter_names, delta_norm=delta.norm(), compute_seconds=0.0,
                                  description="", artifact=artifact, sha256=sha)
         write_seconds = time.perf_counter() - started

@@ -89,7 +89,7 @@ class EditserveServer:
         model, tokenizer, model_dir = load_model(config.model, dtype=config.dtype, device=device, cache_dir=cache)
         host = ModelHost(model, tokenizer, name=config.model, dtype=config.dtype, device=device)
         state_dir = Path(config.state_dir) if config.state_dir else cache / "state" / Path(config.model).name
-        journal = Journal(state_dir, host.fingerprint())
+        journal = Journal(state_dir, host.fingerprint(), legacy_fingerprints=(host.legacy_fingerprint(),))
         metrics = self.runtime.metrics
         methods, scorer = build_methods(host, cache)
         manager = EditManager(host, journal, methods, scorer, metrics)

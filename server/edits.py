@@ -165,6 +165,7 @@ class EditManager:
                 revision = self.journal.record_apply(
                     edit_id=edit_id,
                     method=method,
+                    kind=delta.kind.value,
                     facts=[asdict(f) for f in facts],
                     options=options,
                     layers=[int(x) for x in diagnostics.get("layers", [])],

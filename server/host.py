@@ -9,6 +9,7 @@ revert restores bit-identical weights and a replay after restart reproduces the 
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Iterable
@@ -21,6 +22,20 @@ from editserve.editing.adapter import ArchitectureAdapter
 from editserve.editing.artifacts import WeightDelta
 
 from .rwlock import RWLock
+
+# What the model fingerprint reads (see ModelHost.fingerprint); changing any of these changes
+# every fingerprint, so every existing journal would be refused.
+ARCHITECTURE_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("num_layers", ("num_hidden_layers", "n_layer", "num_layers")),
+    ("hidden_size", ("hidden_size", "n_embd", "d_model")),
+    ("intermediate_size", ("intermediate_size", "n_inner", "ffn_dim")),
+    ("vocab_size", ("vocab_size",)),
+    ("num_heads", ("num_attention_heads", "n_head", "num_heads")),
+    ("num_kv_heads", ("num_key_value_heads", "num_kv_heads")),
+    ("head_dim", ("head_dim",)),
+)
+FINGERPRINT_PARAMETERS = 8
+FINGERPRINT_VALUES = 4096
 
 
 @dataclass
@@ -152,9 +167,59 @@ class ModelHost:
         return digest.hexdigest()
 
     def fingerprint(self) -> str:
-        """Identity of the *base* model: config plus a sample of base weights, edit-independent."""
+        """Identity of the *base* model, stable across dtypes and library versions.
+
+        Why not the whole config: it records the transformers version and the dtype, so an
+        upgrade or ``--dtype bf16`` would make the same weights look like another model and
+        the journal would refuse them. This hashes what defines the weights instead: the
+        architecture fields (:data:`ARCHITECTURE_FIELDS`) and, for the first
+        :data:`FINGERPRINT_PARAMETERS` parameters in name order, their shapes and first
+        :data:`FINGERPRINT_VALUES` values rounded to bfloat16. A bf16 load is itself the
+        rounding of the fp32 values, so fp32 and bf16 loads give the same hash (fp16, a
+        different rounding, may not). Values come from the pristine base, so edits never
+        change it. Parameter names are left out: a library may rename modules.
+        """
+        digest = hashlib.sha256(json.dumps(architecture(self.model.config), sort_keys=True).encode())
+        for name, param in sorted(self.model.named_parameters(), key=lambda item: item[0])[:FINGERPRINT_PARAMETERS]:
+            base = self._pristine.get(name, param.detach())
+            digest.update(json.dumps(list(base.shape)).encode())
+            sample = base.flatten()[:FINGERPRINT_VALUES].to(torch.bfloat16).float().cpu()
+            digest.update(sample.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint schema-1 journals stored: the full config JSON (transformers version
+        and dtype included) plus a weight sample in the loaded dtype. Kept only so such a
+        journal opens once, with the setup that wrote it, and migrates to :meth:`fingerprint`."""
         digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
         for name, param in sorted(self.model.named_parameters())[:8]:
             base = self._pristine.get(name, param.detach())
             digest.update(base.flatten()[:4096].float().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def _config_field(config: object, keys: tuple[str, ...]) -> int | None:
+    """The first integer among ``keys`` on ``config``, else on its ``text_config`` (multimodal
+    wrappers), else None (as editing/adapter.py reads the config)."""
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    text_config = getattr(config, "text_config", None)
+    if text_config is not None and text_config is not config:
+        return _config_field(text_config, keys)
+    return None
+
+
+def architecture(config: object) -> dict[str, str | int | None]:
+    """The config fields that define the parameters' shapes, under one name per field whatever
+    the family calls it. Derived values a library version may or may not store (head_dim,
+    the KV head count) are filled in, so their presence never changes the fingerprint."""
+    out: dict[str, str | int | None] = {"model_type": str(getattr(config, "model_type", "unknown"))}
+    for field_name, keys in ARCHITECTURE_FIELDS:
+        out[field_name] = _config_field(config, keys)
+    if out["num_kv_heads"] is None:
+        out["num_kv_heads"] = out["num_heads"]
+    if out["head_dim"] is None and out["hidden_size"] and out["num_heads"]:
+        out["head_dim"] = out["hidden_size"] // out["num_heads"]
+    return out

@@ -8,27 +8,46 @@ A revert commits its "revert" event and status change before the weights change.
 every edit whose row says ACTIVE is replayed from its artifact (no recomputation); an
 artifact file without a row (a crash between 1 and 2) is deleted. The revision is the count
 of apply/revert events, so it survives restarts and never goes backwards.
+
+Schema 2 records each edit's artifact kind (weight delta or runtime layer), and replay loads
+the file as exactly that kind, so a file is never applied as something it is not. A schema-1
+journal (every edit a weight delta) is migrated in place on open, in one transaction, so a
+crash leaves either the old or the new schema. The meta table also holds the base model's
+fingerprint; a journal of another model is refused rather than replayed onto wrong weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from editserve.editing.artifacts import WeightDelta
+from editserve.editing.artifacts import Artifact, read_header, save_artifact
+from editserve.editing.artifacts import load_artifact as load_artifact_file
+from editserve.editing.registry import ArtifactKind
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS edits(
+SCHEMA_VERSION = 2
+
+# One column definition for new journals and for the v1 -> v2 ALTER, so both layouts match.
+# The default only fills rows that predate the column: every v1 edit was a weight delta.
+_KIND_COLUMN = (
+    "kind TEXT NOT NULL DEFAULT 'weight_delta' "
+    f"CHECK (kind IN ({', '.join(repr(k.value) for k in ArtifactKind)}))"
+)
+
+_TABLES = (
+    "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    f"""CREATE TABLE IF NOT EXISTS edits(
     edit_id TEXT PRIMARY KEY,
     seq INTEGER NOT NULL UNIQUE,
     method TEXT NOT NULL,
@@ -44,15 +63,22 @@ CREATE TABLE IF NOT EXISTS edits(
     sha256 TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('active', 'reverted')),
     applied_revision INTEGER NOT NULL,
-    reverted_revision INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS events(
+    reverted_revision INTEGER NOT NULL DEFAULT 0,
+    {_KIND_COLUMN}
+)""",
+    """CREATE TABLE IF NOT EXISTS events(
     revision INTEGER PRIMARY KEY,
     kind TEXT NOT NULL CHECK (kind IN ('apply', 'revert')),
     edit_id TEXT NOT NULL REFERENCES edits(edit_id),
     at REAL NOT NULL
-);
-"""
+)""",
+)
+
+# Named, not positional: a migrated table and a new one need not agree on column order.
+_EDIT_COLUMNS = (
+    "edit_id, seq, method, facts, options, layers, parameters, delta_norm, created, compute_seconds, "
+    "description, artifact, sha256, status, applied_revision, reverted_revision, kind"
+)
 
 
 class JournalError(Exception):
@@ -77,6 +103,7 @@ class EditRecord:
     status: str
     applied_revision: int
     reverted_revision: int
+    kind: str  # an ArtifactKind value: what the artifact file must hold
 
 
 def _fsync_dir(path: Path) -> None:
@@ -88,33 +115,95 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Journal:
-    def __init__(self, state_dir: Path, model_fingerprint: str) -> None:
+    """The journal of one base model in ``state_dir``.
+
+    ``model_fingerprint`` identifies the base model (``ModelHost.fingerprint()``). A schema-1
+    journal stored the older fingerprint (``ModelHost.legacy_fingerprint()``, which changed
+    with the dtype and the transformers version); passing it in ``legacy_fingerprints`` lets
+    such a journal open once more, and the migration rewrites it to ``model_fingerprint``.
+    Legacy values are never accepted for a journal already at schema 2.
+    """
+
+    def __init__(self, state_dir: Path, model_fingerprint: str, *,
+                 legacy_fingerprints: Iterable[str] = ()) -> None:
         self.dir = Path(state_dir)
         self.artifacts = self.dir / "artifacts"
         self.artifacts.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.dir / "journal.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        self._check_meta(model_fingerprint)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._open(model_fingerprint, tuple(legacy_fingerprints))
+        except BaseException:
+            self._db.close()
+            raise
 
-    def _check_meta(self, fingerprint: str) -> None:
-        rows = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-        if not rows:
-            with self._db:
-                self._db.execute("BEGIN")
-                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                self._db.execute("INSERT INTO meta VALUES ('model_fingerprint', ?)", (fingerprint,))
-            return
-        if rows.get("schema_version") != str(SCHEMA_VERSION):
-            raise JournalError(f"journal schema {rows.get('schema_version')} is not supported (expected {SCHEMA_VERSION})")
-        if rows.get("model_fingerprint") != fingerprint:
+    # --- schema and meta ---------------------------------------------------------------
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def _open(self, fingerprint: str, legacy: tuple[str, ...]) -> None:
+        """Create, check or migrate the schema, all in one write transaction, so two processes
+        opening the same directory cannot both migrate and a crash leaves no half state."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            for statement in _TABLES:
+                self._db.execute(statement)
+            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            if not meta:
+                # A new journal, or a v1 one whose creation stopped before its meta rows (so
+                # it holds no edits yet): give its edits table the v2 column too.
+                if "kind" not in self._columns("edits"):
+                    self._db.execute(f"ALTER TABLE edits ADD COLUMN {_KIND_COLUMN}")
+                self._set_meta("schema_version", str(SCHEMA_VERSION))
+                self._set_meta("model_fingerprint", fingerprint)
+                return
+            version = meta.get("schema_version")
+            stored = meta.get("model_fingerprint")
+            if version == "1":
+                self._migrate_v1(stored, fingerprint, legacy)
+            elif version != str(SCHEMA_VERSION):
+                raise JournalError(
+                    f"journal in {self.dir} has schema {version!r}; this version reads schemas 1 and "
+                    f"{SCHEMA_VERSION} (a newer editserve wrote it?)"
+                )
+            elif stored != fingerprint:
+                raise self._other_model(stored, fingerprint)
+
+    def _other_model(self, stored: str | None, fingerprint: str) -> JournalError:
+        return JournalError(
+            f"journal in {self.dir} belongs to another model (fingerprint {stored}, "
+            f"this model {fingerprint}); use another --state-dir"
+        )
+
+    def _migrate_v1(self, stored: str | None, fingerprint: str, legacy: tuple[str, ...]) -> None:
+        """Schema 1 -> 2 inside the caller's transaction: add the ``kind`` column (every v1 edit
+        was a weight delta) and store the new fingerprint. Refusing leaves the file untouched."""
+        if stored != fingerprint and stored not in legacy:
+            error = self._other_model(stored, fingerprint)
             raise JournalError(
-                f"journal in {self.dir} belongs to another model (fingerprint {rows.get('model_fingerprint')}, "
-                f"this model {fingerprint}); use another --state-dir"
+                f"{error}. It is a schema-1 journal, whose fingerprint depended on the dtype and the "
+                "transformers version: if it is this model's, open it once with the dtype and "
+                "transformers version that wrote it, and it is migrated to a fingerprint without them"
             )
+        if "kind" not in self._columns("edits"):
+            self._db.execute(f"ALTER TABLE edits ADD COLUMN {_KIND_COLUMN}")
+        self._set_meta("model_fingerprint", fingerprint)
+        self._set_meta("schema_version", str(SCHEMA_VERSION))
+        edits = self._db.execute("SELECT COUNT(*) FROM edits").fetchone()[0]
+        log.info("journal %s: migrated schema 1 -> %d (%d edits recorded as weight deltas%s)", self.dir,
+                 SCHEMA_VERSION, edits, "" if stored == fingerprint else f"; fingerprint {stored} -> {fingerprint}")
+
+    def schema_version(self) -> int:
+        return int(self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+
+    def model_fingerprint(self) -> str:
+        return self._db.execute("SELECT value FROM meta WHERE key = 'model_fingerprint'").fetchone()[0]
 
     def close(self) -> None:
         self._db.close()
@@ -124,12 +213,13 @@ class Journal:
     def new_id() -> str:
         return uuid.uuid4().hex[:16]
 
-    def write_artifact(self, edit_id: str, delta: WeightDelta) -> tuple[str, str]:
-        """Durably write the artifact file; returns (file name, sha256)."""
+    def write_artifact(self, edit_id: str, artifact: Artifact) -> tuple[str, str]:
+        """Durably write the artifact file (either kind, typed header included); returns
+        (file name, sha256)."""
         name = f"{edit_id}.safetensors"
         final = self.artifacts / name
         partial = self.artifacts / f".{name}.partial"
-        delta.save(partial, metadata={"edit_id": edit_id})
+        save_artifact(artifact, partial, metadata={"edit_id": edit_id})
         with open(partial, "rb") as handle:
             digest = hashlib.sha256(handle.read()).hexdigest()
             os.fsync(handle.fileno())
@@ -142,6 +232,7 @@ class Journal:
         *,
         edit_id: str,
         method: str,
+        kind: str,
         facts: list[dict],
         options: dict,
         layers: list[int],
@@ -152,16 +243,24 @@ class Journal:
         artifact: str,
         sha256: str,
     ) -> int:
-        """Commit the edit row and its apply event in one transaction; returns the new revision."""
+        """Commit the edit row and its apply event in one transaction; returns the new revision.
+
+        ``kind`` is required (no default) and must match the artifact file's header: a row
+        that disagrees with its file would only fail at the next start-up's replay.
+        """
+        kind = ArtifactKind(kind).value
+        written = read_header(self.artifacts / artifact).get("kind", ArtifactKind.WEIGHT_DELTA.value)
+        if written != kind:
+            raise JournalError(f"artifact {artifact} holds a {written}, not the {kind} the edit records")
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             revision = self._db.execute("SELECT COALESCE(MAX(revision), 0) + 1 FROM events").fetchone()[0]
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM edits").fetchone()[0]
             self._db.execute(
-                "INSERT INTO edits VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'active',?,0)",
+                f"INSERT INTO edits ({_EDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'active',?,0,?)",
                 (edit_id, seq, method, json.dumps(facts), json.dumps(options), json.dumps(layers),
                  json.dumps(parameters), delta_norm, time.time(), compute_seconds, description,
-                 artifact, sha256, revision),
+                 artifact, sha256, revision, kind),
             )
             self._db.execute("INSERT INTO events VALUES (?, 'apply', ?, ?)", (revision, edit_id, time.time()))
         return revision
@@ -187,14 +286,14 @@ class Journal:
         return self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM events").fetchone()[0]
 
     def _records(self, where: str = "", args: tuple = ()) -> list[EditRecord]:
-        rows = self._db.execute(f"SELECT * FROM edits {where} ORDER BY seq", args).fetchall()
+        rows = self._db.execute(f"SELECT {_EDIT_COLUMNS} FROM edits {where} ORDER BY seq", args).fetchall()
         out = []
         for row in rows:
             (edit_id, seq, method, facts, options, layers, parameters, norm, created, compute, description,
-             artifact, sha, status, applied, reverted) = row
+             artifact, sha, status, applied, reverted, kind) = row
             out.append(EditRecord(edit_id, seq, method, json.loads(facts), json.loads(options), json.loads(layers),
                                   json.loads(parameters), norm, created, compute, description, artifact, sha,
-                                  status, applied, reverted))
+                                  status, applied, reverted, kind))
         return out
 
     def get(self, edit_id: str) -> EditRecord | None:
@@ -204,12 +303,16 @@ class Journal:
     def list(self, include_reverted: bool = False) -> list[EditRecord]:
         return self._records("" if include_reverted else "WHERE status = 'active'")
 
-    def load_artifact(self, record: EditRecord) -> WeightDelta:
+    def load_artifact(self, record: EditRecord) -> Artifact:
+        """The edit's artifact, checked against its sha256 and loaded as the kind its row records."""
         path = self.artifacts / record.artifact
         data = path.read_bytes() if path.exists() else b""
         if hashlib.sha256(data).hexdigest() != record.sha256:
             raise JournalError(f"artifact {path} of edit {record.edit_id} is missing or corrupted (sha256 mismatch)")
-        return WeightDelta.load(path)
+        try:
+            return load_artifact_file(path, expected=ArtifactKind(record.kind))
+        except ValueError as exc:  # ArtifactError: another kind, unknown format or entries
+            raise JournalError(f"artifact of edit {record.edit_id} cannot be loaded: {exc}") from exc
 
     def remove_orphans(self) -> list[str]:
         """Delete artifact files that no committed row refers to (crash before commit)."""
