@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from editserve.editing.registry import METHODS
+
 from .errors import EditserveError
 from .sync import EditserveClient
 from .types import Fact
@@ -27,7 +29,9 @@ def _emit_json(value) -> None:
     click.echo(json.dumps(value, indent=2))
 
 
-def _typed(raw: str) -> int | float | bool | str:
+def _typed(raw: str) -> int | float | bool | str | list:
+    if "," in raw:  # a list option, e.g. layers=3,4,5
+        return [_typed(part.strip()) for part in raw.split(",") if part.strip()]
     for kind in (int, float):
         try:
             return kind(raw)
@@ -136,7 +140,7 @@ def generate(prompt: str, server: str, chat: bool, no_stream: bool, as_json: boo
 @click.option("--target-true", default="", help="The old object (reported before/after).")
 @click.option("--paraphrase", multiple=True, help="Prompt that should change too (repeatable).")
 @click.option("--neighborhood", multiple=True, help="Prompt that should not change (repeatable).")
-@click.option("--method", default="rome", show_default=True, type=click.Choice(["rome", "memit", "ft_l", "serac", "t_patcher"]))
+@click.option("--method", default="rome", show_default=True, type=click.Choice(sorted(METHODS)))
 @click.option("--layer", type=int, default=None, help="Edited layer (default: the model family's).")
 @SET_OPTION
 @click.option("--dry-run", is_flag=True, help="Compute and report; apply nothing.")
@@ -276,7 +280,7 @@ def _dataset_path(name: str, data_dir: str | None) -> Path:
 
 
 @main.command(name="eval")
-@click.option("--method", default="rome", show_default=True)
+@click.option("--method", default="rome", show_default=True, type=click.Choice(sorted(METHODS)))
 @click.option("--dataset", default="counterfact", show_default=True,
               help=f"A JSON file, or one of: {', '.join(DATASETS)} (resolved under --data-dir).")
 @click.option("--data-dir", default=None, help="Where named datasets live ($EDITSERVE_DATA, else ../shared/data).")

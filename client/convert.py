@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from editserve.editing.registry import METHODS as REGISTRY
+
 from ._pb import editing_pb2 as epb
 from ._pb import inference_pb2 as ipb
 from .types import (
@@ -25,15 +27,9 @@ FINISH = {
     ipb.FINISH_REASON_STOP: "stop",
     ipb.FINISH_REASON_CANCELLED: "cancelled",
 }
-METHODS = {
-    "rome": epb.EDIT_METHOD_ROME,
-    "memit": epb.EDIT_METHOD_MEMIT,
-    "ft_l": epb.EDIT_METHOD_FT_L,
-    "serac": epb.EDIT_METHOD_SERAC,
-    "t_patcher": epb.EDIT_METHOD_T_PATCHER,
-}
+METHODS = {name: epb.EditMethod.Value(spec.proto_enum) for name, spec in REGISTRY.items()}
 METHOD_NAMES = {v: k for k, v in METHODS.items()}
-OPTION_FIELDS = {"rome": "rome", "memit": "memit", "ft_l": "ft", "serac": "serac", "t_patcher": "t_patcher"}
+OPTION_FIELDS = {name: spec.options_field for name, spec in REGISTRY.items()}
 KINDS = {"hidden": epb.TRACE_KIND_HIDDEN, "mlp": epb.TRACE_KIND_MLP, "attn": epb.TRACE_KIND_ATTENTION}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 

@@ -65,6 +65,9 @@ class ArchitectureAdapter:
     final_norm_name: str
     lm_head_name: str
     mlp_out_is_conv1d: bool
+    # a norm between the MLP's output and the residual add (Gemma's post_feedforward_layernorm);
+    # None where the MLP output is added to the residual stream as is
+    post_mlp_norm_template: str | None = None
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ArchitectureAdapter:
@@ -82,6 +85,7 @@ class ArchitectureAdapter:
         lm_head_name = cls._name_of(model, head)
         final_norm_name = cls._find_final_norm(model, layers_name)
         mlp_out = layer0.get_submodule(f"{mlp_rel}.{mlp_out_rel}")
+        post_norm = cls._find_post_mlp_norm(layer0)
         return cls(
             model_type=str(getattr(config, "model_type", "unknown")),
             num_layers=num_layers,
@@ -94,6 +98,7 @@ class ArchitectureAdapter:
             final_norm_name=final_norm_name,
             lm_head_name=lm_head_name,
             mlp_out_is_conv1d=_is_conv1d(mlp_out),
+            post_mlp_norm_template=f"{layers_name}.{{}}.{post_norm}" if post_norm else None,
         )
 
     # --- discovery -------------------------------------------------------------------
@@ -144,6 +149,16 @@ class ArchitectureAdapter:
         raise ValueError("no attention module found in a layer")
 
     @staticmethod
+    def _find_post_mlp_norm(layer: nn.Module) -> str | None:
+        """The norm applied to the MLP's output before the residual add, if the block has one
+        (sandwich-norm blocks such as Gemma's name it ``post_feedforward_layernorm``)."""
+        for child_name, child in layer.named_children():
+            is_norm = "norm" in type(child).__name__.lower()
+            if is_norm and child_name.startswith("post_") and ("feedforward" in child_name or "mlp" in child_name):
+                return child_name
+        return None
+
+    @staticmethod
     def _find_final_norm(model: nn.Module, layers_name: str) -> str:
         parent_name = layers_name.rsplit(".", 1)[0] if "." in layers_name else ""
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -168,6 +183,10 @@ class ArchitectureAdapter:
     def attn(self, index: int) -> str:
         self.check_layer(index)
         return self.attn_template.format(index)
+
+    def post_mlp_norm(self, index: int) -> str | None:
+        self.check_layer(index)
+        return self.post_mlp_norm_template.format(index) if self.post_mlp_norm_template else None
 
     def mlp_out_weight_name(self, index: int) -> str:
         return f"{self.mlp_out(index)}.weight"

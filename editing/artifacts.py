@@ -1,5 +1,13 @@
 """Edits as data: computed without touching the served weights, applied and removed later.
 
+Two kinds (:class:`~editserve.editing.registry.ArtifactKind`): a :class:`WeightDelta` is
+composed into parameters; a :class:`RuntimeLayer` is state that lives beside the weights
+(T-Patcher's extra FFN neurons, SERAC's memory entries) and is hosted by a backend that
+declares the matching capability. Both are saved as safetensors with a small typed header
+(:data:`FORMAT_KEY`, ``kind`` and the kind's own fields) that :func:`load_artifact` checks, so
+a journal never applies a file as something it is not. Files written before the header
+existed (journal v1) hold only weight deltas and load as such.
+
 A :class:`WeightDelta` maps parameter names to a change, stored either as low-rank factors
 (ROME's rank-one update is ``u v^T``; MEMIT's is rank <= number of facts) or densely (FT-L).
 Factors are tiny on disk and exact to rebuild. Everything is fp32 and in the parameter's own
@@ -12,16 +20,26 @@ probabilities measured before the real apply, therefore never touch the served w
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .hooks import Trace
+from .registry import ArtifactKind
+
+FORMAT_KEY = "editserve_artifact"
+FORMAT_VERSION = "2"
+
+
+class ArtifactError(ValueError):
+    """A file is not an artifact this version understands, or not of the kind expected."""
 
 
 @dataclass
@@ -78,12 +96,99 @@ class WeightDelta:
                 raise ValueError(f"unknown artifact entry {key!r}")
         return delta
 
+    kind = ArtifactKind.WEIGHT_DELTA
+
+    def header(self) -> dict[str, str]:
+        return {}
+
     def save(self, path: Path, metadata: dict[str, str] | None = None) -> None:
-        save_file(self.to_tensors(), str(path), metadata=metadata or {})
+        save_artifact(self, path, metadata)
 
     @classmethod
     def load(cls, path: Path) -> WeightDelta:
-        return cls.from_tensors(load_file(str(path)))
+        artifact = load_artifact(path)
+        if not isinstance(artifact, cls):
+            raise ArtifactError(f"{path} holds a {artifact.kind}, not a weight delta")
+        return artifact
+
+
+@dataclass
+class RuntimeLayer:
+    """State a backend hosts beside the weights: ``layer_type`` says which host code reads it
+    (e.g. ``"ffn_neurons"``: keys, values and biases appended to one FFN; ``"memory"``: SERAC
+    entries), ``info`` holds its small typed fields (JSON), ``tensors`` its data (fp32).
+
+    Removing an edit removes its layer whole, so revert is exact by construction.
+    """
+
+    layer_type: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    kind = ArtifactKind.RUNTIME_LAYER
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return []  # base parameters never change
+
+    def norm(self) -> float:
+        return 0.0
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.tensors.values() if t.is_floating_point())
+
+    def header(self) -> dict[str, str]:
+        return {"layer_type": self.layer_type, "info": json.dumps(self.info, sort_keys=True)}
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"runtime::{k}": v.detach().contiguous() for k, v in self.tensors.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> RuntimeLayer:
+        data = {}
+        for key, value in tensors.items():
+            prefix, _, name = key.partition("::")
+            if prefix != "runtime":
+                raise ArtifactError(f"unknown runtime layer entry {key!r}")
+            data[name] = value
+        if not header.get("layer_type"):
+            raise ArtifactError("runtime layer artifact has no layer_type")
+        return cls(header["layer_type"], data, json.loads(header.get("info", "{}")))
+
+
+Artifact = WeightDelta | RuntimeLayer
+
+
+def save_artifact(artifact: Artifact, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``artifact`` as safetensors with its typed header (plus ``metadata``, e.g. the edit id)."""
+    header = {**(metadata or {}), **artifact.header(), FORMAT_KEY: FORMAT_VERSION, "kind": artifact.kind.value}
+    tensors = artifact.to_tensors()
+    if not tensors:  # safetensors needs at least one entry to carry the header
+        tensors = {"empty::marker": torch.zeros(1)}
+    save_file(tensors, str(path), metadata=header)
+
+
+def read_header(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def load_artifact(path: Path, expected: ArtifactKind | None = None) -> Artifact:
+    """Load and check an artifact file of either kind (v1 files without a header are weight deltas)."""
+    header = read_header(path)
+    version = header.get(FORMAT_KEY)
+    if version is not None and version != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: artifact format {version} is not supported (this version reads {FORMAT_VERSION})")
+    try:
+        kind = ArtifactKind(header.get("kind", ArtifactKind.WEIGHT_DELTA.value))
+    except ValueError:
+        raise ArtifactError(f"{path}: unknown artifact kind {header.get('kind')!r}") from None
+    if expected is not None and kind != expected:
+        raise ArtifactError(f"{path} holds a {kind.value}, expected a {expected.value}")
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("empty::")}
+    if kind == ArtifactKind.WEIGHT_DELTA:
+        return WeightDelta.from_tensors(tensors)
+    return RuntimeLayer.from_tensors(tensors, header)
 
 
 def _is_conv1d(module: nn.Module) -> bool:

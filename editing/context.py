@@ -17,7 +17,7 @@ import torch
 
 from .adapter import ArchitectureAdapter
 from .contexts import generate_context_templates
-from .covariance import load_or_estimate
+from .covariance import load_or_estimate_layers
 
 
 class EditingContext:
@@ -54,21 +54,50 @@ class EditingContext:
                 self._templates[key] = generate_context_templates(self.model, self.tokenizer, count, length, seed)
             return list(self._templates[key])
 
-    def second_moment(self, layer: int, source: str, tokens: int) -> torch.Tensor:
-        """C = E[k k^T] for the layer's MLP output projection inputs (fp32, on CPU)."""
-        self.adapter.check_layer(layer)
-        key = (layer, source, tokens)
+    def second_moments(self, layers: list[int], source: str, tokens: int) -> dict[int, torch.Tensor]:
+        """C = E[k k^T] of each layer's MLP output projection inputs (fp32, on CPU); layers not
+        in memory or on disk are estimated together in one pass over the text."""
+        for layer in layers:
+            self.adapter.check_layer(layer)
         with self._lock:
-            if key not in self._moments:
+            missing = [layer for layer in layers if (layer, source, tokens) not in self._moments]
+            if missing:
                 if self.cache_dir is None:
                     raise ValueError("EditingContext needs a cache_dir for statistics")
-                moment, info = load_or_estimate(
+                loaded = load_or_estimate_layers(
                     self.model, self.tokenizer, self.adapter, fingerprint=self.fingerprint,
-                    cache_dir=self.cache_dir, layer=layer, source=source, tokens=tokens,
+                    cache_dir=self.cache_dir, layers=missing, source=source, tokens=tokens,
                     progress=self.progress)
-                self._moments[key] = moment
-                self.last_stats_info = info
-            return self._moments[key]
+                for layer, (moment, info) in loaded.items():
+                    self._moments[(layer, source, tokens)] = moment
+                    self.last_stats_info = info
+            return {layer: self._moments[(layer, source, tokens)] for layer in layers}
+
+    def has_second_moments(self, layers: list[int], source: str, tokens: int) -> bool:
+        """Whether the statistics are in memory already (an edit will not wait for them)."""
+        with self._lock:
+            return all((layer, source, tokens) in self._moments for layer in layers)
+
+    def second_moment(self, layer: int, source: str, tokens: int) -> torch.Tensor:
+        """C = E[k k^T] for one layer (see :meth:`second_moments`)."""
+        return self.second_moments([layer], source, tokens)[layer]
+
+    def solve_regularised(self, layer: int, source: str, tokens: int, weight: float, keys: torch.Tensor
+                          ) -> torch.Tensor:
+        """(weight * C + K K^T)^-1 K in float64 for keys K [d_mlp, n] (MEMIT's least squares).
+
+        K K^T is positive semi-definite and C positive definite up to rounding, so the system
+        is solved by Cholesky, with a tiny ridge added only if the factorisation fails."""
+        c = self.second_moment(layer, source, tokens).double()
+        k = keys.double().cpu()
+        system = weight * c + k @ k.T
+        factor, info = torch.linalg.cholesky_ex(system)
+        scale = 1e-10 * system.diagonal().mean().clamp_min(1e-30)
+        eye = torch.eye(system.shape[0], dtype=system.dtype)
+        while int(info) != 0:
+            factor, info = torch.linalg.cholesky_ex(system + scale * eye)
+            scale = scale * 10
+        return torch.cholesky_solve(k, factor)
 
     def solve_second_moment(self, layer: int, source: str, tokens: int, rhs: torch.Tensor) -> torch.Tensor:
         """C^-1 rhs through a cached Cholesky factor (with a tiny ridge for rank-deficient C)."""

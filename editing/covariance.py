@@ -202,28 +202,42 @@ def cache_path(cache_dir: Path, fingerprint: str, layer: int, source: TextSource
     return Path(cache_dir) / fingerprint / f"mom2_layer{layer}_{source.tag}_{tokens}.safetensors"
 
 
-def load_or_estimate(model, tokenizer, adapter: ArchitectureAdapter, *, fingerprint: str, cache_dir: Path,
-                     layer: int, source: str, tokens: int, progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """C for one layer from the disk cache, computing and caching it on a miss.
-
-    Returns (C, info) with info = {"cached": bool, "tokens": n, "seconds": t, "path": str}.
+def load_or_estimate_layers(model, tokenizer, adapter: ArchitectureAdapter, *, fingerprint: str, cache_dir: Path,
+                           layers: list[int], source: str, tokens: int, progress: bool = True
+                           ) -> dict[int, tuple[torch.Tensor, dict]]:
+    """{layer: (C, info)} from the disk cache; every layer missing there is estimated in ONE
+    pass over the text (MEMIT needs five or six layers: one pass costs about what the deepest
+    layer alone would), then cached. info = {"cached", "tokens", "seconds", "path"}.
     """
     src = resolve_source(source)
-    path = cache_path(cache_dir, fingerprint, layer, src, tokens)
     started = time.perf_counter()
-    if path.is_file():
-        try:
-            data = load_file(str(path))
-            return data["mom2"], {"cached": True, "tokens": int(data["count"].item()),
-                                  "seconds": time.perf_counter() - started, "path": str(path)}
-        except Exception:  # a torn or foreign file: recompute below and overwrite it
-            pass
-    moment, count = estimate_second_moments(model, tokenizer, adapter, [layer], src, tokens,
-                                            progress=progress)[layer]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
-    save_file({"mom2": moment.contiguous(), "count": torch.tensor([count])}, str(partial),
-              metadata={"layer": str(layer), "source": src.tag, "tokens": str(tokens)})
-    os.replace(partial, path)
-    return moment, {"cached": False, "tokens": count, "seconds": time.perf_counter() - started,
-                    "path": str(path)}
+    found: dict[int, tuple[torch.Tensor, dict]] = {}
+    for layer in sorted(set(layers)):
+        path = cache_path(cache_dir, fingerprint, layer, src, tokens)
+        if path.is_file():
+            try:
+                data = load_file(str(path))
+                found[layer] = (data["mom2"], {"cached": True, "tokens": int(data["count"].item()),
+                                               "seconds": time.perf_counter() - started, "path": str(path)})
+            except Exception:  # a torn or foreign file: recompute below and overwrite it
+                pass
+    missing = sorted(set(layers) - set(found))
+    if missing:
+        estimated = estimate_second_moments(model, tokenizer, adapter, missing, src, tokens, progress=progress)
+        seconds = time.perf_counter() - started
+        for layer, (moment, count) in estimated.items():
+            path = cache_path(cache_dir, fingerprint, layer, src, tokens)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+            save_file({"mom2": moment.contiguous(), "count": torch.tensor([count])}, str(partial),
+                      metadata={"layer": str(layer), "source": src.tag, "tokens": str(tokens)})
+            os.replace(partial, path)
+            found[layer] = (moment, {"cached": False, "tokens": count, "seconds": seconds, "path": str(path)})
+    return found
+
+
+def load_or_estimate(model, tokenizer, adapter: ArchitectureAdapter, *, fingerprint: str, cache_dir: Path,
+                     layer: int, source: str, tokens: int, progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """C for one layer from the disk cache, computing and caching it on a miss."""
+    return load_or_estimate_layers(model, tokenizer, adapter, fingerprint=fingerprint, cache_dir=cache_dir,
+                                   layers=[layer], source=source, tokens=tokens, progress=progress)[layer]

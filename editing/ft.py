@@ -12,7 +12,6 @@ a dense :class:`WeightDelta`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,30 +21,7 @@ from .errors import InvalidRequest, PreconditionFailed
 from .evaluation.teacher_forcing import continuation_ids
 from .facts import Fact, validate_facts
 from .hooks import Trace
-
-
-@dataclass(frozen=True)
-class FtHyperParams:
-    layer: int = 0
-    steps: int = 25
-    # Measured on smollm2-135m (layer 7, CounterFact case 0): 5e-4/5e-4, the GPT-2 XL values of
-    # the reference baselines, leave P(new) unchanged; 5e-3/5e-3 reach P(new) 0.93.
-    learning_rate: float = 5e-3
-    norm_constraint: float = 5e-3
-    # stop once the mean target token log-prob is above log(0.9)
-    early_stop_loss: float = 0.105
-
-    def with_overrides(self, **overrides: object) -> FtHyperParams:
-        known = {"layer", "steps", "learning_rate", "norm_constraint", "early_stop_loss"}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise InvalidRequest(f"unknown FT-L options {unknown}; known: {sorted(known)}")
-        return replace(self, **{k: type(getattr(self, k))(v) for k, v in overrides.items()})
-
-
-def default_ft_hparams(adapter: ArchitectureAdapter) -> FtHyperParams:
-    """A middle-early layer, where the ROME/MEMIT papers run their FT-L baseline."""
-    return FtHyperParams(layer=max(0, adapter.num_layers // 4))
+from .hparams import FtHyperParams
 
 
 def compute_ft(model, tokenizer, adapter: ArchitectureAdapter, facts: list[Fact],
@@ -55,8 +31,6 @@ def compute_ft(model, tokenizer, adapter: ArchitectureAdapter, facts: list[Fact]
         module_name = adapter.mlp_out(hparams.layer)
     except IndexError as error:
         raise InvalidRequest(str(error)) from None
-    if hparams.steps < 1 or hparams.steps > 500:
-        raise InvalidRequest(f"steps must be in [1, 500], got {hparams.steps}")
     started = time.perf_counter()
     device = next(model.parameters()).device
     weight = model.get_parameter(f"{module_name}.weight")
@@ -104,3 +78,10 @@ def compute_ft(model, tokenizer, adapter: ArchitectureAdapter, facts: list[Fact]
         "layers": [hparams.layer], "steps": len(losses), "final_loss": losses[-1],
         "seconds": time.perf_counter() - started,
     }
+
+
+def compute(ctx, facts: list[Fact], options: dict) -> tuple[WeightDelta, dict]:
+    """Registry entry: the shipped FT-L hyperparameters (layer scaled to the model) with the
+    request's options."""
+    hparams = FtHyperParams.load(ctx.adapter.model_type, ctx.adapter.num_layers).with_overrides(**options)
+    return compute_ft(ctx.model, ctx.tokenizer, ctx.adapter, facts, hparams)

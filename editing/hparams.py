@@ -1,135 +1,242 @@
-"""Typed ROME hyperparameters, shipped as versioned TOML files, one per model family.
+"""Typed hyperparameters of every weight-editing method, shipped as versioned TOML files.
 
-A family file (``hparams/<config.model_type>.toml``) holds the values measured best for the
-model it was tuned on (``tuned_num_layers`` deep); ``default.toml`` serves any other family.
-The edited layer is stored as tuned for that depth and scaled to the depth of the model at
-hand, so a 4-layer test model of the same family still gets a valid layer. Per-request
-overrides go through :meth:`RomeHyperParams.with_overrides`, which checks names and ranges and
-raises :class:`~editserve.editing.errors.InvalidRequest` for anything wrong.
+A family file (``hparams/<config.model_type>.toml``) holds, per method (a table named as the
+method's ``hparams_table`` in :mod:`.registry`), the values measured best for the model it was
+tuned on (``tuned_num_layers`` deep); ``default.toml`` serves any other family and any table a
+family file lacks. Edited layers are stored as tuned for that depth and scaled to the depth of
+the model at hand, so a 4-layer test model of the same family still gets valid layers.
+
+Every field has a bound, declared beside it, and :class:`HyperParams` checks all of them in
+one place (``__post_init__``), so a request option that is out of range or not finite fails
+with :class:`~editserve.editing.errors.InvalidRequest` naming the field and its limits before
+any compute starts. Per-request overrides go through :meth:`HyperParams.with_overrides`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from .errors import InvalidRequest
 
-# request option names (protos/editserve/v1/editing.proto RomeOptions) -> field names
-_ALIASES = {"learning_rate": "lr", "stats_token_count": "stats_tokens"}
+H = TypeVar("H", bound="HyperParams")
+
+MAX_LAYERS = 1024  # no supported model is deeper; layer options above this are rejected outright
+
+
+def bounded(default: Any, low: float, high: float, doc: str = "") -> Any:
+    """A dataclass field with inclusive bounds (for tuples: bounds of every element)."""
+    return field(default=default, metadata={"bounds": (low, high), "doc": doc})
 
 
 @dataclass(frozen=True)
-class RomeHyperParams:
-    """Everything ROME needs besides the model and the facts.
+class HyperParams:
+    """Shared machinery: bounds checking, typed overrides, depth scaling, loading."""
 
-    layer: the block whose MLP output projection is rewritten.
-    steps / lr: Adam steps and learning rate of the value optimisation (v*).
-    kl_factor: weight of KL(unedited || edited) on ``kl_prompt`` (the subject's "essence").
-    clamp_norm_factor: the MLP-output change is kept within this multiple of the unedited
-        output's norm at the subject.
-    weight_decay: weight of ||delta||^2 / ||unedited output||^2 in the loss.
-    early_stop_loss: stop once the mean target-token NLL over all contexts drops below this.
-    context_count / context_length: how many self-generated context prefixes (besides the
-        empty one "{}") and how many tokens each.
-    stats_source: text for the key covariance C = E[k k^T]: "default" (shipped with the
-        package) or a path to a .txt file or a directory of them.
-    stats_tokens: how many tokens of that text to average over.
-    anchor_plain_key: scale the update so the bare rewrite prompt's MLP output changes by
-        exactly the optimised delta (the authors' code) rather than the averaged key's (the
-        paper's equation).
-    """
+    method: ClassVar[str] = ""
+    aliases: ClassVar[dict[str, str]] = {}
+    version: str = ""
+    tuned_num_layers: int = 0  # the depth the layer(s) were chosen for (0: use as is)
 
-    version: str
-    layer: int
-    steps: int = 25
-    lr: float = 0.5
-    kl_factor: float = 0.0625
-    clamp_norm_factor: float = 4.0
-    weight_decay: float = 0.5
-    early_stop_loss: float = 0.05
-    context_count: int = 10
-    context_length: int = 10
-    kl_prompt: str = "{} is a"
-    stats_source: str = "default"
-    stats_tokens: int = 100_000
-    anchor_plain_key: bool = True
-    tuned_num_layers: int = 0  # the depth ``layer`` was chosen for (0: use as is)
+    _FIXED: ClassVar[tuple[str, ...]] = ("version", "tuned_num_layers")
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.steps >= 0, "steps must be >= 0"),
-            (self.lr > 0, "lr (learning_rate) must be > 0"),
-            (self.kl_factor >= 0, "kl_factor must be >= 0"),
-            (self.clamp_norm_factor > 0, "clamp_norm_factor must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.context_count >= 0, "context_count must be >= 0"),
-            (self.context_length >= 1, "context_length must be >= 1"),
-            (self.stats_tokens >= 1, "stats_tokens must be >= 1"),
-            (self.kl_prompt.count("{}") == 1, "kl_prompt must contain exactly one '{}'"),
-            (bool(self.stats_source), "stats_source must not be empty"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InvalidRequest(f"rome hyperparameters: {message}")
+        for f in dataclasses.fields(self):
+            bounds = f.metadata.get("bounds")
+            if bounds is None:
+                continue
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            low, high = bounds
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low <= v <= high:
+                    raise InvalidRequest(f"{self.method} option {f.name} must be in [{low:g}, {high:g}], got {value!r}")
+        self.check()
 
-    def with_overrides(self, **overrides: Any) -> RomeHyperParams:
+    def check(self) -> None:
+        """Cross-field rules of a subclass (raise InvalidRequest)."""
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return sorted(f.name for f in dataclasses.fields(cls) if f.name not in cls._FIXED)
+
+    def with_overrides(self: H, **overrides: Any) -> H:
         """A copy with some values replaced; unknown names or bad values raise InvalidRequest.
 
-        Request option names are accepted too (``learning_rate`` for ``lr``). Setting ``layer``
-        explicitly pins it (no depth scaling).
+        Request option names are accepted too (e.g. ``learning_rate`` for ROME's ``lr``).
+        Setting a layer explicitly pins it (no depth scaling).
         """
         names = {f.name: f for f in dataclasses.fields(self)}
         changes: dict[str, Any] = {}
         for key, value in overrides.items():
-            name = _ALIASES.get(key, key)
-            if name not in names or name in ("version", "tuned_num_layers"):
-                raise InvalidRequest(f"unknown rome option {key!r}; known: {sorted(set(names) - {'version', 'tuned_num_layers'})}")
-            kind = type(getattr(self, name))
-            try:
-                if kind is int and isinstance(value, float) and not value.is_integer():
-                    raise ValueError(value)
-                if kind is bool and isinstance(value, str):
-                    if value.lower() not in ("true", "false", "1", "0"):
-                        raise ValueError(value)
-                    value = value.lower() in ("true", "1")
-                changes[name] = kind(value)
-            except (TypeError, ValueError):
-                raise InvalidRequest(f"rome option {key!r} must be {kind.__name__}, got {value!r}") from None
-            if name == "layer":
+            name = self.aliases.get(key, key)
+            if name not in names or name in self._FIXED:
+                raise InvalidRequest(f"unknown {self.method} option {key!r}; known: {self.option_names()}")
+            changes[name] = _coerce(self.method, key, getattr(self, name), value)
+            if name in ("layer", "layers"):
                 changes["tuned_num_layers"] = 0
         return dataclasses.replace(self, **changes)
 
-    def for_depth(self, num_layers: int) -> RomeHyperParams:
-        """The layer scaled from ``tuned_num_layers`` to a model ``num_layers`` deep."""
+    def _scale(self, layer: int, num_layers: int) -> int:
+        scaled = round(layer * (num_layers - 1) / max(self.tuned_num_layers - 1, 1))
+        return min(max(scaled, 0), num_layers - 1)
+
+    def for_depth(self: H, num_layers: int) -> H:
+        """Layer fields scaled from ``tuned_num_layers`` to a model ``num_layers`` deep."""
         if not self.tuned_num_layers or self.tuned_num_layers == num_layers:
             return dataclasses.replace(self, tuned_num_layers=0)
-        scaled = round(self.layer * (num_layers - 1) / max(self.tuned_num_layers - 1, 1))
-        return dataclasses.replace(self, layer=min(max(scaled, 0), num_layers - 1), tuned_num_layers=0)
+        changes: dict[str, Any] = {"tuned_num_layers": 0}
+        if hasattr(self, "layer"):
+            changes["layer"] = self._scale(self.layer, num_layers)
+        if hasattr(self, "layers"):
+            changes["layers"] = tuple(sorted({self._scale(x, num_layers) for x in self.layers}))
+        return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def load(cls: type[H], model_type: str, num_layers: int | None = None) -> H:
+        """The shipped values for ``config.model_type`` (scaled to ``num_layers`` when given)."""
+        folder = resources.files("editserve.editing") / "hparams"
+        for name in (f"{model_type}.toml", "default.toml"):
+            path = folder / name
+            if not path.is_file():
+                continue
+            data = tomllib.loads(path.read_text())
+            table = data.get(cls.method)
+            if table is None:
+                continue
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+            params = cls(version=str(table.get("version", data.get("version", ""))), **{
+                k: v for k, v in values.items() if k != "version"})
+            return params.for_depth(num_layers) if num_layers else params
+        raise FileNotFoundError(f"no shipped [{cls.method}] hyperparameters (default.toml lacks the table)")
 
-def hparams_file(model_type: str) -> str:
-    """The shipped file name for a family: ``<model_type>.toml`` if shipped, else ``default.toml``."""
-    folder = resources.files("editserve.editing") / "hparams"
-    name = f"{model_type}.toml"
-    return name if (folder / name).is_file() else "default.toml"
+
+def _coerce(method: str, key: str, current: Any, value: Any) -> Any:
+    kind = type(current)
+    try:
+        if kind is tuple:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return tuple(_coerce(method, key, 0, v) for v in items)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1")
+            return bool(value)
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(f"{method} option {key!r} must be {kind.__name__}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class ValueHyperParams(HyperParams):
+    """The value optimisation (v* / z) and key statistics shared by ROME and MEMIT.
+
+    steps / lr: Adam steps and learning rate of the value optimisation.
+    kl_factor: weight of KL(unedited || edited) on ``kl_prompt`` (the subject's "essence").
+    clamp_norm_factor: the change is kept within this multiple of the unedited output's norm
+        at the subject (MLP output for ROME, residual stream for MEMIT).
+    weight_decay: weight of ||delta||^2 / ||unedited output||^2 in the loss.
+    early_stop_loss: a fact stops optimising once its mean target-token NLL is below this.
+    context_count / context_length: self-generated context prefixes (besides the empty one
+        "{}") and their length in tokens.
+    stats_source: text for the key covariance C = E[k k^T]: "default" (shipped with the
+        package), "model" (text the model samples) or a server-side .txt file or directory.
+    stats_tokens: how many tokens of that text to average over.
+    """
+
+    steps: int = bounded(25, 0, 1000)
+    lr: float = bounded(0.5, 1e-6, 10.0)
+    kl_factor: float = bounded(0.0625, 0.0, 100.0)
+    clamp_norm_factor: float = bounded(4.0, 1e-3, 1e6)
+    weight_decay: float = bounded(0.5, 0.0, 100.0)
+    early_stop_loss: float = bounded(0.05, 0.0, 20.0)
+    context_count: int = bounded(10, 0, 50)
+    context_length: int = bounded(10, 1, 64)
+    kl_prompt: str = "{} is a"
+    stats_source: str = "default"
+    stats_tokens: int = bounded(100_000, 1, 10_000_000)
+
+    aliases: ClassVar[dict[str, str]] = {"learning_rate": "lr", "stats_token_count": "stats_tokens"}
+
+    def check(self) -> None:
+        if self.kl_prompt.count("{}") != 1:
+            raise InvalidRequest(f"{self.method} option kl_prompt must contain exactly one '{{}}'")
+        if not self.stats_source:
+            raise InvalidRequest(f"{self.method} option stats_source must not be empty")
+
+
+@dataclass(frozen=True)
+class RomeHyperParams(ValueHyperParams):
+    """ROME: ``layer`` is the block whose MLP output projection is rewritten.
+
+    anchor_plain_key: scale the update so the bare rewrite prompt's MLP output changes by
+    exactly the optimised delta (the authors' code) rather than the averaged key's (the
+    paper's equation).
+    """
+
+    method: ClassVar[str] = "rome"
+    layer: int = bounded(0, 0, MAX_LAYERS - 1)
+    anchor_plain_key: bool = True
+
+
+@dataclass(frozen=True)
+class MemitHyperParams(ValueHyperParams):
+    """MEMIT: the facts' target hidden states z are optimised at the last of ``layers`` (the
+    residual stream after that block) and the change is spread over all of ``layers``.
+
+    mom2_update_weight: lambda in Delta = R K^T (lambda C + K K^T)^-1: how strongly the
+        keys the layer usually sees are preserved, relative to the edited facts.
+    batch_facts: facts optimised together in one batch of forward passes (memory bound).
+    """
+
+    method: ClassVar[str] = "memit"
+    layers: tuple[int, ...] = bounded((3, 4, 5, 6, 7), 0, MAX_LAYERS - 1)
+    mom2_update_weight: float = bounded(15_000.0, 1e-6, 1e9)
+    batch_facts: int = bounded(32, 1, 1024)
+    clamp_norm_factor: float = bounded(0.75, 1e-3, 1e6)
+
+    def check(self) -> None:
+        super().check()
+        if not self.layers:
+            raise InvalidRequest("memit option layers must name at least one layer")
+        if len(set(self.layers)) != len(self.layers):
+            raise InvalidRequest(f"memit option layers must not repeat a layer, got {list(self.layers)}")
+
+
+@dataclass(frozen=True)
+class FtHyperParams(HyperParams):
+    """FT-L: ``layer``'s MLP output weight is fine-tuned within an L-infinity ball.
+
+    learning_rate / norm_constraint: measured on smollm2-135m (layer 7, CounterFact case 0):
+    5e-4/5e-4, the GPT-2 XL values of the reference baselines, leave P(new) unchanged;
+    5e-3/5e-3 reach P(new) 0.93. early_stop_loss: stop once the mean target token log-prob is
+    above log(0.9).
+    """
+
+    method: ClassVar[str] = "ft_l"
+    layer: int = bounded(0, 0, MAX_LAYERS - 1)
+    steps: int = bounded(25, 1, 500)
+    learning_rate: float = bounded(5e-3, 1e-8, 10.0)
+    norm_constraint: float = bounded(5e-3, 1e-8, 100.0)
+    early_stop_loss: float = bounded(0.105, 0.0, 20.0)
 
 
 def load_rome_hparams(model_type: str, num_layers: int | None = None) -> RomeHyperParams:
-    """The shipped ROME hyperparameters for ``config.model_type``.
+    """The shipped ROME hyperparameters for ``config.model_type`` (see :meth:`HyperParams.load`)."""
+    return RomeHyperParams.load(model_type, num_layers)
 
-    With ``num_layers`` the layer is scaled to that depth (do pass it: the tuned layer of a
-    30-layer model does not exist in a 4-layer one); :func:`editserve.editing.rome.compute_rome`
-    scales it too when it was not.
-    """
-    text = (resources.files("editserve.editing") / "hparams" / hparams_file(model_type)).read_text()
-    data = tomllib.loads(text)
-    rome = dict(data.get("rome", {}))
-    params = RomeHyperParams(version=str(data["version"]), **rome)
-    return params.for_depth(num_layers) if num_layers else params
+
+def hyperparams_class(table: str) -> type[HyperParams]:
+    """The class of a registry entry's ``hparams_table``."""
+    classes = {cls.method: cls for cls in (RomeHyperParams, MemitHyperParams, FtHyperParams)}
+    return classes[table]

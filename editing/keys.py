@@ -87,25 +87,38 @@ def capture_projection_inputs(model, adapter: ArchitectureAdapter, layers: Itera
     """
     layers = sorted(set(layers))
     names = {layer: adapter.mlp_out(layer) for layer in layers}
+    inputs, _ = capture_io(model, names.values(), (), names[layers[-1]], input_ids, attention_mask)
+    return {layer: inputs[name] for layer, name in names.items()}
+
+
+@torch.no_grad()
+def capture_io(model, input_of: Iterable[str], output_of: Iterable[str], stop_after: str,
+               input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """({module: its first input}, {module: its output}) of one forward pass that ends as
+    soon as ``stop_after`` has run (so nothing above it, nor the LM head, is computed)."""
     owner = threading.get_ident()
 
     def stop(_module, _inputs, _output):
         if threading.get_ident() == owner:
             raise _Stop
 
-    traces = {layer: Trace(model, name, retain_output=False, retain_input=True) for layer, name in names.items()}
-    for trace in traces.values():
+    traces = [Trace(model, name, retain_output=False, retain_input=True) for name in dict.fromkeys(input_of)]
+    traces += [Trace(model, name, retain_output=True) for name in dict.fromkeys(output_of)]
+    for trace in traces:
         trace.__enter__()
-    handle = model.get_submodule(names[layers[-1]]).register_forward_hook(stop)
+    handle = model.get_submodule(stop_after).register_forward_hook(stop)
     try:
         body_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _Stop:
         pass
     finally:
         handle.remove()
-        for trace in traces.values():
+        for trace in traces:
             trace.close()
-    return {layer: trace.input for layer, trace in traces.items()}
+    inputs = {t.name: t.input for t in traces if t.retain_input}
+    outputs = {t.name: t.output for t in traces if t.retain_output}
+    return inputs, outputs
 
 
 def batch_rows(rows: list[tuple[int, ...]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -127,3 +127,9 @@ def compute_rome(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperParam
         "hparams": hparams.as_dict(),
     }
     return total, diagnostics
+
+
+def compute(ctx: EditingContext, facts: list[Fact], options: dict) -> tuple[WeightDelta, dict]:
+    """Registry entry: the family's shipped hyperparameters with the request's options."""
+    hparams = RomeHyperParams.load(ctx.adapter.model_type, ctx.adapter.num_layers).with_overrides(**options)
+    return compute_rome(ctx, facts, hparams)

@@ -1,6 +1,8 @@
-"""Values: the MLP output that makes the model say the new object (ROME's v*, section 3.1).
+"""Values: the hidden state that makes the model say the new object (ROME's v*, section 3.1;
+MEMIT's z_i, section 4.2).
 
-A vector delta is added to the edited layer's MLP output at the subject's last token, in the
+A vector delta is added to one module's output (ROME: the edited layer's MLP output; MEMIT:
+the residual stream after the last layer of its range) at the subject's last token, in the
 rewrite prompt preceded by every context prefix and in the "essence" prompt "{subject} is a".
 It is optimised (Adam, only delta has a gradient) so that
 
@@ -10,6 +12,11 @@ It is optimised (Adam, only delta has a gradient) so that
 
 with ||delta|| clamped to clamp_norm_factor * ||unedited MLP output||, stopping early once
 the NLL is below early_stop_loss. Then v* = W k* + delta.
+
+Many facts are optimised together (MEMIT's batches): their rows share each forward pass, each
+fact has its own delta, KL reference, norm clamp and early stop, and the loss is the sum of
+the facts' losses, so each delta gets exactly its own fact's gradient. A fact that reaches
+its early-stop loss is frozen and its rows leave the batch; the rest go on.
 
 Speed, without changing the result: nothing before the subject's last token can depend on
 delta (attention is causal), so the prefix of every row (context, BOS, the subject but its
@@ -35,7 +42,7 @@ from .errors import InvalidRequest, PreconditionFailed
 from .evaluation.teacher_forcing import continuation_ids
 from .facts import Fact
 from .hooks import Trace
-from .keys import PromptTokens, body_of, locate_subject, pad_id_of
+from .keys import body_of, locate_subject, pad_id_of
 
 
 def target_ids(tokenizer, prompt_text: str, target: str) -> list[int]:
@@ -48,7 +55,12 @@ def target_ids(tokenizer, prompt_text: str, target: str) -> list[int]:
 
 @dataclass
 class _Batch:
-    """Rows split at the subject's last token: a cached prefix and a suffix re-run per step."""
+    """Rows split at the subject's last token: a cached prefix and a suffix re-run per step.
+
+    Rows of several facts: ``row_fact`` says which (local) fact owns each row; the loss
+    positions are first every NLL position (target tokens of rewrite rows), then one KL
+    position per fact when the KL term is on.
+    """
 
     prefix_ids: torch.Tensor | None      # [B, P], left-padded
     prefix_mask: torch.Tensor | None
@@ -56,22 +68,42 @@ class _Batch:
     suffix_ids: torch.Tensor              # [B, S], right-padded; column 0 = subject's last token
     full_mask: torch.Tensor               # [B, P + S]
     suffix_pos: torch.Tensor
+    row_fact: torch.Tensor                # [B] local fact index of each row
+    first_row: torch.Tensor               # [F] the row of each fact's bare rewrite prompt
     loss_rows: torch.Tensor               # (row, suffix column) pairs whose logits the loss reads
     loss_cols: torch.Tensor
-    loss_targets: torch.Tensor
-    loss_owner: torch.Tensor              # which rewrite row each loss position belongs to
+    loss_targets: torch.Tensor            # [n_nll] target token of each NLL position
+    loss_fact: torch.Tensor               # [n_nll] fact of each NLL position
+    loss_weight: torch.Tensor             # [n_nll] 1 / (rewrite rows x target tokens) of its fact
+    n_nll: int
+    has_kl: bool
+
+
+@dataclass(frozen=True)
+class FactRows:
+    """One fact's token rows: rewrite prompts (each ending with target[:-1]), then the KL prompt."""
+
+    rows: tuple[tuple[tuple[int, ...], int], ...]  # (ids, subject_last)
+    targets: tuple[int, ...]
     n_rewrite: int
-    kl_row: int | None
 
 
-def _build_batch(rows: list[tuple[tuple[int, ...], int]], targets: list[int], n_rewrite: int,
-                 has_kl: bool, pad: int, device) -> _Batch:
-    """``rows``: (ids, subject_last). Rewrite rows first (ids end with target[:-1]), then the KL row."""
-    splits = [s for _ids, s in rows]
-    P = max(splits)
-    S = max(len(ids) - s for ids, s in rows)
-    prefix, pmask, ppos, suffix, fmask, spos = [], [], [], [], [], []
-    for ids, s in rows:
+def fact_rows(tokenizer, fact: Fact, templates: list[str], kl_prompt: str | None) -> FactRows:
+    prompts = [locate_subject(tokenizer, t, fact.prompt, fact.subject) for t in templates]
+    targets = target_ids(tokenizer, prompts[0].text, fact.target_new)
+    rows = [(p.ids + tuple(targets[:-1]), p.subject_last) for p in prompts]
+    if kl_prompt is not None:
+        kl = locate_subject(tokenizer, "{}", kl_prompt, fact.subject)
+        rows.append((kl.ids, kl.subject_last))
+    return FactRows(tuple(rows), tuple(targets), len(prompts))
+
+
+def _build_batch(facts: list[FactRows], has_kl: bool, pad: int, device) -> _Batch:
+    rows = [(ids, s, f) for f, spec in enumerate(facts) for ids, s in spec.rows]
+    P = max(s for _ids, s, _f in rows)
+    S = max(len(ids) - s for ids, s, _f in rows)
+    prefix, pmask, ppos, suffix, fmask, spos, owner = [], [], [], [], [], [], []
+    for ids, s, f in rows:
         head, tail = list(ids[:s]), list(ids[s:])
         prefix.append([pad] * (P - s) + head)
         pmask.append([0] * (P - s) + [1] * s)
@@ -79,31 +111,36 @@ def _build_batch(rows: list[tuple[tuple[int, ...], int]], targets: list[int], n_
         suffix.append(tail + [pad] * (S - len(tail)))
         fmask.append(pmask[-1] + [1] * len(tail) + [0] * (S - len(tail)))
         spos.append(list(range(s, s + S)))
-    loss_rows, loss_cols, loss_targets, owner = [], [], [], []
-    n_target = len(targets)
-    for r in range(n_rewrite):
-        ids, s = rows[r]
-        prompt_len = len(ids) - (n_target - 1)
-        for j, t in enumerate(targets):
-            loss_rows.append(r)
-            loss_cols.append(prompt_len - 1 + j - s)
-            loss_targets.append(t)
-            owner.append(r)
-    kl_row = None
-    if has_kl:
-        kl_row = len(rows) - 1
-        ids, s = rows[kl_row]
-        loss_rows.append(kl_row)
-        loss_cols.append(len(ids) - 1 - s)
+        owner.append(f)
+    loss_rows, loss_cols, loss_targets, loss_fact, loss_weight, first_row, kl_rows, kl_cols = ([] for _ in range(8))
+    row = 0
+    for f, spec in enumerate(facts):
+        first_row.append(row)
+        n_target = len(spec.targets)
+        for r in range(spec.n_rewrite):
+            ids, s = spec.rows[r]
+            prompt_len = len(ids) - (n_target - 1)
+            for j, t in enumerate(spec.targets):
+                loss_rows.append(row + r)
+                loss_cols.append(prompt_len - 1 + j - s)
+                loss_targets.append(t)
+                loss_fact.append(f)
+                loss_weight.append(1.0 / (spec.n_rewrite * n_target))
+        if has_kl:
+            ids, s = spec.rows[spec.n_rewrite]
+            kl_rows.append(row + spec.n_rewrite)
+            kl_cols.append(len(ids) - 1 - s)
+        row += len(spec.rows)
 
-    def t(x):
-        return torch.tensor(x, device=device)
+    def t(x, **kw):
+        return torch.tensor(x, device=device, **kw)
 
     return _Batch(
         prefix_ids=t(prefix) if P else None, prefix_mask=t(pmask) if P else None,
         prefix_pos=t(ppos) if P else None, suffix_ids=t(suffix), full_mask=t(fmask), suffix_pos=t(spos),
-        loss_rows=t(loss_rows), loss_cols=t(loss_cols), loss_targets=t(loss_targets), loss_owner=t(owner),
-        n_rewrite=n_rewrite, kl_row=kl_row,
+        row_fact=t(owner), first_row=t(first_row), loss_rows=t(loss_rows + kl_rows),
+        loss_cols=t(loss_cols + kl_cols), loss_targets=t(loss_targets), loss_fact=t(loss_fact),
+        loss_weight=t(loss_weight, dtype=torch.float32), n_nll=len(loss_targets), has_kl=has_kl,
     )
 
 
@@ -114,14 +151,14 @@ def _head_and_softcap(model):
 
 
 class _Runner:
-    """Runs the suffix of every row against the cached prefix, with delta at the subject."""
+    """Runs the suffix of every row against the cached prefix, with a delta at the subject."""
 
-    def __init__(self, model, adapter: ArchitectureAdapter, layer: int, batch: _Batch) -> None:
+    def __init__(self, model, module_name: str, batch: _Batch) -> None:
         self.model = model
         self.body = body_of(model)
         self.head, self.softcap = _head_and_softcap(model)
         self.batch = batch
-        self.module_name = adapter.mlp_out(layer)
+        self.module_name = module_name
         self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if batch.prefix_ids is not None:
             with torch.no_grad():
@@ -141,14 +178,16 @@ class _Runner:
             cache.update(k, v, index)
         return cache
 
-    def logits(self, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fp32 logits at the loss positions, MLP output at the subject's last token [B, d])."""
+    def logits(self, delta_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp32 logits at the loss positions, module output at the subject's last token [B, d]).
+
+        ``delta_rows`` [B, d] is added to the module's output at each row's subject."""
         b = self.batch
 
         def add_delta(out: torch.Tensor, _name: str) -> torch.Tensor:
-            if delta is None:
+            if delta_rows is None:
                 return out
-            first = out[:, :1] + delta.to(out.dtype)
+            first = out[:, :1] + delta_rows[:, None].to(out.dtype)
             return torch.cat([first, out[:, 1:]], dim=1)
 
         with Trace(self.model, self.module_name, retain_output=True, edit_output=add_delta,
@@ -164,85 +203,131 @@ class _Runner:
         return logits, trace.output[:, 0].float()
 
 
-def compute_value_delta(model, tokenizer, adapter: ArchitectureAdapter, layer: int, fact: Fact,
-                        templates: list[str], hparams) -> tuple[torch.Tensor, dict]:
-    """delta = v* - W k*: the change of the layer's MLP output at the subject (fp32, [d_model]).
+@dataclass
+class ValueResult:
+    """Per fact: the optimised change at the subject, the unedited output there (bare prompt)."""
 
-    ``templates`` are context templates ("{}" first). Returns (delta, diagnostics).
+    deltas: torch.Tensor      # [F, d] fp32
+    unedited: torch.Tensor    # [F, d] fp32, the module output at the subject before the change
+    info: list[dict]
+
+
+def compute_value_deltas(model, tokenizer, module_name: str, hidden_size: int, facts: list[Fact],
+                         templates: list[str], hparams, *, batch_facts: int = 1, label: str = "value optimisation") -> ValueResult:
+    """Optimise one delta per fact at ``module_name``'s output (see the module docstring).
+
+    ``templates`` are context templates ("{}" first); facts are optimised ``batch_facts`` at a
+    time. Raises PreconditionFailed naming the fact when its optimisation diverges.
     """
+    deltas, unedited, info = [], [], []
+    for start in range(0, len(facts), batch_facts):
+        chunk = facts[start:start + batch_facts]
+        d, u, i = _optimise_chunk(model, tokenizer, module_name, hidden_size, chunk, templates, hparams, start, label)
+        deltas.append(d)
+        unedited.append(u)
+        info += i
+    return ValueResult(torch.cat(deltas), torch.cat(unedited), info)
+
+
+def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, facts: list[Fact],
+                    templates: list[str], hparams, offset: int, label: str) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     started = time.perf_counter()
     device = next(model.parameters()).device
-    prompts: list[PromptTokens] = [locate_subject(tokenizer, t, fact.prompt, fact.subject) for t in templates]
-    targets = target_ids(tokenizer, prompts[0].text, fact.target_new)
-    rows = [(p.ids + tuple(targets[:-1]), p.subject_last) for p in prompts]
     has_kl = hparams.kl_factor > 0
-    if has_kl:
-        kl = locate_subject(tokenizer, "{}", hparams.kl_prompt, fact.subject)
-        rows.append((kl.ids, kl.subject_last))
-    batch = _build_batch(rows, targets, len(prompts), has_kl, pad_id_of(tokenizer), device)
-    runner = _Runner(model, adapter, layer, batch)
-
-    n_target = len(targets)
-    n_loss = len(prompts) * n_target
-
-    def losses(logits: torch.Tensor, delta: torch.Tensor | None, kl_init: torch.Tensor | None):
-        logp = torch.log_softmax(logits, -1)
-        token_lp = logp[:n_loss].gather(1, batch.loss_targets[:, None])[:, 0]
-        nll = -token_lp.reshape(len(prompts), n_target).mean(1).mean()
-        kl_term = logp.new_zeros(())
-        if kl_init is not None:
-            kl_term = torch.sum(kl_init.exp() * (kl_init - logp[n_loss]))
-        return nll, kl_term, logp
-
-    # step 0 runs at delta = 0: its outputs are the unedited ones (KL reference, output norm)
-    delta = torch.zeros(adapter.hidden_size, device=device, dtype=torch.float32, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=hparams.lr)
-    kl_init: torch.Tensor | None = None
-    base_norm = max_norm = None
-    steps_run, nll0, nll_value, kl_value = 0, 0.0, 0.0, 0.0
+    specs = [fact_rows(tokenizer, f, templates, hparams.kl_prompt if has_kl else None) for f in facts]
+    pad = pad_id_of(tokenizer)
+    n = len(facts)
+    params = [torch.zeros(hidden_size, device=device, dtype=torch.float32, requires_grad=True) for _ in range(n)]
+    optimizer = torch.optim.Adam(params, lr=hparams.lr)
+    kl_init: list[torch.Tensor | None] = [None] * n
+    base_out: list[torch.Tensor | None] = [None] * n
+    max_norm = [0.0] * n
+    steps_run = [0] * n
+    nll0 = [0.0] * n
+    last = [(0.0, 0.0)] * n  # (nll, kl) at the fact's last evaluation
+    active = list(range(n))
+    batch = _build_batch(specs, has_kl, pad, device)
+    runner = _Runner(model, module_name, batch)
     prepared = time.perf_counter()
     for step in range(hparams.steps + 1):
-        logits, mlp_out = runner.logits(delta)
-        if step == 0:
+        stacked = torch.stack([params[f] for f in active])
+        logits, out0 = runner.logits(stacked[batch.row_fact])
+        if step == 0:  # delta = 0: these outputs are the unedited ones (KL reference, norms)
             logp0 = torch.log_softmax(logits.detach(), -1)
-            kl_init = logp0[n_loss] if has_kl else None
-            base_norm = mlp_out[0].detach().norm().clamp_min(1e-6)
-            max_norm = hparams.clamp_norm_factor * base_norm
-        nll, kl_term, _ = losses(logits, delta, kl_init)
-        decay = delta.pow(2).sum() / base_norm.pow(2)
-        loss = nll + hparams.kl_factor * kl_term + hparams.weight_decay * decay
-        nll_value, kl_value = float(nll.detach()), float(kl_term.detach())
-        if step == 0:
-            nll0 = nll_value
-        if not math.isfinite(float(loss.detach())):
-            raise PreconditionFailed(f"ROME value optimisation diverged (loss {float(loss.detach())}) at step {step}; "
-                                     "try a smaller learning_rate or another layer")
-        if nll_value < hparams.early_stop_loss or step == hparams.steps:
+            for local, f in enumerate(active):
+                base_out[f] = out0[batch.first_row[local]].detach()
+                if has_kl:
+                    kl_init[f] = logp0[batch.n_nll + local]
+                max_norm[f] = hparams.clamp_norm_factor * float(base_out[f].norm().clamp_min(1e-6))
+        logp = torch.log_softmax(logits, -1)
+        token_lp = logp[:batch.n_nll].gather(1, batch.loss_targets[:, None])[:, 0]
+        nll = torch.zeros(len(active), device=device).index_add(0, batch.loss_fact, -token_lp * batch.loss_weight)
+        kl = torch.zeros(len(active), device=device)
+        if has_kl:
+            reference = torch.stack([kl_init[f] for f in active])
+            kl = torch.sum(reference.exp() * (reference - logp[batch.n_nll:]), -1)
+        norms = torch.stack([base_out[f].norm().clamp_min(1e-6) for f in active])
+        decay = stacked.pow(2).sum(-1) / norms.pow(2)
+        loss = nll + hparams.kl_factor * kl + hparams.weight_decay * decay
+        values = loss.detach().tolist()
+        nll_values, kl_values = nll.detach().tolist(), kl.detach().tolist()
+        for local, f in enumerate(active):
+            if not math.isfinite(values[local]):
+                raise PreconditionFailed(
+                    f"{label} diverged for facts[{offset + f}] (loss {values[local]}) at step {step}; "
+                    "try a smaller learning_rate or another layer")
+            last[f] = (nll_values[local], kl_values[local])
+            if step == 0:
+                nll0[f] = nll_values[local]
+        if step == hparams.steps:
             break
-        (grad,) = torch.autograd.grad(loss, [delta])
-        optimizer.zero_grad(set_to_none=True)
-        delta.grad = grad
+        keep = [local for local, f in enumerate(active) if nll_values[local] >= hparams.early_stop_loss]
+        if not keep:
+            break
+        remaining = [active[local] for local in keep]
+        grads = torch.autograd.grad(loss[keep].sum(), [params[f] for f in remaining])
+        for p in params:
+            p.grad = None
+        for f, g in zip(remaining, grads, strict=True):
+            params[f].grad = g
         optimizer.step()
-        steps_run += 1
         with torch.no_grad():
-            norm = delta.norm()
-            if norm > max_norm:
-                delta.mul_(max_norm / norm)
-    result = delta.detach().clone()
+            for f in remaining:
+                steps_run[f] += 1
+                norm = float(params[f].norm())
+                if norm > max_norm[f]:
+                    params[f].mul_(max_norm[f] / norm)
+        if len(remaining) < len(active):  # converged facts leave the batch
+            active = remaining
+            batch = _build_batch([specs[f] for f in active], has_kl, pad, device)
+            runner = _Runner(model, module_name, batch)
+    result = torch.stack([p.detach().clone() for p in params])
     if not bool(torch.isfinite(result).all()):
-        raise PreconditionFailed("ROME value optimisation produced a non-finite vector")
-    return result, {
-        "steps": steps_run,
-        "initial_nll": nll0,
-        "final_nll": nll_value,
-        "final_kl": kl_value,
-        "target_prob": math.exp(-nll_value),
-        "delta_norm": float(result.norm()),
-        "mlp_out_norm": float(base_norm),
-        "target_tokens": n_target,
-        "rows": len(rows),
-        "prefix_len": int(batch.prefix_ids.shape[1]) if batch.prefix_ids is not None else 0,
-        "suffix_len": int(batch.suffix_ids.shape[1]),
+        raise PreconditionFailed(f"{label} produced a non-finite vector")
+    seconds = time.perf_counter() - started
+    info = [{
+        "steps": steps_run[f],
+        "initial_nll": nll0[f],
+        "final_nll": last[f][0],
+        "final_kl": last[f][1],
+        "target_prob": math.exp(-last[f][0]),
+        "delta_norm": float(result[f].norm()),
+        "output_norm": float(base_out[f].norm()),
+        "target_tokens": len(specs[f].targets),
+        "rows": len(specs[f].rows),
+        "batch_facts": n,
         "seconds_prepare": prepared - started,
-        "seconds_optimise": time.perf_counter() - prepared,
-    }
+        "seconds": seconds,
+    } for f in range(n)]
+    return result, torch.stack(base_out), info
+
+
+def compute_value_delta(model, tokenizer, adapter: ArchitectureAdapter, layer: int, fact: Fact,
+                        templates: list[str], hparams) -> tuple[torch.Tensor, dict]:
+    """ROME's delta = v* - W k*: the change of ``layer``'s MLP output at the subject (fp32,
+    [d_model]). Returns (delta, diagnostics)."""
+    result = compute_value_deltas(model, tokenizer, adapter.mlp_out(layer), adapter.hidden_size, [fact], templates, hparams,
+                                  label="ROME value optimisation")
+    info = dict(result.info[0])
+    info["mlp_out_norm"] = info["output_norm"]
+    return result.deltas[0], info

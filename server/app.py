@@ -92,7 +92,7 @@ class EditserveServer:
         journal = Journal(state_dir, host.fingerprint(), legacy_fingerprints=(host.legacy_fingerprint(),))
         metrics = self.runtime.metrics
         methods, scorer = build_methods(host, cache)
-        manager = EditManager(host, journal, methods, scorer, metrics)
+        manager = EditManager(host, journal, methods, scorer, metrics, max_facts=config.max_edit_facts)
         drift = DriftMonitor(host, metrics, stable_weights(manager))  # reference = unedited weights
         replayed = manager.replay()
         manager.on_change = drift.request_refresh

@@ -31,6 +31,8 @@ class ServeConfig:
     max_new_tokens_limit: int = 1024
     default_max_new_tokens: int = 64
     trace_max_prompt_tokens: int = 64
+    # facts one Edit may carry (each method also has its own limit in editing/registry.py)
+    max_edit_facts: int = 10_000
     # torch intra-op threads; 0 keeps torch's default (all cores).
     torch_threads: int = 0
     grpc_workers: int = 96

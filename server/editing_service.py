@@ -9,21 +9,16 @@ import grpc
 from editserve.client._pb import editing_pb2 as pb
 from editserve.client._pb import editing_pb2_grpc as pb_grpc
 from editserve.editing.facts import Fact
+from editserve.editing.registry import METHODS
 
 from .edits import EditOutcome, MethodUnavailable, UnknownEdit, stable_weights
 from .journal import EditRecord
 from .rpc import ServiceError, invalid, rpc_handler
 from .runtime import Runtime
 
-METHOD_NAMES = {
-    pb.EDIT_METHOD_ROME: "rome",
-    pb.EDIT_METHOD_MEMIT: "memit",
-    pb.EDIT_METHOD_FT_L: "ft_l",
-    pb.EDIT_METHOD_SERAC: "serac",
-    pb.EDIT_METHOD_T_PATCHER: "t_patcher",
-}
+METHOD_NAMES = {pb.EditMethod.Value(spec.proto_enum): name for name, spec in METHODS.items()}
 METHOD_ENUMS = {v: k for k, v in METHOD_NAMES.items()}
-OPTION_FIELDS = {"rome": "rome", "memit": "memit", "ft_l": "ft", "serac": "serac", "t_patcher": "t_patcher"}
+OPTION_FIELDS = {name: spec.options_field for name, spec in METHODS.items()}
 TRACE_KINDS = {pb.TRACE_KIND_HIDDEN: "hidden", pb.TRACE_KIND_MLP: "mlp", pb.TRACE_KIND_ATTENTION: "attn"}
 TRACE_ENUMS = {v: k for k, v in TRACE_KINDS.items()}
 
@@ -101,9 +96,7 @@ class EditingServicer(pb_grpc.EditingServicer):
                 method, facts, options, dry_run=request.dry_run, description=request.description
             )
         except MethodUnavailable as error:
-            raise ServiceError(
-                grpc.StatusCode.UNIMPLEMENTED, f"edit method {error.args[0]!r} is not implemented by this server yet"
-            ) from None
+            raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, str(error.args[0])) from None
         response = pb.EditResponse(
             edit_id=outcome.edit_id,
             revision=outcome.revision,

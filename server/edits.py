@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from editserve.editing.artifacts import WeightDelta, preview
-from editserve.editing.errors import PreconditionFailed
+from editserve.editing.errors import InvalidRequest, PreconditionFailed
 from editserve.editing.facts import Fact, validate_facts
+from editserve.editing.registry import METHODS
 
 from .host import ModelHost
 from .journal import EditRecord, Journal
@@ -74,7 +75,9 @@ class EditManager:
         methods: dict[str, ComputeFn],
         scorer: ScoreFn,
         metrics: Metrics,
+        max_facts: int = 10_000,
     ) -> None:
+        self.max_facts = max_facts  # per Edit, on top of each method's own limit
         self.host = host
         self.journal = journal
         self.methods = methods
@@ -141,8 +144,13 @@ class EditManager:
     ) -> EditOutcome:
         """Compute, score (unless ``report`` is off), journal and apply one edit."""
         if method not in self.methods:
-            raise MethodUnavailable(method)
+            from .methods import unavailable_reason
+
+            raise MethodUnavailable(unavailable_reason(method, self.host.capabilities) or method)
         validate_facts(facts)
+        limit = min(METHODS[method].max_facts, self.max_facts)
+        if len(facts) > limit:
+            raise InvalidRequest(f"facts: {len(facts)} facts in one edit, the limit for {method} is {limit}")
         with self._mutex:
             started = time.perf_counter()
             try:

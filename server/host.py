@@ -20,6 +20,7 @@ from torch import nn
 
 from editserve.editing.adapter import ArchitectureAdapter
 from editserve.editing.artifacts import WeightDelta
+from editserve.editing.registry import ArtifactKind
 
 from .rwlock import RWLock
 
@@ -82,6 +83,13 @@ class ModelHost:
 
     def __post_init__(self) -> None:
         self.adapter = ArchitectureAdapter.from_model(self.model)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What this served state can host (:class:`~editserve.editing.registry.MethodSpec.requires`):
+        weight deltas, composed into the parameters by storage swaps. Runtime layers need a
+        backend that declares them."""
+        return frozenset({ArtifactKind.WEIGHT_DELTA.value})
 
     # --- weight state ---------------------------------------------------------------
     @property

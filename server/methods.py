@@ -1,5 +1,9 @@
-"""The editing methods this server offers, bound to the served model, and the scorer used
-for before/after probabilities in Edit replies.
+"""The editing methods this server offers, derived from :mod:`editserve.editing.registry` and
+bound to the served model, and the scorer used for before/after probabilities in Edit replies.
+
+A method is offered when the registry has a compute function for it and the serving host has
+every capability it requires (e.g. a backend that can compose weight deltas). Everything
+else answers UNIMPLEMENTED, with the reason, from :func:`unavailable_reason`: one place.
 
 The science modules are imported on first use so the server starts (and serves Generate)
 without paying their import cost, and the per-model caches (context templates, covariance
@@ -11,11 +15,25 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from editserve.editing.artifacts import WeightDelta
+from editserve.editing.artifacts import Artifact
 from editserve.editing.facts import Fact
+from editserve.editing.registry import METHODS, MethodSpec
 
 from .edits import ComputeFn, ScoreFn
 from .host import ModelHost
+
+
+def unavailable_reason(name: str, capabilities: frozenset[str]) -> str | None:
+    """Why ``name`` cannot be served by a host with ``capabilities`` (None: it can)."""
+    spec = METHODS.get(name)
+    if spec is None:
+        return f"unknown edit method {name!r}; known: {sorted(METHODS)}"
+    if not spec.implemented:
+        return f"edit method {name!r} is not implemented by this server yet"
+    missing = sorted(spec.requires - capabilities)
+    if missing:
+        return f"edit method {name!r} needs backend capabilities {missing}, which this backend lacks"
+    return None
 
 
 class _Bound:
@@ -29,20 +47,11 @@ class _Bound:
 
         return EditingContext(self.host.model, self.host.tokenizer, self.host.adapter, self.cache_dir / "stats")
 
-    def rome(self, facts: list[Fact], options: dict) -> tuple[WeightDelta, dict]:
-        from editserve.editing.hparams import load_rome_hparams
-        from editserve.editing.rome import compute_rome
+    def compute_fn(self, spec: MethodSpec) -> ComputeFn:
+        def compute(facts: list[Fact], options: dict) -> tuple[Artifact, dict]:
+            return spec.load_compute()(self.context, facts, options)
 
-        base = load_rome_hparams(self.host.adapter.model_type, self.host.adapter.num_layers)
-        hparams = base.with_overrides(**options)
-        delta, diagnostics = compute_rome(self.context, facts, hparams)
-        return delta, diagnostics  # diagnostics["layers"]: the layer actually edited
-
-    def ft_l(self, facts: list[Fact], options: dict) -> tuple[WeightDelta, dict]:
-        from editserve.editing.ft import compute_ft, default_ft_hparams
-
-        hparams = default_ft_hparams(self.host.adapter).with_overrides(**options)
-        return compute_ft(self.host.model, self.host.tokenizer, self.host.adapter, facts, hparams)
+        return compute
 
     def score(self, prompts: list[str], targets: list[str]) -> list[float]:
         from editserve.editing.evaluation.teacher_forcing import score_continuations
@@ -52,5 +61,8 @@ class _Bound:
 
 
 def build_methods(host: ModelHost, cache_dir: Path) -> tuple[dict[str, ComputeFn], ScoreFn]:
+    """{method name: compute} for every registry method this host can serve, and the scorer."""
     bound = _Bound(host, cache_dir)
-    return {"rome": bound.rome, "ft_l": bound.ft_l}, bound.score
+    methods = {name: bound.compute_fn(spec) for name, spec in METHODS.items()
+               if unavailable_reason(name, host.capabilities) is None}
+    return methods, bound.score

@@ -38,5 +38,5 @@ def test_ft_l_rejects_bad_options(tiny_tokenizer):
     adapter = ArchitectureAdapter.from_model(model)
     with pytest.raises(InvalidRequest, match="out of range"):
         compute_ft(model, tok, adapter, [FACT], FtHyperParams(layer=9))
-    with pytest.raises(InvalidRequest, match="unknown FT-L options"):
+    with pytest.raises(InvalidRequest, match="unknown ft_l option"):
         FtHyperParams().with_overrides(lr=1)

@@ -93,10 +93,11 @@ def test_cached_prefix_runner_matches_full_forward(arch, tiny_tokenizer):
     rows = [(p.ids + tuple(targets[:-1]), p.subject_last) for p in prompts]
     kl = locate_subject(tiny_tokenizer, "{}", "{} is a", "The Space Needle")
     rows.append((kl.ids, kl.subject_last))
-    batch = V._build_batch(rows, targets, len(prompts), True, pad_id_of(tiny_tokenizer), "cpu")
-    runner = V._Runner(model, adapter, 2, batch)
+    spec = V.FactRows(tuple(rows), tuple(targets), len(prompts))
+    batch = V._build_batch([spec], True, pad_id_of(tiny_tokenizer), "cpu")
+    runner = V._Runner(model, adapter.mlp_out(2), batch)
     delta = torch.randn(adapter.hidden_size)
-    logits, _ = runner.logits(delta)
+    logits, _ = runner.logits(delta.expand(len(rows), -1))
 
     head = model.get_output_embeddings()
     expected = []

@@ -1,0 +1,200 @@
+"""MEMIT: Mass-Editing Memory in a Transformer (Meng et al. 2023, "Mass-Editing Memory in a
+Transformer", section 4).
+
+Many facts are written at once, and spread over a range of MLP layers R = {l_1 < ... < l_L}:
+
+1. Targets. For every fact i, a change delta_i of the residual stream after the *last* layer
+   of R, at the subject's last token, is optimised as for ROME's v* (:mod:`.values`, batched
+   across facts): z_i = h_i^L + delta_i is the hidden state that makes the model say the new
+   object.
+2. Spreading. For each layer l of R in ascending order, with the updates of the layers below
+   it already in place: k_i = the layer's MLP key for fact i (averaged over context prefixes),
+   r_i = (z_i - h_i^L) / (number of layers of R from l on), the residual still missing at
+   the last layer, shared out evenly over the layers left. The update is the least-squares
+   solution that maps the new keys to r while preserving the keys the layer usually sees
+   (C = E[k k^T], weighted by lambda = ``mom2_update_weight``):
+
+       Delta_l = R K^T (lambda C + K K^T)^-1            (solved in float64)
+
+Where a block normalises its MLP output before the residual add (Gemma's sandwich norm),
+r_i is a change *after* that norm; it is mapped back to the change of the MLP output whose
+normalised value comes closest to the wanted one (:func:`_through_post_norm`).
+
+The artifact is one :class:`~editserve.editing.artifacts.WeightDelta` with one update per
+layer, stored as rank-n factors (R, (lambda C + K K^T)^-1 K) while that is smaller than the
+dense matrix and densely beyond; revert is exact as for every weight delta. The served
+weights are never touched: the updates of lower layers act through thread-scoped previews.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+from .artifacts import WeightDelta, preview
+from .context import EditingContext
+from .covariance import resolve_source
+from .errors import InvalidRequest, PreconditionFailed
+from .facts import Fact, validate_facts
+from .hparams import MemitHyperParams
+from .keys import batch_rows, capture_io, locate_subject, pad_id_of
+from .values import compute_value_deltas, target_ids
+
+ROWS_PER_FORWARD = 256  # rows of (fact, context) run together when reading keys
+
+
+def _check_request(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams) -> MemitHyperParams:
+    """Everything that can be wrong with a request, found before any heavy compute."""
+    validate_facts(facts)
+    hparams = hparams.for_depth(ctx.adapter.num_layers)
+    for layer in hparams.layers:
+        try:
+            ctx.adapter.check_layer(layer)
+        except IndexError as exc:
+            raise InvalidRequest(f"memit option layers: {exc}") from None
+    seen: dict[tuple[str, str], tuple[int, str]] = {}
+    for i, fact in enumerate(facts):
+        key = (fact.prompt, fact.subject)
+        if key in seen and seen[key][1].strip() != fact.target_new.strip():
+            raise InvalidRequest(
+                f"facts[{seen[key][0]}] and facts[{i}] give the same subject and prompt two different targets "
+                f"({seen[key][1]!r}, {fact.target_new!r})")
+        seen.setdefault(key, (i, fact.target_new))
+        try:
+            located = locate_subject(ctx.tokenizer, "{}", fact.prompt, fact.subject)
+            target_ids(ctx.tokenizer, located.text, fact.target_new)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"facts[{i}]: {exc}") from None
+    resolve_source(hparams.stats_source)
+    return hparams
+
+
+def _keys_and_states(ctx: EditingContext, facts: list[Fact], templates: list[str], layer: int, z_layer: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per fact, at the subject's last token: the MLP key of ``layer`` (mean of the bare
+    prompt's key and the context prefixes' mean key, as the reference implementation weighs
+    them), the residual stream after ``z_layer`` and ``layer``'s MLP output (bare prompt;
+    only where the block has a post-MLP norm, else None)."""
+    adapter = ctx.adapter
+    device = next(ctx.model.parameters()).device
+    key_module, z_module = adapter.mlp_out(layer), adapter.layer(z_layer)
+    post_norm = adapter.post_mlp_norm(layer)
+    prompts = [locate_subject(ctx.tokenizer, t, f.prompt, f.subject) for f in facts for t in templates]
+    keys, states, mlp_outs = [], [], []
+    pad = pad_id_of(ctx.tokenizer)
+    for start in range(0, len(prompts), ROWS_PER_FORWARD):
+        chunk = prompts[start:start + ROWS_PER_FORWARD]
+        ids, mask = batch_rows([p.ids for p in chunk], pad, device)
+        outputs_of = [z_module] + ([adapter.mlp(layer)] if post_norm else [])
+        inputs, outputs = capture_io(ctx.model, [key_module], outputs_of, z_module, ids, mask)
+        rows = torch.arange(len(chunk), device=device)
+        cols = torch.tensor([p.subject_last for p in chunk], device=device)
+        keys.append(inputs[key_module][rows, cols].float())
+        states.append(outputs[z_module][rows, cols].float())
+        if post_norm:
+            mlp_outs.append(outputs[adapter.mlp(layer)][rows, cols].float())
+    n_t = len(templates)
+    k = torch.cat(keys).reshape(len(facts), n_t, -1)
+    key = k[:, 0] if n_t == 1 else 0.5 * (k[:, 0] + k[:, 1:].mean(1))
+    z = torch.cat(states).reshape(len(facts), n_t, -1)[:, 0]
+    m = torch.cat(mlp_outs).reshape(len(facts), n_t, -1)[:, 0] if post_norm else None
+    return key, z, m
+
+
+def _through_post_norm(ctx: EditingContext, layer: int, mlp_out: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """The change of the MLP output m that moves norm(m) by ``wanted`` as closely as a norm allows.
+
+    An RMS-type norm is norm(m) = s * m / rms(m) with a per-channel scale s, so its outputs are
+    exactly the s * u with rms(u) = 1. The target y = norm(m) + wanted is projected onto that
+    set (u = (y / s) / rms(y / s)) and m' = u * rms(m) keeps m's size."""
+    norm = ctx.model.get_submodule(ctx.adapter.post_mlp_norm(layer))
+    with torch.no_grad():
+        param = next(norm.parameters())
+        scale = norm(torch.ones(1, mlp_out.shape[-1], dtype=param.dtype, device=param.device)).float()[0]
+        current = norm(mlp_out.to(param.dtype)).float()
+    direction = (current + wanted) / scale
+    rms = lambda x: x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)  # noqa: E731
+    return direction / rms(direction) * rms(mlp_out) - mlp_out
+
+
+def _factors_or_dense(ctx: EditingContext, name: str, resid: torch.Tensor, adj: torch.Tensor, total: WeightDelta
+                      ) -> WeightDelta:
+    """Add R adj^T ([out, in]) for parameter ``name`` to ``total``, low-rank while it is smaller."""
+    u, v = resid.float(), adj.float()  # [d, n], [d_mlp, n]
+    if ctx.adapter.mlp_out_is_conv1d:
+        u, v = v, u
+    factors, dense = dict(total.factors), dict(total.dense)
+    rank, (rows, cols) = u.shape[1], (u.shape[0], v.shape[0])
+    if rank * (rows + cols) < rows * cols:
+        factors[name] = (u.contiguous(), v.contiguous())
+    else:
+        dense[name] = (u @ v.T).contiguous()
+    return WeightDelta(factors=factors, dense=dense)
+
+
+def compute_memit(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams) -> tuple[WeightDelta, dict]:
+    """The MEMIT edit of ``facts`` as a WeightDelta over ``hparams.layers``, plus diagnostics.
+
+    Raises InvalidRequest for a malformed request (before any compute) and PreconditionFailed
+    for an unusable statistics source or a diverged optimisation.
+    """
+    started = time.perf_counter()
+    hparams = _check_request(ctx, facts, hparams)
+    layers = sorted(hparams.layers)
+    z_layer = layers[-1]
+    ctx.second_moments(layers, hparams.stats_source, hparams.stats_tokens)
+    stats_seconds = time.perf_counter() - started
+    templates = ctx.context_templates(hparams.context_count, hparams.context_length)
+    context_seconds = time.perf_counter() - started - stats_seconds
+
+    values = compute_value_deltas(ctx.model, ctx.tokenizer, ctx.adapter.layer(z_layer), ctx.adapter.hidden_size,
+                                  facts, templates, hparams, batch_facts=hparams.batch_facts,
+                                  label="MEMIT target optimisation")
+    targets = values.unedited + values.deltas  # z_i, [n, d]
+    values_seconds = time.perf_counter() - started - stats_seconds - context_seconds
+
+    total = WeightDelta()
+    per_layer = []
+    for i, layer in enumerate(layers):
+        layer_started = time.perf_counter()
+        with preview(ctx.model, total) if total.parameter_names else nullcontext():
+            keys, states, mlp_out = _keys_and_states(ctx, facts, templates, layer, z_layer)
+        missing = targets - states
+        resid = missing / (len(layers) - i)  # [n, d]
+        if mlp_out is not None:
+            resid = _through_post_norm(ctx, layer, mlp_out, resid)
+        adj = ctx.solve_regularised(layer, hparams.stats_source, hparams.stats_tokens,
+                                    hparams.mom2_update_weight, keys.T)  # [d_mlp, n]
+        if not (torch.isfinite(resid).all() and torch.isfinite(adj).all()):
+            raise PreconditionFailed(f"MEMIT produced a non-finite update at layer {layer}")
+        total = _factors_or_dense(ctx, ctx.adapter.mlp_out_weight_name(layer), resid.T, adj, total)
+        per_layer.append({"layer": layer, "missing_norm": float(missing.norm(dim=-1).mean()),
+                          "seconds": time.perf_counter() - layer_started})
+
+    diagnostics = {
+        "method": "memit",
+        "hparams_version": hparams.version,
+        "layers": layers,
+        "facts_count": len(facts),
+        "steps": [f["steps"] for f in values.info],
+        "final_loss": [f["final_nll"] for f in values.info],
+        "facts": values.info,
+        "per_layer": per_layer,
+        "timings": {
+            "statistics_s": stats_seconds,
+            "contexts_s": context_seconds,
+            "values_s": values_seconds,
+            "spread_s": sum(p["seconds"] for p in per_layer),
+            "total_s": time.perf_counter() - started,
+        },
+        "hparams": hparams.as_dict(),
+    }
+    return total, diagnostics
+
+
+def compute(ctx: EditingContext, facts: list[Fact], options: dict) -> tuple[WeightDelta, dict]:
+    """Registry entry: the family's shipped hyperparameters with the request's options."""
+    hparams = MemitHyperParams.load(ctx.adapter.model_type, ctx.adapter.num_layers).with_overrides(**options)
+    return compute_memit(ctx, facts, hparams)
