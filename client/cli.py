@@ -88,6 +88,9 @@ def main() -> None:
 @click.option("--max-batch-size", type=int, default=None)
 @click.option("--max-concurrent-requests", type=int, default=None)
 @click.option("--threads", "torch_threads", type=int, default=None, help="torch threads (0: torch default).")
+@click.option("--max-edit-facts", type=int, default=None, help="Facts one Edit may carry (default 10000).")
+@click.option("--prepare-statistics/--no-prepare-statistics", default=None,
+              help="Estimate the default edit layers' key statistics in the background after start-up (default on).")
 @click.option("--port-file", type=click.Path(path_type=Path), default=None,
               help="Write the bound ports as JSON here once listening (for scripts and tests).")
 def serve(config_file: Path | None, port_file: Path | None, **overrides) -> None:
@@ -97,6 +100,19 @@ def serve(config_file: Path | None, port_file: Path | None, **overrides) -> None
 
     config = ServeConfig.from_toml(config_file) if config_file else ServeConfig()
     sys.exit(run(config.with_overrides(**overrides), port_file=port_file))
+
+
+@main.command()
+@click.option("--model", default="smollm2-135m", show_default=True, help="As for serve.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--cache-dir", default=None, help="Model and statistics cache (as for serve).")
+@click.option("--threads", type=int, default=0, help="torch threads (0: torch default).")
+def prepare(model: str, dtype: str, cache_dir: str | None, threads: int) -> None:
+    """Convert the model and estimate the key statistics every edit method's defaults need, into
+    the cache (run it at image build so the first Edit does not wait)."""
+    from editserve.server.prepare import prepare_cache
+
+    click.echo(prepare_cache(model, dtype=dtype, cache_dir=Path(cache_dir) if cache_dir else None, threads=threads))
 
 
 @main.command()
@@ -162,6 +178,8 @@ def edit(server: str, prompt: str, subject: str, target_new: str, target_true: s
         return
     head = "dry run (nothing applied)" if not result.applied else f"edit {result.edit_id} applied, revision {result.revision}"
     click.echo(f"{head}; computed in {result.compute_seconds:.1f}s")
+    for note in result.notes:
+        click.echo(f"  note: {note}")
     for report in result.facts:
         for label, scores in (("rewrite", [report.rewrite]), ("paraphrase", report.paraphrase),
                               ("neighborhood", report.neighborhood)):
@@ -252,30 +270,39 @@ def trace(server: str, prompt: str, subject: str, png: Path | None, as_json: boo
         click.echo(f"wrote {png}")
 
 
+_COUNTERFACT = "ROME's CounterFact (https://rome.baulab.info/data/dsets/, MIT)"
+_EASYEDIT = "EasyEdit's portability release, arXiv 2305.13172 (https://github.com/zjunlp/EasyEdit, dataset/edit_data)"
+# name -> (path under the data directory, where to get it)
 DATASETS = {
-    "counterfact": "counterfact/counterfact_rich_union.json",
-    "counterfact_flat": "counterfact/counterfact-edit.json",
-    "zsre": "portability/zsre_mend_eval_portability_gpt4.json",
-    "knowedit_zsre": "knowedit/ZsRE-test-all.json",
-    "portability_counterfact": "portability/counterfact_portability_gpt4.json",
-    "subject_replace_counterfact": "portability/counterfact_subject_replace.json",
-    "subject_replace_zsre": "portability/zsre_subject_replace.json",
-    "inverse_zsre": "portability/zsre_inverse_relation.json",
+    "counterfact": ("counterfact/counterfact_rich_union.json", _COUNTERFACT + " with paraphrase/neighbourhood prompts"),
+    "counterfact_flat": ("counterfact/counterfact-edit.json", _COUNTERFACT + ", EasyEdit's flat split"),
+    "zsre": ("portability/zsre_mend_eval_portability_gpt4.json", _EASYEDIT),
+    "knowedit_zsre": ("knowedit/ZsRE-test-all.json", "KnowEdit, arXiv 2401.01286 (https://huggingface.co/datasets/zjunlp/KnowEdit)"),
+    "portability_counterfact": ("portability/counterfact_portability_gpt4.json", _EASYEDIT),
+    "subject_replace_counterfact": ("portability/counterfact_subject_replace.json", _EASYEDIT),
+    "subject_replace_zsre": ("portability/zsre_subject_replace.json", _EASYEDIT),
+    "inverse_zsre": ("portability/zsre_inverse_relation.json", _EASYEDIT),
 }
 
 
 def _dataset_path(name: str, data_dir: str | None) -> Path:
+    """A .json path as given, or a named dataset under --data-dir / $EDITSERVE_DATA (no default:
+    the data is not shipped, and the error says where to get it)."""
+    import os
+
     path = Path(name)
     if path.suffix == ".json" and path.exists():
         return path
     if name not in DATASETS:
         raise click.BadParameter(f"{name!r} is neither a .json file nor one of {sorted(DATASETS)}", param_hint="--dataset")
-    import os
-
-    root = Path(data_dir or os.environ.get("EDITSERVE_DATA") or "../shared/data")
-    found = root / DATASETS[name]
+    relative, origin = DATASETS[name]
+    root = data_dir or os.environ.get("EDITSERVE_DATA")
+    if not root:
+        raise click.BadParameter(f"the named dataset {name!r} is read from DIR/{relative}: pass --data-dir DIR (or set "
+                                 f"EDITSERVE_DATA); get the file from {origin}", param_hint="--data-dir")
+    found = Path(root) / relative
     if not found.exists():
-        raise click.BadParameter(f"{found} not found; pass --data-dir or a .json path", param_hint="--dataset")
+        raise click.BadParameter(f"{found} not found; get it from {origin}, or pass a .json path", param_hint="--dataset")
     return found
 
 
@@ -283,7 +310,7 @@ def _dataset_path(name: str, data_dir: str | None) -> Path:
 @click.option("--method", default="rome", show_default=True, type=click.Choice(sorted(METHODS)))
 @click.option("--dataset", default="counterfact", show_default=True,
               help=f"A JSON file, or one of: {', '.join(DATASETS)} (resolved under --data-dir).")
-@click.option("--data-dir", default=None, help="Where named datasets live ($EDITSERVE_DATA, else ../shared/data).")
+@click.option("--data-dir", default=None, help="Where named datasets live (default $EDITSERVE_DATA).")
 @click.option("--n", "limit", type=int, default=200, show_default=True, help="Cases (the first N).")
 @click.option("--model", default="smollm2-135m", show_default=True, help="In-process model (ignored with --server).")
 @click.option("--server", default=None, help="Evaluate a running server through the client instead.")

@@ -170,6 +170,7 @@ def edit_result(reply: epb.EditResponse) -> EditResult:
         ],
         compute_seconds=reply.compute_seconds, apply_seconds=reply.apply_seconds,
         edit=edit_info(reply.edit) if reply.HasField("edit") else None,
+        notes=list(reply.notes),
     )
 
 

@@ -104,6 +104,7 @@ class EditResult:
     compute_seconds: float
     apply_seconds: float
     edit: EditInfo | None
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

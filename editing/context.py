@@ -29,6 +29,7 @@ class EditingContext:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.progress = progress
         self._lock = threading.Lock()
+        self.stop = threading.Event()  # set to abandon a running statistics estimate (shutdown)
         self._templates: dict[tuple[int, int, int], list[str]] = {}
         self._moments: dict[tuple[int, str, int], torch.Tensor] = {}
         self._factors: dict[tuple[int, str, int], torch.Tensor] = {}
@@ -67,7 +68,7 @@ class EditingContext:
                 loaded = load_or_estimate_layers(
                     self.model, self.tokenizer, self.adapter, fingerprint=self.fingerprint,
                     cache_dir=self.cache_dir, layers=missing, source=source, tokens=tokens,
-                    progress=self.progress)
+                    progress=self.progress, stop=self.stop)
                 for layer, (moment, info) in loaded.items():
                     self._moments[(layer, source, tokens)] = moment
                     self.last_stats_info = info

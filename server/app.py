@@ -91,8 +91,9 @@ class EditserveServer:
         state_dir = Path(config.state_dir) if config.state_dir else cache / "state" / Path(config.model).name
         journal = Journal(state_dir, host.fingerprint(), legacy_fingerprints=(host.legacy_fingerprint(),))
         metrics = self.runtime.metrics
-        methods, scorer = build_methods(host, cache)
-        manager = EditManager(host, journal, methods, scorer, metrics, max_facts=config.max_edit_facts)
+        table = build_methods(host, cache)
+        self.methods = table
+        manager = EditManager(host, journal, table.compute, table.score, metrics, max_facts=config.max_edit_facts)
         drift = DriftMonitor(host, metrics, stable_weights(manager))  # reference = unedited weights
         replayed = manager.replay()
         manager.on_change = drift.request_refresh
@@ -114,6 +115,22 @@ class EditserveServer:
         metrics.ready.set(1)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s (revision %d, %d edits replayed from %s)", config.model, host.revision, replayed, state_dir)
+        if config.prepare_statistics:
+            self.preparer = threading.Thread(target=self._prepare_statistics, args=(manager, table.prepare_statistics),
+                                             name="key-statistics", daemon=True)
+            self.preparer.start()
+
+    def _prepare_statistics(self, manager, prepare_statistics) -> None:
+        metrics = self.runtime.metrics
+        try:
+            manager.prepare("the key statistics of the default edit layers",
+                            lambda: metrics.statistics_seconds.set(prepare_statistics()))
+            metrics.statistics_ready.set(1)
+        except Exception as error:  # an edit will retry and report the cause itself
+            if self._stopped.is_set():
+                log.info("key statistics not prepared: %s", error)
+            else:
+                log.exception("preparing key statistics failed")
 
     def stop(self, grace: float = 5.0) -> None:
         if self._stopped.is_set():
@@ -125,6 +142,10 @@ class EditserveServer:
             self.runtime.backend.stop()
         if getattr(self, "drift", None) is not None:
             self.drift.stop()
+        if getattr(self, "methods", None) is not None:
+            self.methods.stop()  # abandon a statistics estimate: no torch work left running at exit
+        if getattr(self, "preparer", None) is not None:
+            self.preparer.join(timeout=30)
         self.grpc.stop(grace).wait()
 
     def wait(self) -> None:

@@ -33,6 +33,8 @@ class ServeConfig:
     trace_max_prompt_tokens: int = 64
     # facts one Edit may carry (each method also has its own limit in editing/registry.py)
     max_edit_facts: int = 10_000
+    # estimate the key statistics of the default edit layers in the background after start-up
+    prepare_statistics: bool = True
     # torch intra-op threads; 0 keeps torch's default (all cores).
     torch_threads: int = 0
     grpc_workers: int = 96

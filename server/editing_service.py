@@ -103,6 +103,7 @@ class EditingServicer(pb_grpc.EditingServicer):
             applied=outcome.applied,
             compute_seconds=outcome.compute_seconds,
             apply_seconds=outcome.apply_seconds,
+            notes=outcome.notes,
         )
         for report in outcome.reports:
             response.facts.append(

@@ -65,6 +65,8 @@ class EditOutcome:
     apply_seconds: float
     record: EditRecord | None
     diagnostics: dict
+    # what the operator should know about this edit's cost (e.g. it waited for statistics)
+    notes: list[str] = field(default_factory=list)
 
 
 class EditManager:
@@ -84,6 +86,7 @@ class EditManager:
         self.scorer = scorer
         self.metrics = metrics
         self._mutex = threading.Lock()
+        self.preparing = ""  # what a background preparation holding the mutex is doing
         self.on_change: Callable[[], None] = lambda: None  # e.g. the drift monitor's refresh
 
     # --- start-up ----------------------------------------------------------------------
@@ -151,8 +154,14 @@ class EditManager:
         limit = min(METHODS[method].max_facts, self.max_facts)
         if len(facts) > limit:
             raise InvalidRequest(f"facts: {len(facts)} facts in one edit, the limit for {method} is {limit}")
+        waiting_for, queued = self.preparing, time.perf_counter()
+        if waiting_for:
+            log.warning("edit (%s) waits for %s", method, waiting_for)
         with self._mutex:
             started = time.perf_counter()
+            notes = []
+            if waiting_for and started - queued > 0.1:
+                notes.append(f"waited {started - queued:.1f} s for {waiting_for} (done once per model; cached on disk)")
             try:
                 delta, diagnostics = self.methods[method](facts, options)
                 if not delta.is_finite():
@@ -162,11 +171,16 @@ class EditManager:
                 self.metrics.edits.labels(method, "failed").inc()
                 raise
             compute_seconds = time.perf_counter() - started
+            stats_seconds = diagnostics.get("timings", {}).get("statistics_s", 0.0)
+            if stats_seconds > 1.0:
+                notes.append(f"spent {stats_seconds:.1f} s estimating key statistics for layers "
+                             f"{diagnostics.get('layers')} (first use of these options; cached on disk)")
             self.metrics.edit_compute.labels(method).observe(compute_seconds)
             reports = self._scores(facts, delta) if report else []
             if dry_run:
                 self.metrics.edits.labels(method, "dry_run").inc()
-                return EditOutcome("", self.host.revision, False, reports, compute_seconds, 0.0, None, diagnostics)
+                return EditOutcome("", self.host.revision, False, reports, compute_seconds, 0.0, None, diagnostics,
+                                   notes)
             edit_id = self.journal.new_id()
             artifact, sha = self.journal.write_artifact(edit_id, delta)
             try:
@@ -196,7 +210,17 @@ class EditManager:
             self._publish()
             diagnostics = {**diagnostics, "write_lock_seconds": pause}
             return EditOutcome(edit_id, revision, True, reports, compute_seconds, apply_seconds,
-                               self.journal.get(edit_id), diagnostics)
+                               self.journal.get(edit_id), diagnostics, notes)
+
+    def prepare(self, label: str, work: Callable[[], object]) -> None:
+        """Run ``work`` (e.g. estimating key statistics) under the edit mutex, so the weights
+        cannot change under it; an Edit arriving meanwhile waits and reports what for."""
+        with self._mutex:
+            self.preparing = label
+            try:
+                work()
+            finally:
+                self.preparing = ""
 
     def revert(self, edit_id: str) -> tuple[int, float]:
         with self._mutex:

@@ -31,8 +31,8 @@ class InProcessTarget:
         self.host = ModelHost(loaded, tokenizer, name=model, dtype=dtype, device="cpu")
         self._tmp = tempfile.TemporaryDirectory(prefix="editserve-eval-")
         journal = Journal(Path(self._tmp.name), self.host.fingerprint())
-        methods, scorer = build_methods(self.host, cache)
-        self.manager = EditManager(self.host, journal, methods, scorer, Metrics())
+        table = build_methods(self.host, cache)
+        self.manager = EditManager(self.host, journal, table.compute, table.score, Metrics())
         self.method = method
         self.options = options or {}
         self.probes = load_probes()

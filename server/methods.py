@@ -12,6 +12,8 @@ statistics) live in one EditingContext for the server's lifetime.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -60,9 +62,34 @@ class _Bound:
         return [s.probability for s in scores]
 
 
-def build_methods(host: ModelHost, cache_dir: Path) -> tuple[dict[str, ComputeFn], ScoreFn]:
-    """{method name: compute} for every registry method this host can serve, and the scorer."""
+    def prepare_statistics(self, methods: list[str]) -> float:
+        """Key statistics the shipped hyperparameters of ``methods`` need (seconds taken)."""
+        from .statistics import default_plan, prepare
+
+        adapter = self.host.adapter
+        return prepare(self.context, default_plan(adapter.model_type, adapter.num_layers, methods))
+
+
+    def stop(self) -> None:
+        """Abandon a statistics estimate in progress (shutdown); later ones run normally."""
+        if "context" in self.__dict__:
+            self.context.stop.set()
+
+
+@dataclass
+class MethodTable:
+    """What the server needs from the methods: compute functions, the scorer, and the hooks to
+    prepare (and abandon, at shutdown) the key statistics of their default layers."""
+
+    compute: dict[str, ComputeFn]
+    score: ScoreFn
+    prepare_statistics: Callable[[], float]
+    stop: Callable[[], None]
+
+
+def build_methods(host: ModelHost, cache_dir: Path) -> MethodTable:
+    """Every registry method this host can serve, bound to its model."""
     bound = _Bound(host, cache_dir)
     methods = {name: bound.compute_fn(spec) for name, spec in METHODS.items()
                if unavailable_reason(name, host.capabilities) is None}
-    return methods, bound.score
+    return MethodTable(methods, bound.score, lambda: bound.prepare_statistics(sorted(methods)), bound.stop)

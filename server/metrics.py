@@ -72,6 +72,11 @@ class Metrics(EngineObserver):
             "editserve_drift_last_refresh_timestamp_seconds", "When drift was last recomputed", registry=r
         )
         self.drift_probes = Gauge("editserve_drift_probes", "Prompts in the drift probe set", registry=r)
+        self.statistics_ready = Gauge(
+            "editserve_key_statistics_ready",
+            "1 once the key statistics of the default edit layers are prepared (edits no longer wait)", registry=r)
+        self.statistics_seconds = Gauge(
+            "editserve_key_statistics_prepare_seconds", "How long preparing the key statistics took", registry=r)
         self.ready = Gauge("editserve_ready", "1 once the model is loaded and the journal replayed", registry=r)
 
     # EngineObserver

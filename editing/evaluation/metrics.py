@@ -10,8 +10,10 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only where logits are compared: `eval --server` runs without it
+    import torch
 
 Pair = tuple[float, float]  # (P(new), P(true)) after one prompt
 
@@ -82,6 +84,8 @@ def ngram_entropy(texts: Sequence[str], ns: Sequence[int] = (2, 3), weights: Seq
 
 def distribution_drift(reference_logits: torch.Tensor, edited_logits: torch.Tensor) -> tuple[float, float]:
     """(mean KL(reference || edited) in nats, top-1 agreement) over rows of next-token logits."""
+    import torch
+
     ref = torch.log_softmax(reference_logits.float(), -1)
     new = torch.log_softmax(edited_logits.float(), -1)
     kl = (ref.exp() * (ref - new)).sum(-1)

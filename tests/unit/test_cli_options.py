@@ -24,3 +24,18 @@ def test_options_become_typed_request_fields():
     request = edit_request(Fact("{} is", "x", "y"), method="rome", steps=40, clamp_norm_factor=4, stats_source="model")
     assert request.rome.steps == 40 and request.rome.clamp_norm_factor == 4.0 and request.rome.stats_source == "model"
     assert "norm_constraint" in option_names("ft_l")
+
+
+def test_list_options_and_memit_fields():
+    result = CliRunner().invoke(main, ["eval", "--n", "1", "--model", "/nonexistent", "--method", "memit",
+                                       "--set", "layers=3,4,5", "--set", "bogus=1"])
+    assert result.exit_code == 2 and "unknown memit option 'bogus'" in result.output, result.output
+    request = edit_request(Fact("{} is", "x", "y"), method="memit", layers=[3, 4, 5], batch_facts=8)
+    assert list(request.memit.layers) == [3, 4, 5] and request.memit.batch_facts == 8
+
+
+def test_named_dataset_needs_a_data_dir_and_says_where_to_get_it(monkeypatch):
+    monkeypatch.delenv("EDITSERVE_DATA", raising=False)
+    result = CliRunner().invoke(main, ["eval", "--n", "1", "--dataset", "counterfact"])
+    assert result.exit_code == 2, result.output
+    assert "--data-dir" in result.output and "rome.baulab.info" in result.output

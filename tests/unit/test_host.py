@@ -102,3 +102,12 @@ def test_apply_swaps_storage_and_never_writes_the_old_one(arch, tiny_tokenizer):
     assert torch.equal(param.detach(), original)
     with torch.no_grad():
         assert torch.equal(host.model(ids).logits, before)
+
+
+def test_the_hf_host_is_both_faces_of_the_served_model(tiny_tokenizer):
+    """The HF backend serves from the analysis module itself: one object is both protocols."""
+    from editserve.server.state import AnalysisView, ServedState
+
+    host = _host("llama", tiny_tokenizer)
+    assert isinstance(host, AnalysisView) and isinstance(host, ServedState)
+    assert host.capabilities == frozenset({"weight_delta"})

@@ -1,0 +1,122 @@
+"""MEMIT on CounterFact: quality (ES / PS / NS under preview), cost per stage, peak memory, and
+the batched value optimisation against one fact at a time, measured in the same run.
+
+  .venv/bin/python bench/memit_bench.py --model smollm2-135m --facts 30
+  ... --facts 30 --value-speed 8            # also: value optimisation of 8 facts, batched vs one by one
+  ... --facts 10 --sweep 2-6,3-7,4-8        # layer-range sweep (first-last, inclusive)
+  ... --facts 30 --method rome               # ROME on the same facts, sequentially composed
+  ... --set batch_facts=16 --set steps=20   # hyperparameter overrides
+
+Statistics and context templates are prepared before the clock starts (they are per model,
+cached on disk; the server prepares them at start-up). The unedited row is the same prompts
+without an edit. Peak memory is the process's maximum resident set size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.rome_quality import DEFAULT_DATA, _value, case_scores, load_cases, summarize  # noqa: E402
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    first, _, last = text.partition("-")
+    return tuple(range(int(first), int(last or first) + 1))
+
+
+def quality(model, tokenizer, facts, delta=None):
+    from editserve.editing.artifacts import preview
+
+    if delta is None:
+        return summarize([case_scores(model, tokenizer, f) for f in facts])
+    with preview(model, delta):
+        return summarize([case_scores(model, tokenizer, f) for f in facts])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--facts", type=int, default=30)
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--method", choices=["memit", "rome"], default="memit")
+    parser.add_argument("--sweep", default="", help="comma-separated layer ranges, e.g. 2-6,3-7")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--value-speed", type=int, default=0, help="facts for the batched-vs-single value timing")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-quality", action="store_true", help="skip ES/PS/NS (timing only)")
+    parser.add_argument("--json", default="", help="append the results as a JSON line to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from editserve.editing.context import EditingContext
+    from editserve.editing.hparams import MemitHyperParams, RomeHyperParams
+    from editserve.editing.memit import compute_memit
+    from editserve.editing.rome import compute_rome
+    from editserve.editing.values import compute_value_deltas
+    from editserve.server.models import default_cache_dir, load_model
+
+    model, tokenizer, _ = load_model(args.model, cache_dir=default_cache_dir())
+    ctx = EditingContext(model, tokenizer, cache_dir=default_cache_dir() / "stats")
+    facts = load_cases(Path(args.data), args.start, args.facts)
+    overrides = {}
+    for pair in args.set:
+        key, _, raw = pair.partition("=")
+        overrides[key] = [_value(x) for x in raw.split(",")] if "," in raw else _value(raw)
+    cls = MemitHyperParams if args.method == "memit" else RomeHyperParams
+    base = cls.load(ctx.adapter.model_type, ctx.adapter.num_layers).with_overrides(**overrides)
+    print(f"# {datetime.datetime.now().isoformat(timespec='minutes')} {args.model} {args.method} "
+          f"facts {args.start}..{args.start + len(facts) - 1} threads {args.threads} overrides {overrides}")
+    if not args.no_quality:
+        print(f"unedited: {quality(model, tokenizer, facts)}")
+    ranges = [_layers(r) for r in args.sweep.split(",") if r] or [None]
+    for layers in ranges:
+        hp = base if layers is None else base.with_overrides(**({"layers": layers} if args.method == "memit"
+                                                               else {"layer": layers[0]}))
+        stat_layers = list(getattr(hp.for_depth(ctx.adapter.num_layers), "layers", None) or [hp.layer])
+        ctx.second_moments(stat_layers, hp.stats_source, hp.stats_tokens)
+        ctx.context_templates(hp.context_count, hp.context_length)
+        started = time.perf_counter()
+        compute = compute_memit if args.method == "memit" else compute_rome
+        delta, diag = compute(ctx, facts, hp)
+        seconds = time.perf_counter() - started
+        row = {"model": args.model, "method": args.method, "facts": len(facts), "layers": diag["layers"],
+               "seconds": round(seconds, 1), "timings": {k: round(v, 1) for k, v in diag["timings"].items()},
+               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+               "hparams_overrides": overrides}
+        if not args.no_quality:
+            row["quality"] = quality(model, tokenizer, facts, delta)
+        print(json.dumps(row))
+        if args.json:
+            with open(args.json, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+    if args.value_speed and args.method == "memit":
+        hp = base.for_depth(ctx.adapter.num_layers)
+        module = ctx.adapter.layer(max(hp.layers))
+        templates = ctx.context_templates(hp.context_count, hp.context_length)
+        subset = facts[: args.value_speed]
+        t0 = time.perf_counter()
+        compute_value_deltas(model, tokenizer, module, ctx.adapter.hidden_size, subset, templates, hp,
+                             batch_facts=hp.batch_facts)
+        batched = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for fact in subset:
+            compute_value_deltas(model, tokenizer, module, ctx.adapter.hidden_size, [fact], templates, hp)
+        single = time.perf_counter() - t0
+        print(f"value optimisation, {len(subset)} facts: batched ({hp.batch_facts}/batch) {batched:.1f} s, "
+              f"one at a time {single:.1f} s: {single / batched:.2f}x the facts per second")
+
+
+if __name__ == "__main__":
+    main()

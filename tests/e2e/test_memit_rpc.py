@@ -1,0 +1,72 @@
+"""MEMIT over a real socket on a tiny random Llama: one Edit writes several facts over several
+layers, reverts bit-exactly, replays after a restart; every bad request is INVALID_ARGUMENT
+naming the problem with the weights unchanged; declared-only methods are UNIMPLEMENTED."""
+
+from __future__ import annotations
+
+import pytest
+
+from editserve.client import Fact, InvalidArgument
+from editserve.client.errors import EditserveError
+from tests.server_process import start_server
+
+pytestmark = pytest.mark.e2e
+
+MEMIT_TINY = {"method": "memit", "layers": [1, 2], "steps": 30, "clamp_norm_factor": 1e4, "weight_decay": 0.0,
+              "stats_tokens": 2000, "mom2_update_weight": 1.0}
+FACTS = [Fact("The mother tongue of {} is", s, t) for s, t in
+         (("Danielle Darrieux", "English"), ("Michael Jordan", "football"), ("Steve Jobs", "Microsoft"))]
+
+
+@pytest.fixture()
+def server(tiny_model_dir, tmp_path):
+    started = [start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", "--max-edit-facts", "5",
+                            timeout=120)]
+    yield started
+    for s in started:
+        s.stop()
+
+
+def test_memit_batch_edit_revert_and_replay(server, tiny_model_dir, tmp_path):
+    with server[0].client() as client:
+        pristine = client.model_info(include_weights_digest=True).weights_digest
+        result = client.edit(FACTS, **MEMIT_TINY)
+        assert result.applied and len(result.facts) == 3
+        for report in result.facts:
+            assert report.rewrite.p_new_after > 2 * report.rewrite.p_new_before, report
+        info = client.get_edit(result.edit_id)
+        assert info.method == "memit" and info.layers == [1, 2] and len(info.facts) == 3
+        assert sorted(info.parameters) == [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)]
+        edited = client.model_info(include_weights_digest=True).weights_digest
+        assert edited != pristine
+    server[0].stop()
+    server.append(start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", timeout=120))
+    with server[1].client() as client:
+        assert client.model_info(include_weights_digest=True).weights_digest == edited  # replayed
+        client.revert(result.edit_id)
+        assert client.model_info(include_weights_digest=True).weights_digest == pristine
+
+
+@pytest.mark.parametrize("facts, options, message", [
+    ([], {}, "at least one fact"),
+    (FACTS * 2, {}, "limit for memit is 5"),
+    ([FACTS[0], Fact(FACTS[0].prompt, FACTS[0].subject, "French")], {}, "two different targets"),
+    (FACTS, {"layers": [1, 9]}, "out of range"),
+    (FACTS, {"mom2_update_weight": float("nan")}, "mom2_update_weight must be in"),
+    (FACTS, {"steps": 5000}, "steps must be in"),
+    (FACTS, {"learning_rate": float("inf")}, "lr must be in"),
+    (FACTS, {"layers": [1, 1]}, "repeat"),
+])
+def test_bad_batches_are_refused_and_change_nothing(server, facts, options, message):
+    with server[0].client() as client:
+        pristine = client.model_info(include_weights_digest=True).weights_digest
+        with pytest.raises(InvalidArgument, match=message):
+            client.edit(facts, **{**MEMIT_TINY, **options})
+        assert client.model_info(include_weights_digest=True).weights_digest == pristine
+        assert client.list_edits() == []
+
+
+def test_declared_methods_answer_unimplemented(server):
+    with server[0].client() as client, pytest.raises(EditserveError) as caught:
+        client.edit(FACTS[:1], method="serac")
+    assert caught.value.code.name == "UNIMPLEMENTED" and "not implemented" in str(caught.value)
