@@ -27,7 +27,38 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.rome_quality import DEFAULT_DATA, _value, case_scores, load_cases, summarize  # noqa: E402
+from bench.rome_quality import DEFAULT_DATA, _value  # noqa: E402
+
+
+def case_scores(model, tokenizer, case) -> dict[str, list[bool]]:
+    """ES / PS / NS outcomes of one case, by length-normalised target probability (as ROME's
+    CounterFact evaluation): NS counts CounterFact neighbourhood prompts that still prefer the
+    true object, and locality probes with their own answers (close same-relation neighbours,
+    e.g. "The capital of Germany is" -> Berlin) that still prefer that answer to the new one."""
+    from editserve.editing.scoring import score
+
+    fact = case.fact
+    items = [("es", fact.text, fact.target_new, fact.target_true)]
+    items += [("ps", p, fact.target_new, fact.target_true) for p in case.paraphrase_prompts]
+    items += [("ns", p, fact.target_true, fact.target_new) for p in case.neighborhood_prompts]
+    items += [("ns", probe.prompt, probe.answer, fact.target_new) for probe in case.locality]
+    prompts = [p for _k, p, _good, _bad in items for _ in (0, 1)]
+    targets = [t for _k, _p, good, bad in items for t in (good, bad)]
+    scores = score(model, tokenizer, prompts, targets, batch_size=32)
+    out: dict[str, list[bool]] = {"es": [], "ps": [], "ns": []}
+    for i, (kind, *_rest) in enumerate(items):
+        out[kind].append(scores[2 * i].mean_logprob > scores[2 * i + 1].mean_logprob)
+    return out
+
+
+def summarize(rows: list[dict[str, list[bool]]]) -> dict[str, float]:
+    def share(key):
+        flat = [x for r in rows for x in r[key]]
+        return round(100.0 * sum(flat) / max(len(flat), 1), 1)
+
+    es, ps, ns = share("es"), share("ps"), share("ns")
+    score = 3 / (1 / max(es, 1e-9) + 1 / max(ps, 1e-9) + 1 / max(ns, 1e-9))
+    return {"es": es, "ps": ps, "ns": ns, "score": round(score, 1)}
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -39,9 +70,9 @@ def quality(model, tokenizer, facts, delta=None):
     from editserve.editing.artifacts import preview
 
     if delta is None:
-        return summarize([case_scores(model, tokenizer, f) for f in facts])
+        return summarize([case_scores(model, tokenizer, c) for c in facts])
     with preview(model, delta):
-        return summarize([case_scores(model, tokenizer, f) for f in facts])
+        return summarize([case_scores(model, tokenizer, c) for c in facts])
 
 
 def main() -> None:
@@ -69,7 +100,11 @@ def main() -> None:
 
     model, tokenizer, _ = load_model(args.model, cache_dir=default_cache_dir())
     ctx = EditingContext(model, tokenizer, cache_dir=default_cache_dir() / "stats")
-    facts = load_cases(Path(args.data), args.start, args.facts)
+    from editserve.editing.evaluation.datasets import load_cases
+
+    cases, _skipped = load_cases(Path(args.data), limit=args.start + args.facts)
+    cases = [c for c in cases[args.start:] if c.fact.target_true][: args.facts]
+    facts = [c.fact for c in cases]
     overrides = {}
     for pair in args.set:
         key, _, raw = pair.partition("=")
@@ -79,7 +114,7 @@ def main() -> None:
     print(f"# {datetime.datetime.now().isoformat(timespec='minutes')} {args.model} {args.method} "
           f"facts {args.start}..{args.start + len(facts) - 1} threads {args.threads} overrides {overrides}")
     if not args.no_quality:
-        print(f"unedited: {quality(model, tokenizer, facts)}")
+        print(f"unedited: {quality(model, tokenizer, cases)}")
     ranges = [_layers(r) for r in args.sweep.split(",") if r] or [None]
     for layers in ranges:
         hp = base if layers is None else base.with_overrides(**({"layers": layers} if args.method == "memit"
@@ -94,9 +129,13 @@ def main() -> None:
         row = {"model": args.model, "method": args.method, "facts": len(facts), "layers": diag["layers"],
                "seconds": round(seconds, 1), "timings": {k: round(v, 1) for k, v in diag["timings"].items()},
                "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-               "hparams_overrides": overrides}
+               "hparams_overrides": overrides,
+               "target_prob_mean": round(sum(f["target_prob"] for f in diag["facts"]) / len(facts), 3),
+               "steps_mean": round(sum(f["steps"] for f in diag["facts"]) / len(facts), 1)}
+        if "per_layer" in diag:
+            row["missing_norm"] = [round(p["missing_norm"], 2) for p in diag["per_layer"]]
         if not args.no_quality:
-            row["quality"] = quality(model, tokenizer, facts, delta)
+            row["quality"] = quality(model, tokenizer, cases, delta)
         print(json.dumps(row))
         if args.json:
             with open(args.json, "a") as handle:

@@ -134,27 +134,21 @@ def _factors_or_dense(ctx: EditingContext, name: str, resid: torch.Tensor, adj: 
     return WeightDelta(factors=factors, dense=dense)
 
 
-def compute_memit(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams) -> tuple[WeightDelta, dict]:
-    """The MEMIT edit of ``facts`` as a WeightDelta over ``hparams.layers``, plus diagnostics.
+def compute_targets(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams, templates: list[str]):
+    """Step 1: per fact, the change of the residual stream after the last layer of the range
+    that makes the model say the new object (a :class:`~editserve.editing.values.ValueResult`;
+    z_i = unedited_i + deltas_i)."""
+    return compute_value_deltas(ctx.model, ctx.tokenizer, ctx.adapter.layer(max(hparams.layers)),
+                                ctx.adapter.hidden_size, facts, templates, hparams, batch_facts=hparams.batch_facts,
+                                label="MEMIT target optimisation")
 
-    Raises InvalidRequest for a malformed request (before any compute) and PreconditionFailed
-    for an unusable statistics source or a diverged optimisation.
-    """
-    started = time.perf_counter()
-    hparams = _check_request(ctx, facts, hparams)
+
+def spread(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams, templates: list[str],
+           targets: torch.Tensor) -> tuple[WeightDelta, list[dict]]:
+    """Step 2: write the targets z [n, d] into the layers of the range, lowest first, each layer
+    taking an even share of what is still missing at the last one."""
     layers = sorted(hparams.layers)
     z_layer = layers[-1]
-    ctx.second_moments(layers, hparams.stats_source, hparams.stats_tokens)
-    stats_seconds = time.perf_counter() - started
-    templates = ctx.context_templates(hparams.context_count, hparams.context_length)
-    context_seconds = time.perf_counter() - started - stats_seconds
-
-    values = compute_value_deltas(ctx.model, ctx.tokenizer, ctx.adapter.layer(z_layer), ctx.adapter.hidden_size,
-                                  facts, templates, hparams, batch_facts=hparams.batch_facts,
-                                  label="MEMIT target optimisation")
-    targets = values.unedited + values.deltas  # z_i, [n, d]
-    values_seconds = time.perf_counter() - started - stats_seconds - context_seconds
-
     total = WeightDelta()
     per_layer = []
     for i, layer in enumerate(layers):
@@ -172,6 +166,26 @@ def compute_memit(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperPar
         total = _factors_or_dense(ctx, ctx.adapter.mlp_out_weight_name(layer), resid.T, adj, total)
         per_layer.append({"layer": layer, "missing_norm": float(missing.norm(dim=-1).mean()),
                           "seconds": time.perf_counter() - layer_started})
+    return total, per_layer
+
+
+def compute_memit(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams) -> tuple[WeightDelta, dict]:
+    """The MEMIT edit of ``facts`` as a WeightDelta over ``hparams.layers``, plus diagnostics.
+
+    Raises InvalidRequest for a malformed request (before any compute) and PreconditionFailed
+    for an unusable statistics source or a diverged optimisation.
+    """
+    started = time.perf_counter()
+    hparams = _check_request(ctx, facts, hparams)
+    layers = sorted(hparams.layers)
+    ctx.second_moments(layers, hparams.stats_source, hparams.stats_tokens)
+    stats_seconds = time.perf_counter() - started
+    templates = ctx.context_templates(hparams.context_count, hparams.context_length)
+    context_seconds = time.perf_counter() - started - stats_seconds
+
+    values = compute_targets(ctx, facts, hparams, templates)
+    values_seconds = time.perf_counter() - started - stats_seconds - context_seconds
+    total, per_layer = spread(ctx, facts, hparams, templates, values.unedited + values.deltas)
 
     diagnostics = {
         "method": "memit",

@@ -57,11 +57,12 @@ def target_ids(tokenizer, prompt_text: str, target: str) -> list[int]:
 class _Batch:
     """Rows split at the subject's last token: a cached prefix and a suffix re-run per step.
 
-    Rows of several facts: ``row_fact`` says which (local) fact owns each row; the loss
-    positions are first every NLL position (target tokens of rewrite rows), then one KL
-    position per fact when the KL term is on.
+    The rows may belong to several facts and be any of their rows: ``row_fact`` says which
+    (local) fact owns each row. Loss positions are first every NLL position (target tokens of
+    rewrite rows), then one KL position per KL row.
     """
 
+    entries: tuple[tuple[int, int], ...]  # (local fact, row index within the fact) per row
     prefix_ids: torch.Tensor | None      # [B, P], left-padded
     prefix_mask: torch.Tensor | None
     prefix_pos: torch.Tensor | None
@@ -69,14 +70,15 @@ class _Batch:
     full_mask: torch.Tensor               # [B, P + S]
     suffix_pos: torch.Tensor
     row_fact: torch.Tensor                # [B] local fact index of each row
-    first_row: torch.Tensor               # [F] the row of each fact's bare rewrite prompt
+    bare_rows: torch.Tensor               # rows holding a fact's bare rewrite prompt ("{}" template)
+    bare_fact: torch.Tensor               # ... and their facts
     loss_rows: torch.Tensor               # (row, suffix column) pairs whose logits the loss reads
     loss_cols: torch.Tensor
     loss_targets: torch.Tensor            # [n_nll] target token of each NLL position
     loss_fact: torch.Tensor               # [n_nll] fact of each NLL position
     loss_weight: torch.Tensor             # [n_nll] 1 / (rewrite rows x target tokens) of its fact
+    kl_fact: torch.Tensor                 # [n_kl] fact of each KL position
     n_nll: int
-    has_kl: bool
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,10 @@ class FactRows:
     rows: tuple[tuple[tuple[int, ...], int], ...]  # (ids, subject_last)
     targets: tuple[int, ...]
     n_rewrite: int
+
+    def suffix_length(self, row: int) -> int:
+        ids, subject_last = self.rows[row]
+        return len(ids) - subject_last
 
 
 def fact_rows(tokenizer, fact: Fact, templates: list[str], kl_prompt: str | None) -> FactRows:
@@ -98,8 +104,9 @@ def fact_rows(tokenizer, fact: Fact, templates: list[str], kl_prompt: str | None
     return FactRows(tuple(rows), tuple(targets), len(prompts))
 
 
-def _build_batch(facts: list[FactRows], has_kl: bool, pad: int, device) -> _Batch:
-    rows = [(ids, s, f) for f, spec in enumerate(facts) for ids, s in spec.rows]
+def _build_batch(specs: list[FactRows], entries: list[tuple[int, int]], pad: int, device) -> _Batch:
+    """The batch of ``entries`` ((local fact, row) pairs) of the facts ``specs``."""
+    rows = [(*specs[f].rows[r], f) for f, r in entries]
     P = max(s for _ids, s, _f in rows)
     S = max(len(ids) - s for ids, s, _f in rows)
     prefix, pmask, ppos, suffix, fmask, spos, owner = [], [], [], [], [], [], []
@@ -112,36 +119,58 @@ def _build_batch(facts: list[FactRows], has_kl: bool, pad: int, device) -> _Batc
         fmask.append(pmask[-1] + [1] * len(tail) + [0] * (S - len(tail)))
         spos.append(list(range(s, s + S)))
         owner.append(f)
-    loss_rows, loss_cols, loss_targets, loss_fact, loss_weight, first_row, kl_rows, kl_cols = ([] for _ in range(8))
-    row = 0
-    for f, spec in enumerate(facts):
-        first_row.append(row)
-        n_target = len(spec.targets)
-        for r in range(spec.n_rewrite):
-            ids, s = spec.rows[r]
+    loss_rows, loss_cols, loss_targets, loss_fact, loss_weight = [], [], [], [], []
+    kl_rows, kl_cols, kl_fact, bare_rows, bare_fact = [], [], [], [], []
+    for row, (f, r) in enumerate(entries):
+        spec = specs[f]
+        ids, s = spec.rows[r]
+        if r == 0:
+            bare_rows.append(row)
+            bare_fact.append(f)
+        if r < spec.n_rewrite:
+            n_target = len(spec.targets)
             prompt_len = len(ids) - (n_target - 1)
             for j, t in enumerate(spec.targets):
-                loss_rows.append(row + r)
+                loss_rows.append(row)
                 loss_cols.append(prompt_len - 1 + j - s)
                 loss_targets.append(t)
                 loss_fact.append(f)
                 loss_weight.append(1.0 / (spec.n_rewrite * n_target))
-        if has_kl:
-            ids, s = spec.rows[spec.n_rewrite]
-            kl_rows.append(row + spec.n_rewrite)
+        else:  # the KL ("essence") row
+            kl_rows.append(row)
             kl_cols.append(len(ids) - 1 - s)
-        row += len(spec.rows)
+            kl_fact.append(f)
 
     def t(x, **kw):
-        return torch.tensor(x, device=device, **kw)
+        return torch.tensor(x, device=device, dtype=kw.get("dtype", torch.long))
 
     return _Batch(
+        entries=tuple(entries),
         prefix_ids=t(prefix) if P else None, prefix_mask=t(pmask) if P else None,
         prefix_pos=t(ppos) if P else None, suffix_ids=t(suffix), full_mask=t(fmask), suffix_pos=t(spos),
-        row_fact=t(owner), first_row=t(first_row), loss_rows=t(loss_rows + kl_rows),
+        row_fact=t(owner), bare_rows=t(bare_rows), bare_fact=t(bare_fact), loss_rows=t(loss_rows + kl_rows),
         loss_cols=t(loss_cols + kl_cols), loss_targets=t(loss_targets), loss_fact=t(loss_fact),
-        loss_weight=t(loss_weight, dtype=torch.float32), n_nll=len(loss_targets), has_kl=has_kl,
+        loss_weight=t(loss_weight, dtype=torch.float32), kl_fact=t(kl_fact), n_nll=len(loss_targets),
     )
+
+
+ROWS_PER_BUCKET = 48  # below this, rows of different suffix lengths share one padded forward
+
+
+def _buckets(specs: list[FactRows], facts: list[int]) -> list[list[tuple[int, int]]]:
+    """Rows of ``facts`` grouped by suffix length, so each forward pads as little as possible:
+    rows sorted by length, a group closed once it has ROWS_PER_BUCKET rows and the next row is
+    longer (short groups would waste more in per-forward overhead than padding costs)."""
+    rows = sorted(((f, r) for f in facts for r in range(len(specs[f].rows))),
+                  key=lambda e: specs[e[0]].suffix_length(e[1]))
+    groups: list[list[tuple[int, int]]] = [[]]
+    for entry in rows:
+        group = groups[-1]
+        if len(group) >= ROWS_PER_BUCKET and specs[entry[0]].suffix_length(entry[1]) > \
+                specs[group[-1][0]].suffix_length(group[-1][1]):
+            groups.append([])
+        groups[-1].append(entry)
+    return [sorted(g) for g in groups]
 
 
 def _head_and_softcap(model):
@@ -153,14 +182,15 @@ def _head_and_softcap(model):
 class _Runner:
     """Runs the suffix of every row against the cached prefix, with a delta at the subject."""
 
-    def __init__(self, model, module_name: str, batch: _Batch) -> None:
+    def __init__(self, model, module_name: str, batch: _Batch,
+                 prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         self.model = model
         self.body = body_of(model)
         self.head, self.softcap = _head_and_softcap(model)
         self.batch = batch
         self.module_name = module_name
-        self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        if batch.prefix_ids is not None:
+        self.prefix_kv = prefix_kv
+        if prefix_kv is None and batch.prefix_ids is not None:
             with torch.no_grad():
                 cache = DynamicCache()
                 self.body(input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask,
@@ -169,6 +199,16 @@ class _Runner:
             # masked out later, but NaN * 0 is NaN, so make them finite
             self.prefix_kv = [(torch.nan_to_num(layer_cache.keys), torch.nan_to_num(layer_cache.values))
                               for layer_cache in cache.layers]
+
+    def narrowed(self, batch: _Batch, rows: list[int]) -> _Runner:
+        """A runner for ``batch``, whose rows are ``rows`` of this one (facts that left), reusing
+        the cached prefix: those rows' keys/values, cut to the new (left-padded) prefix width."""
+        width = batch.prefix_ids.shape[1] if batch.prefix_ids is not None else 0
+        kv = None
+        if self.prefix_kv is not None and width:
+            index = torch.tensor(rows, device=self.prefix_kv[0][0].device)
+            kv = [(k[index][:, :, k.shape[2] - width:], v[index][:, :, v.shape[2] - width:]) for k, v in self.prefix_kv]
+        return _Runner(self.model, self.module_name, batch, kv)
 
     def _cache(self) -> DynamicCache | None:
         if self.prefix_kv is None:
@@ -219,24 +259,32 @@ def compute_value_deltas(model, tokenizer, module_name: str, hidden_size: int, f
     ``templates`` are context templates ("{}" first); facts are optimised ``batch_facts`` at a
     time. Raises PreconditionFailed naming the fact when its optimisation diverges.
     """
-    deltas, unedited, info = [], [], []
+    has_kl = hparams.kl_factor > 0
+    specs = [fact_rows(tokenizer, f, templates, hparams.kl_prompt if has_kl else None) for f in facts]
+    # facts of similar suffix length share a chunk: less padding in every step's forward
+    order = sorted(range(len(facts)), key=lambda i: max(len(ids) - s for ids, s in specs[i].rows))
+    deltas, unedited, info = [None] * len(facts), [None] * len(facts), [None] * len(facts)
     for start in range(0, len(facts), batch_facts):
-        chunk = facts[start:start + batch_facts]
-        d, u, i = _optimise_chunk(model, tokenizer, module_name, hidden_size, chunk, templates, hparams, start, label)
-        deltas.append(d)
-        unedited.append(u)
-        info += i
-    return ValueResult(torch.cat(deltas), torch.cat(unedited), info)
+        chunk = order[start:start + batch_facts]
+        d, u, i = _optimise_chunk(model, tokenizer, module_name, hidden_size, [specs[f] for f in chunk], hparams,
+                                  chunk, label)
+        for local, f in enumerate(chunk):
+            deltas[f], unedited[f], info[f] = d[local], u[local], i[local]
+    return ValueResult(torch.stack(deltas), torch.stack(unedited), info)
 
 
-def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, facts: list[Fact],
-                    templates: list[str], hparams, offset: int, label: str) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, specs: list[FactRows], hparams,
+                    indices: list[int], label: str) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Optimise the deltas of one chunk of facts (``indices``: their places in the request).
+
+    Each step runs one forward per bucket of rows of similar suffix length (see
+    :func:`_buckets`), sums every fact's loss over the buckets, and takes one gradient of the
+    active facts' total. Facts are numbered within the chunk throughout (``row_fact``)."""
     started = time.perf_counter()
     device = next(model.parameters()).device
     has_kl = hparams.kl_factor > 0
-    specs = [fact_rows(tokenizer, f, templates, hparams.kl_prompt if has_kl else None) for f in facts]
     pad = pad_id_of(tokenizer)
-    n = len(facts)
+    n = len(specs)
     params = [torch.zeros(hidden_size, device=device, dtype=torch.float32, requires_grad=True) for _ in range(n)]
     optimizer = torch.optim.Adam(params, lr=hparams.lr)
     kl_init: list[torch.Tensor | None] = [None] * n
@@ -246,46 +294,49 @@ def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, facts:
     nll0 = [0.0] * n
     last = [(0.0, 0.0)] * n  # (nll, kl) at the fact's last evaluation
     active = list(range(n))
-    batch = _build_batch(specs, has_kl, pad, device)
-    runner = _Runner(model, module_name, batch)
+    runners = [_Runner(model, module_name, _build_batch(specs, entries, pad, device))
+               for entries in _buckets(specs, active)]
     prepared = time.perf_counter()
     for step in range(hparams.steps + 1):
-        stacked = torch.stack([params[f] for f in active])
-        logits, out0 = runner.logits(stacked[batch.row_fact])
-        if step == 0:  # delta = 0: these outputs are the unedited ones (KL reference, norms)
-            logp0 = torch.log_softmax(logits.detach(), -1)
-            for local, f in enumerate(active):
-                base_out[f] = out0[batch.first_row[local]].detach()
-                if has_kl:
-                    kl_init[f] = logp0[batch.n_nll + local]
+        stacked = torch.stack(params)
+        nll = torch.zeros(n, device=device)
+        kl = torch.zeros(n, device=device)
+        for runner in runners:
+            b = runner.batch
+            logits, out0 = runner.logits(stacked[b.row_fact])
+            logp = torch.log_softmax(logits, -1)
+            if step == 0:  # delta = 0: these outputs are the unedited ones (KL reference, norms)
+                for row, f in zip(b.bare_rows.tolist(), b.bare_fact.tolist(), strict=True):
+                    base_out[f] = out0[row].detach()
+                for k, f in enumerate(b.kl_fact.tolist()):
+                    kl_init[f] = logp[b.n_nll + k].detach()
+            token_lp = logp[:b.n_nll].gather(1, b.loss_targets[:, None])[:, 0]
+            nll = nll.index_add(0, b.loss_fact, -token_lp * b.loss_weight)
+            if has_kl and len(b.kl_fact):
+                reference = torch.stack([kl_init[f] for f in b.kl_fact.tolist()])
+                kl = kl.index_add(0, b.kl_fact, torch.sum(reference.exp() * (reference - logp[b.n_nll:]), -1))
+        if step == 0:
+            for f in range(n):
                 max_norm[f] = hparams.clamp_norm_factor * float(base_out[f].norm().clamp_min(1e-6))
-        logp = torch.log_softmax(logits, -1)
-        token_lp = logp[:batch.n_nll].gather(1, batch.loss_targets[:, None])[:, 0]
-        nll = torch.zeros(len(active), device=device).index_add(0, batch.loss_fact, -token_lp * batch.loss_weight)
-        kl = torch.zeros(len(active), device=device)
-        if has_kl:
-            reference = torch.stack([kl_init[f] for f in active])
-            kl = torch.sum(reference.exp() * (reference - logp[batch.n_nll:]), -1)
-        norms = torch.stack([base_out[f].norm().clamp_min(1e-6) for f in active])
+        norms = torch.stack([base_out[f].norm().clamp_min(1e-6) for f in range(n)])
         decay = stacked.pow(2).sum(-1) / norms.pow(2)
         loss = nll + hparams.kl_factor * kl + hparams.weight_decay * decay
         values = loss.detach().tolist()
         nll_values, kl_values = nll.detach().tolist(), kl.detach().tolist()
-        for local, f in enumerate(active):
-            if not math.isfinite(values[local]):
+        for f in active:
+            if not math.isfinite(values[f]):
                 raise PreconditionFailed(
-                    f"{label} diverged for facts[{offset + f}] (loss {values[local]}) at step {step}; "
+                    f"{label} diverged for facts[{indices[f]}] (loss {values[f]}) at step {step}; "
                     "try a smaller learning_rate or another layer")
-            last[f] = (nll_values[local], kl_values[local])
+            last[f] = (nll_values[f], kl_values[f])
             if step == 0:
-                nll0[f] = nll_values[local]
+                nll0[f] = nll_values[f]
         if step == hparams.steps:
             break
-        keep = [local for local, f in enumerate(active) if nll_values[local] >= hparams.early_stop_loss]
-        if not keep:
+        remaining = [f for f in active if nll_values[f] >= hparams.early_stop_loss]
+        if not remaining:
             break
-        remaining = [active[local] for local in keep]
-        grads = torch.autograd.grad(loss[keep].sum(), [params[f] for f in remaining])
+        grads = torch.autograd.grad(loss[remaining].sum(), [params[f] for f in remaining])
         for p in params:
             p.grad = None
         for f, g in zip(remaining, grads, strict=True):
@@ -297,10 +348,16 @@ def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, facts:
                 norm = float(params[f].norm())
                 if norm > max_norm[f]:
                     params[f].mul_(max_norm[f] / norm)
-        if len(remaining) < len(active):  # converged facts leave the batch
+        if len(remaining) < len(active):  # converged facts leave the batch; the rest keep their prefix
             active = remaining
-            batch = _build_batch([specs[f] for f in active], has_kl, pad, device)
-            runner = _Runner(model, module_name, batch)
+            still = set(active)
+            narrowed = []
+            for runner in runners:
+                kept = [row for row, (f, _r) in enumerate(runner.batch.entries) if f in still]
+                if kept:
+                    entries = [runner.batch.entries[row] for row in kept]
+                    narrowed.append(runner.narrowed(_build_batch(specs, entries, pad, device), kept))
+            runners = narrowed
     result = torch.stack([p.detach().clone() for p in params])
     if not bool(torch.isfinite(result).all()):
         raise PreconditionFailed(f"{label} produced a non-finite vector")

@@ -11,7 +11,8 @@ Every loader takes a path (users bring their own files of the same format) and r
 - ``zsre``: MEND/ROME zsRE (``src``, ``subject``, ``alt``, ``answers``, ``rephrase``, ``loc``,
   ``loc_ans``; optional ``portability``, ``alternative_subject``, ``inverse question``).
 - ``knowedit``: KnowEdit (``prompt``, ``subject``, ``target_new``, ``ground_truth``,
-  ``rephrase_prompt``, ``locality``/``portability`` dicts of prompt lists).
+  ``rephrase_prompt`` (one, or a list), ``locality``/``portability`` dicts of prompt lists;
+  ``bench/data/wellknown_facts.json`` uses it for close same-relation neighbours).
 ``detect_format`` picks one from the first record.
 """
 
@@ -153,11 +154,11 @@ def _knowedit(record: dict, index: int) -> EvalCase | None:
                 for group in (record.get("locality") or {}).values() for p in group]
     portability = [Probe(p["prompt"], _first(p["ground_truth"]))
                    for group in (record.get("portability") or {}).values() for p in group]
-    rephrase = record.get("rephrase_prompt") or record.get("rephrase")
+    rephrase = record.get("rephrase_prompt") or record.get("rephrase") or ()
     return EvalCase(
         case_id=str(record.get("case_id", index)),
         fact=fact,
-        paraphrase_prompts=(rephrase,) if rephrase else (),
+        paraphrase_prompts=tuple(rephrase) if isinstance(rephrase, list) else (rephrase,),
         locality=tuple(locality),
         portability=tuple(portability),
     )

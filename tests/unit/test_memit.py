@@ -65,10 +65,14 @@ def test_batch_edit_raises_every_target_without_touching_weights(arch, tiny_toke
     assert diagnostics["layers"] == [1, 2] and len(diagnostics["facts"]) == len(FACTS)
 
 
-def test_batched_targets_match_one_at_a_time(tiny_tokenizer, stats_dir):
-    """Batching facts shares forward passes but each fact keeps its own optimisation."""
+@pytest.mark.parametrize("rows_per_bucket", [48, 2])
+def test_batched_targets_match_one_at_a_time(rows_per_bucket, tiny_tokenizer, stats_dir, monkeypatch):
+    """Batching facts shares forward passes (in one bucket, or in several by suffix length) but
+    each fact keeps its own optimisation."""
+    from editserve.editing import values
     from editserve.editing.values import compute_value_deltas
 
+    monkeypatch.setattr(values, "ROWS_PER_BUCKET", rows_per_bucket)
     model, adapter = learnable_model("llama", tiny_tokenizer, edit_layer=2)
     ctx = EditingContext(model, tiny_tokenizer, adapter, stats_dir, progress=False)
     hp = tiny_memit(model, steps=8, early_stop_loss=0.0)
@@ -117,3 +121,38 @@ def test_bad_requests_change_nothing(tiny_tokenizer, stats_dir, tmp_path):
     with pytest.raises(InvalidRequest, match="unknown memit option"):
         hp.with_overrides(layer=3)
     assert hooks_attached(model) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_narrowed_runner_reuses_the_prefix_exactly(arch, tiny_tokenizer):
+    """Facts leaving the batch keep the others' cached prefix: same logits as a fresh runner."""
+    from editserve.editing import values as V
+    from editserve.editing.keys import pad_id_of
+
+    model, adapter = learnable_model(arch, tiny_tokenizer)
+    templates = ["{}", "The capital of France is Paris. {}", "Apple. {}"]
+    specs = [V.fact_rows(tiny_tokenizer, f, templates, "{} is a") for f in FACTS]
+    pad = pad_id_of(tiny_tokenizer)
+    entries = [(f, r) for f, spec in enumerate(specs) for r in range(len(spec.rows))]
+    full = V._Runner(model, adapter.layer(2), V._build_batch(specs, entries, pad, "cpu"))
+    rows = [row for row, (f, _r) in enumerate(entries) if f in (0, 2)]
+    batch = V._build_batch(specs, [entries[row] for row in rows], pad, "cpu")
+    delta = torch.randn(len(rows), adapter.hidden_size)
+    narrowed, _ = full.narrowed(batch, rows).logits(delta)
+    fresh, _ = V._Runner(model, adapter.layer(2), batch).logits(delta)
+    torch.testing.assert_close(narrowed, fresh, atol=1e-4, rtol=1e-4)
+
+
+def test_rows_are_bucketed_by_suffix_length(tiny_tokenizer):
+    """Every row lands in exactly one bucket, and buckets are ordered by suffix length."""
+    from editserve.editing import values as V
+
+    templates = ["{}", "The capital of France is Paris. {}", "Apple. {}"]
+    specs = [V.fact_rows(tiny_tokenizer, f, templates, "{} is a") for f in FACTS * 20]
+    buckets = V._buckets(specs, list(range(len(specs))))
+    flat = [e for b in buckets for e in b]
+    assert sorted(flat) == sorted((f, r) for f, s in enumerate(specs) for r in range(len(s.rows)))
+    assert len(buckets) > 1 and all(len(b) >= V.ROWS_PER_BUCKET for b in buckets[:-1])
+    longest = [max(specs[f].suffix_length(r) for f, r in b) for b in buckets]
+    shortest = [min(specs[f].suffix_length(r) for f, r in b) for b in buckets]
+    assert all(longest[i] <= shortest[i + 1] for i in range(len(buckets) - 1))

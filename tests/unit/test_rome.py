@@ -94,7 +94,7 @@ def test_cached_prefix_runner_matches_full_forward(arch, tiny_tokenizer):
     kl = locate_subject(tiny_tokenizer, "{}", "{} is a", "The Space Needle")
     rows.append((kl.ids, kl.subject_last))
     spec = V.FactRows(tuple(rows), tuple(targets), len(prompts))
-    batch = V._build_batch([spec], True, pad_id_of(tiny_tokenizer), "cpu")
+    batch = V._build_batch([spec], [(0, r) for r in range(len(rows))], pad_id_of(tiny_tokenizer), "cpu")
     runner = V._Runner(model, adapter.mlp_out(2), batch)
     delta = torch.randn(adapter.hidden_size)
     logits, _ = runner.logits(delta.expand(len(rows), -1))
