@@ -66,13 +66,21 @@ def _layers(text: str) -> tuple[int, ...]:
     return tuple(range(int(first), int(last or first) + 1))
 
 
-def quality(model, tokenizer, facts, delta=None):
-    from editserve.editing.artifacts import preview
+def quality(model, tokenizer, cases, delta=None, reference=None):
+    """ES / PS / NS / Score of ``cases`` (under ``delta`` when given), plus drift on the shipped
+    probe set against ``reference`` logits (the unedited model's)."""
+    from contextlib import nullcontext
 
-    if delta is None:
-        return summarize([case_scores(model, tokenizer, c) for c in facts])
-    with preview(model, delta):
-        return summarize([case_scores(model, tokenizer, c) for c in facts])
+    from editserve.editing.artifacts import preview
+    from editserve.editing.evaluation.metrics import distribution_drift
+    from editserve.editing.evaluation.probes import load_probes, next_token_logits
+
+    with preview(model, delta) if delta is not None else nullcontext():
+        result = summarize([case_scores(model, tokenizer, c) for c in cases])
+        if reference is not None:
+            kl, agree = distribution_drift(reference, next_token_logits(model, tokenizer, load_probes()))
+            result.update(drift_kl=round(kl, 4), drift_top1=round(100 * agree, 1))
+    return result
 
 
 def main() -> None:
@@ -81,18 +89,23 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--facts", type=int, default=30)
     parser.add_argument("--start", type=int, default=0)
-    parser.add_argument("--method", choices=["memit", "rome"], default="memit")
+    parser.add_argument("--method", choices=["memit", "rome", "ft_l"], default="memit")
     parser.add_argument("--sweep", default="", help="comma-separated layer ranges, e.g. 2-6,3-7")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--value-speed", type=int, default=0, help="facts for the batched-vs-single value timing")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-quality", action="store_true", help="skip ES/PS/NS (timing only)")
     parser.add_argument("--json", default="", help="append the results as a JSON line to this file")
+    parser.add_argument("--spread-only", action="store_true",
+                        help="MEMIT: skip the target optimisation and spread synthetic targets (unedited state plus a "
+                             "random change of the typical size) to time the spread stage and its memory at scale")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from editserve.editing.context import EditingContext
-    from editserve.editing.hparams import MemitHyperParams, RomeHyperParams
+    from editserve.editing.evaluation.probes import load_probes, next_token_logits
+    from editserve.editing.ft import compute_ft
+    from editserve.editing.hparams import FtHyperParams, MemitHyperParams, RomeHyperParams
     from editserve.editing.memit import compute_memit
     from editserve.editing.rome import compute_rome
     from editserve.editing.values import compute_value_deltas
@@ -109,33 +122,52 @@ def main() -> None:
     for pair in args.set:
         key, _, raw = pair.partition("=")
         overrides[key] = [_value(x) for x in raw.split(",")] if "," in raw else _value(raw)
-    cls = MemitHyperParams if args.method == "memit" else RomeHyperParams
+    cls = {"memit": MemitHyperParams, "rome": RomeHyperParams, "ft_l": FtHyperParams}[args.method]
     base = cls.load(ctx.adapter.model_type, ctx.adapter.num_layers).with_overrides(**overrides)
     print(f"# {datetime.datetime.now().isoformat(timespec='minutes')} {args.model} {args.method} "
           f"facts {args.start}..{args.start + len(facts) - 1} threads {args.threads} overrides {overrides}")
+    reference = next_token_logits(model, tokenizer, load_probes())
     if not args.no_quality:
         print(f"unedited: {quality(model, tokenizer, cases)}")
     ranges = [_layers(r) for r in args.sweep.split(",") if r] or [None]
     for layers in ranges:
         hp = base if layers is None else base.with_overrides(**({"layers": layers} if args.method == "memit"
                                                                else {"layer": layers[0]}))
-        stat_layers = list(getattr(hp.for_depth(ctx.adapter.num_layers), "layers", None) or [hp.layer])
-        ctx.second_moments(stat_layers, hp.stats_source, hp.stats_tokens)
-        ctx.context_templates(hp.context_count, hp.context_length)
+        if args.method != "ft_l":
+            stat_layers = list(getattr(hp.for_depth(ctx.adapter.num_layers), "layers", None) or [hp.layer])
+            ctx.second_moments(stat_layers, hp.stats_source, hp.stats_tokens)
+            ctx.context_templates(hp.context_count, hp.context_length)
         started = time.perf_counter()
-        compute = compute_memit if args.method == "memit" else compute_rome
-        delta, diag = compute(ctx, facts, hp)
+        if args.spread_only:
+            from editserve.editing.memit import _keys_and_states, spread
+
+            hp = hp.for_depth(ctx.adapter.num_layers)
+            templates = ctx.context_templates(hp.context_count, hp.context_length)
+            z_layer = max(hp.layers)
+            states = _keys_and_states(ctx, facts, templates, z_layer, z_layer)[1]
+            change = torch.randn(states.shape, generator=torch.Generator().manual_seed(0))
+            targets = states + change / change.norm(dim=-1, keepdim=True) * states.norm(dim=-1, keepdim=True) * 0.5
+            prepared = time.perf_counter() - started
+            delta, per_layer = spread(ctx, facts, hp, templates, targets)
+            diag = {"layers": sorted(hp.layers), "facts": [], "per_layer": per_layer,
+                    "timings": {"unedited_states_s": prepared, "spread_s": time.perf_counter() - started - prepared}}
+            args.no_quality = True
+        elif args.method == "ft_l":
+            delta, diag = compute_ft(ctx, facts, hp)
+            diag = {**diag, "timings": {"total_s": diag["seconds"]}, "facts": []}
+        else:
+            delta, diag = (compute_memit if args.method == "memit" else compute_rome)(ctx, facts, hp)
         seconds = time.perf_counter() - started
         row = {"model": args.model, "method": args.method, "facts": len(facts), "layers": diag["layers"],
                "seconds": round(seconds, 1), "timings": {k: round(v, 1) for k, v in diag["timings"].items()},
                "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                "hparams_overrides": overrides,
-               "target_prob_mean": round(sum(f["target_prob"] for f in diag["facts"]) / len(facts), 3),
-               "steps_mean": round(sum(f["steps"] for f in diag["facts"]) / len(facts), 1)}
+               "target_prob_mean": round(sum(f.get("target_prob", 0) for f in diag["facts"]) / len(facts), 3),
+               "steps_mean": round(sum(f.get("steps", 0) for f in diag["facts"]) / len(facts), 1)}
         if "per_layer" in diag:
             row["missing_norm"] = [round(p["missing_norm"], 2) for p in diag["per_layer"]]
         if not args.no_quality:
-            row["quality"] = quality(model, tokenizer, cases, delta)
+            row["quality"] = quality(model, tokenizer, cases, delta, reference)
         print(json.dumps(row))
         if args.json:
             with open(args.json, "a") as handle:

@@ -60,6 +60,18 @@ def _edit_options(method: str, layer: int | None, pairs: tuple[str, ...]) -> dic
     return options
 
 
+def _facts_from_file(path: Path) -> list[Fact]:
+    try:
+        records = json.loads(path.read_text())
+        if not isinstance(records, list):
+            raise ValueError("expected a JSON list of facts")
+        return [Fact(r["prompt"], r["subject"], r["target_new"], r.get("target_true", ""),
+                     tuple(r.get("paraphrase_prompts", ())), tuple(r.get("neighborhood_prompts", ())))
+                for r in records]
+    except (ValueError, KeyError, TypeError) as error:
+        raise click.BadParameter(f"{path}: {error!r}", param_hint="--facts") from None
+
+
 SET_OPTION = click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
                           help="Method option for every edit, e.g. steps=40 (repeatable; see the proto's options).")
 
@@ -150,9 +162,12 @@ def generate(prompt: str, server: str, chat: bool, no_stream: bool, as_json: boo
 
 @main.command()
 @SERVER_OPTION
-@click.option("--prompt", required=True, help='Template with "{}" for the subject, e.g. "The mother tongue of {} is".')
-@click.option("--subject", required=True)
-@click.option("--target", "target_new", required=True, help="The new object.")
+@click.option("--prompt", default=None, help='Template with "{}" for the subject, e.g. "The mother tongue of {} is".')
+@click.option("--subject", default=None)
+@click.option("--target", "target_new", default=None, help="The new object.")
+@click.option("--facts", "facts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSON list of facts ({prompt, subject, target_new, target_true?, paraphrase_prompts?, "
+                   "neighborhood_prompts?}) written in ONE edit (e.g. --method memit); replaces --prompt/--subject/--target.")
 @click.option("--target-true", default="", help="The old object (reported before/after).")
 @click.option("--paraphrase", multiple=True, help="Prompt that should change too (repeatable).")
 @click.option("--neighborhood", multiple=True, help="Prompt that should not change (repeatable).")
@@ -162,15 +177,22 @@ def generate(prompt: str, server: str, chat: bool, no_stream: bool, as_json: boo
 @click.option("--dry-run", is_flag=True, help="Compute and report; apply nothing.")
 @click.option("--description", default="")
 @click.option("--json", "as_json", is_flag=True)
-def edit(server: str, prompt: str, subject: str, target_new: str, target_true: str, paraphrase, neighborhood,
-         method: str, layer: int | None, settings: tuple[str, ...], dry_run: bool, description: str,
-         as_json: bool) -> None:
-    """Write a fact into the served model."""
-    fact = Fact(prompt, subject, target_new, target_true, tuple(paraphrase), tuple(neighborhood))
+def edit(server: str, prompt: str | None, subject: str | None, target_new: str | None, facts_file: Path | None,
+         target_true: str, paraphrase, neighborhood, method: str, layer: int | None, settings: tuple[str, ...],
+         dry_run: bool, description: str, as_json: bool) -> None:
+    """Write a fact (or a file of facts, as one edit) into the served model."""
+    if facts_file is not None:
+        if prompt or subject or target_new:
+            raise click.UsageError("give either --facts or --prompt/--subject/--target, not both")
+        facts = _facts_from_file(facts_file)
+    elif prompt and subject and target_new:
+        facts = [Fact(prompt, subject, target_new, target_true, tuple(paraphrase), tuple(neighborhood))]
+    else:
+        raise click.UsageError("--prompt, --subject and --target are required (or --facts FILE)")
     options = _edit_options(method, layer, settings)
     with EditserveClient(server) as client:
         try:
-            result = client.edit(fact, method=method, dry_run=dry_run, description=description, **options)
+            result = client.edit(facts, method=method, dry_run=dry_run, description=description, **options)
         except EditserveError as error:
             _fail(error)
     if as_json:

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from .adapter import ArchitectureAdapter
 from .artifacts import WeightDelta
+from .context import EditingContext
 from .errors import InvalidRequest, PreconditionFailed
 from .evaluation.teacher_forcing import continuation_ids
 from .facts import Fact, validate_facts
@@ -24,8 +24,10 @@ from .hooks import Trace
 from .hparams import FtHyperParams
 
 
-def compute_ft(model, tokenizer, adapter: ArchitectureAdapter, facts: list[Fact],
-               hparams: FtHyperParams) -> tuple[WeightDelta, dict]:
+def compute_ft(ctx: EditingContext, facts: list[Fact], hparams: FtHyperParams) -> tuple[WeightDelta, dict]:
+    """The FT-L change of ``hparams.layer``'s MLP output weight for ``facts`` (dense)."""
+    model, tokenizer, adapter = ctx.model, ctx.tokenizer, ctx.adapter
+    hparams = hparams.for_depth(adapter.num_layers)
     validate_facts(facts)
     try:
         module_name = adapter.mlp_out(hparams.layer)
@@ -79,9 +81,3 @@ def compute_ft(model, tokenizer, adapter: ArchitectureAdapter, facts: list[Fact]
         "seconds": time.perf_counter() - started,
     }
 
-
-def compute(ctx, facts: list[Fact], options: dict) -> tuple[WeightDelta, dict]:
-    """Registry entry: the shipped FT-L hyperparameters (layer scaled to the model) with the
-    request's options."""
-    hparams = FtHyperParams.load(ctx.adapter.model_type, ctx.adapter.num_layers).with_overrides(**options)
-    return compute_ft(ctx.model, ctx.tokenizer, ctx.adapter, facts, hparams)

@@ -37,36 +37,23 @@ from .artifacts import WeightDelta, preview
 from .context import EditingContext
 from .covariance import resolve_source
 from .errors import InvalidRequest, PreconditionFailed
-from .facts import Fact, validate_facts
+from .facts import Fact
 from .hparams import MemitHyperParams
 from .keys import batch_rows, capture_io, locate_subject, pad_id_of
-from .values import compute_value_deltas, target_ids
+from .values import check_facts, compute_value_deltas
 
 ROWS_PER_FORWARD = 256  # rows of (fact, context) run together when reading keys
 
 
 def _check_request(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams) -> MemitHyperParams:
     """Everything that can be wrong with a request, found before any heavy compute."""
-    validate_facts(facts)
+    check_facts(ctx.tokenizer, facts)
     hparams = hparams.for_depth(ctx.adapter.num_layers)
     for layer in hparams.layers:
         try:
             ctx.adapter.check_layer(layer)
         except IndexError as exc:
             raise InvalidRequest(f"memit option layers: {exc}") from None
-    seen: dict[tuple[str, str], tuple[int, str]] = {}
-    for i, fact in enumerate(facts):
-        key = (fact.prompt, fact.subject)
-        if key in seen and seen[key][1].strip() != fact.target_new.strip():
-            raise InvalidRequest(
-                f"facts[{seen[key][0]}] and facts[{i}] give the same subject and prompt two different targets "
-                f"({seen[key][1]!r}, {fact.target_new!r})")
-        seen.setdefault(key, (i, fact.target_new))
-        try:
-            located = locate_subject(ctx.tokenizer, "{}", fact.prompt, fact.subject)
-            target_ids(ctx.tokenizer, located.text, fact.target_new)
-        except InvalidRequest as exc:
-            raise InvalidRequest(f"facts[{i}]: {exc}") from None
     resolve_source(hparams.stats_source)
     return hparams
 
@@ -207,8 +194,3 @@ def compute_memit(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperPar
     }
     return total, diagnostics
 
-
-def compute(ctx: EditingContext, facts: list[Fact], options: dict) -> tuple[WeightDelta, dict]:
-    """Registry entry: the family's shipped hyperparameters with the request's options."""
-    hparams = MemitHyperParams.load(ctx.adapter.model_type, ctx.adapter.num_layers).with_overrides(**options)
-    return compute_memit(ctx, facts, hparams)

@@ -37,7 +37,7 @@ class MethodSpec:
     proto_enum: its ``EditMethod`` value name in protos/editserve/v1/editing.proto.
     options_field: the ``EditRequest.options`` oneof field holding its options.
     hparams_table: the table in ``editing/hparams/<family>.toml`` with its defaults.
-    compute: ``"module:function"`` taking (EditingContext, facts, options dict) and returning
+    compute: ``"module:function"`` taking (EditingContext, facts, hyperparameters) and returning
         (artifact, diagnostics); None while the method is only declared.
     artifact: the kind of artifact ``compute`` returns.
     requires: backend capabilities needed to host it (artifact kinds, plus e.g. "ffn_neurons").
@@ -66,6 +66,14 @@ class MethodSpec:
         module, _, function = self.compute.partition(":")
         return getattr(importlib.import_module(module), function)
 
+    def run(self, ctx, facts: list, options: dict) -> tuple:
+        """Compute an edit: the model family's shipped hyperparameters (``hparams_table``),
+        scaled to its depth, with the request's ``options`` (checked against their bounds)."""
+        from .hparams import hyperparams_class
+
+        family = hyperparams_class(self.hparams_table).load(ctx.adapter.model_type, ctx.adapter.num_layers)
+        return self.load_compute()(ctx, facts, family.with_overrides(**options))
+
 
 def _weight_method(name: str, enum: str, field: str, compute: str | None, max_facts: int, summary: str) -> MethodSpec:
     return MethodSpec(name, enum, field, name, compute, ArtifactKind.WEIGHT_DELTA,
@@ -75,11 +83,11 @@ def _weight_method(name: str, enum: str, field: str, compute: str | None, max_fa
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        _weight_method("rome", "EDIT_METHOD_ROME", "rome", "editserve.editing.rome:compute", 100,
+        _weight_method("rome", "EDIT_METHOD_ROME", "rome", "editserve.editing.rome:compute_rome", 100,
                        "rank-one update of one MLP output projection (Meng et al. 2022)"),
-        _weight_method("memit", "EDIT_METHOD_MEMIT", "memit", "editserve.editing.memit:compute", 10_000,
+        _weight_method("memit", "EDIT_METHOD_MEMIT", "memit", "editserve.editing.memit:compute_memit", 10_000,
                        "many facts at once, spread over a range of MLP layers (Meng et al. 2023)"),
-        _weight_method("ft_l", "EDIT_METHOD_FT_L", "ft", "editserve.editing.ft:compute", 100,
+        _weight_method("ft_l", "EDIT_METHOD_FT_L", "ft", "editserve.editing.ft:compute_ft", 100,
                        "constrained fine-tuning of one MLP output projection (baseline)"),
         MethodSpec("serac", "EDIT_METHOD_SERAC", "serac", "serac", None, ArtifactKind.RUNTIME_LAYER,
                    frozenset({ArtifactKind.RUNTIME_LAYER.value, "routing"}), 10_000,

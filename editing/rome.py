@@ -28,26 +28,20 @@ from .artifacts import WeightDelta, preview
 from .context import EditingContext
 from .covariance import resolve_source
 from .errors import InvalidRequest, PreconditionFailed
-from .facts import Fact, validate_facts
+from .facts import Fact
 from .hparams import RomeHyperParams
 from .keys import compute_keys, locate_subject
-from .values import compute_value_delta, target_ids
+from .values import check_facts, compute_value_delta
 
 
 def _check_request(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperParams) -> RomeHyperParams:
     """Everything that can be wrong with a request, found before any heavy compute."""
-    validate_facts(facts)
+    check_facts(ctx.tokenizer, facts)
     hparams = hparams.for_depth(ctx.adapter.num_layers)
     try:
         ctx.adapter.check_layer(hparams.layer)
     except IndexError as exc:
         raise InvalidRequest(str(exc)) from None
-    for i, fact in enumerate(facts):
-        try:
-            located = locate_subject(ctx.tokenizer, "{}", fact.prompt, fact.subject)
-            target_ids(ctx.tokenizer, located.text, fact.target_new)
-        except InvalidRequest as exc:
-            raise InvalidRequest(f"facts[{i}]: {exc}") from None
     resolve_source(hparams.stats_source)
     return hparams
 
@@ -128,8 +122,3 @@ def compute_rome(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperParam
     }
     return total, diagnostics
 
-
-def compute(ctx: EditingContext, facts: list[Fact], options: dict) -> tuple[WeightDelta, dict]:
-    """Registry entry: the family's shipped hyperparameters with the request's options."""
-    hparams = RomeHyperParams.load(ctx.adapter.model_type, ctx.adapter.num_layers).with_overrides(**options)
-    return compute_rome(ctx, facts, hparams)

@@ -40,7 +40,7 @@ from transformers import DynamicCache
 from .adapter import ArchitectureAdapter
 from .errors import InvalidRequest, PreconditionFailed
 from .evaluation.teacher_forcing import continuation_ids
-from .facts import Fact
+from .facts import Fact, validate_facts
 from .hooks import Trace
 from .keys import body_of, locate_subject, pad_id_of
 
@@ -51,6 +51,26 @@ def target_ids(tokenizer, prompt_text: str, target: str) -> list[int]:
     if not ids:
         raise InvalidRequest(f"target {target!r} tokenizes to nothing")
     return ids
+
+
+def check_facts(tokenizer, facts: list[Fact]) -> None:
+    """Everything about the facts that can be wrong, before any compute (InvalidRequest naming
+    the fact): the shape of each (:func:`validate_facts`), two different targets for the same
+    subject and prompt, a subject not found among the prompt's tokens, an empty target."""
+    validate_facts(facts)
+    seen: dict[tuple[str, str], tuple[int, str]] = {}
+    for i, fact in enumerate(facts):
+        key = (fact.prompt, fact.subject)
+        if key in seen and seen[key][1].strip() != fact.target_new.strip():
+            raise InvalidRequest(
+                f"facts[{seen[key][0]}] and facts[{i}] give the same subject and prompt two different targets "
+                f"({seen[key][1]!r}, {fact.target_new!r})")
+        seen.setdefault(key, (i, fact.target_new))
+        try:
+            located = locate_subject(tokenizer, "{}", fact.prompt, fact.subject)
+            target_ids(tokenizer, located.text, fact.target_new)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"facts[{i}]: {exc}") from None
 
 
 @dataclass

@@ -51,7 +51,7 @@ class _Bound:
 
     def compute_fn(self, spec: MethodSpec) -> ComputeFn:
         def compute(facts: list[Fact], options: dict) -> tuple[Artifact, dict]:
-            return spec.load_compute()(self.context, facts, options)
+            return spec.run(self.context, facts, options)
 
         return compute
 

@@ -70,3 +70,20 @@ def test_declared_methods_answer_unimplemented(server):
     with server[0].client() as client, pytest.raises(EditserveError) as caught:
         client.edit(FACTS[:1], method="serac")
     assert caught.value.code.name == "UNIMPLEMENTED" and "not implemented" in str(caught.value)
+
+
+def test_cli_writes_a_facts_file_as_one_edit(server, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps([{"prompt": f.prompt, "subject": f.subject, "target_new": f.target_new}
+                                for f in FACTS[:2]]))
+    sets = [arg for key, value in MEMIT_TINY.items() if key != "method"
+            for arg in ("--set", f"{key}={','.join(map(str, value)) if isinstance(value, list) else value}")]
+    done = subprocess.run([sys.executable, "-m", "editserve.client.cli", "edit", "--server", server[0].target,
+                           "--method", "memit", "--facts", str(path), "--dry-run", *sets],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("dry run") and done.stdout.count("rewrite") == 2, done.stdout

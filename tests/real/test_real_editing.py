@@ -58,3 +58,24 @@ def test_trace_finds_the_subject(server):
     # restoring the residual stream at the last subject token, early on, recovers most of the answer
     last_subject = trace.subject_end - 1
     assert max(hidden[last_subject][:10]) > trace.corrupted_prob + 0.5 * (trace.clean_prob - trace.corrupted_prob)
+
+
+def test_memit_writes_a_batch_that_generation_follows(server):
+    """Four capitals in one MEMIT edit: generation says the new ones, a close neighbour (another
+    capital) keeps its own, and the revert restores the weights bit for bit."""
+    edits = {"France": ("Rome", "Paris"), "Japan": ("Cairo", "Tokyo"), "Spain": ("Lisbon", "Madrid"),
+             "Norway": ("Stockholm", "Oslo")}
+    facts = [Fact("The capital of {} is", country, new, true) for country, (new, true) in edits.items()]
+    with server.client() as client:
+        pristine = client.model_info(include_weights_digest=True).weights_digest
+        neighbour_before = client.generate("The capital of Germany is", max_new_tokens=4).text
+        result = client.edit(facts, method="memit")
+        assert result.edit.layers == [3, 4, 5, 6, 7] and len(result.facts) == 4
+        for report in result.facts:
+            assert report.rewrite.p_new_after > report.rewrite.p_true_after, report
+        for country, (new, _true) in edits.items():
+            assert new in client.generate(f"The capital of {country} is", max_new_tokens=4).text
+        assert "Berlin" in neighbour_before
+        assert client.generate("The capital of Germany is", max_new_tokens=4).text == neighbour_before
+        client.revert(result.edit_id)
+        assert client.model_info(include_weights_digest=True).weights_digest == pristine

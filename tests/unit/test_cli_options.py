@@ -39,3 +39,12 @@ def test_named_dataset_needs_a_data_dir_and_says_where_to_get_it(monkeypatch):
     result = CliRunner().invoke(main, ["eval", "--n", "1", "--dataset", "counterfact"])
     assert result.exit_code == 2, result.output
     assert "--data-dir" in result.output and "rome.baulab.info" in result.output
+
+
+def test_edit_needs_a_fact_or_a_facts_file(tmp_path):
+    result = CliRunner().invoke(main, ["edit", "--method", "memit", "--prompt", "{} is"])
+    assert result.exit_code == 2 and "--facts FILE" in result.output, result.output
+    bad = tmp_path / "facts.json"
+    bad.write_text('[{"prompt": "{} is"}]')
+    result = CliRunner().invoke(main, ["edit", "--method", "memit", "--facts", str(bad)])
+    assert result.exit_code == 2 and "subject" in result.output, result.output

@@ -2,6 +2,7 @@ import pytest
 
 from editserve.editing.adapter import ArchitectureAdapter
 from editserve.editing.artifacts import preview
+from editserve.editing.context import EditingContext
 from editserve.editing.errors import InvalidRequest
 from editserve.editing.evaluation.teacher_forcing import score_continuations
 from editserve.editing.facts import Fact
@@ -20,7 +21,7 @@ def test_ft_l_raises_the_target_within_its_constraint(arch, tiny_tokenizer):
     host = ModelHost(model, tok, name="tiny", dtype="fp32", device="cpu")
     digest = host.weights_digest()
     hp = FtHyperParams(layer=1, steps=15, learning_rate=1e-2, norm_constraint=0.05)
-    delta, diagnostics = compute_ft(model, tok, adapter, [FACT], hp)
+    delta, diagnostics = compute_ft(EditingContext(model, tok, adapter), [FACT], hp)
     assert host.weights_digest() == digest and hooks_attached(model) == 0  # compute never writes
     name = adapter.mlp_out_weight_name(1)
     assert delta.parameter_names == [name]
@@ -37,6 +38,6 @@ def test_ft_l_rejects_bad_options(tiny_tokenizer):
     model, tok = tiny_model("llama", tokenizer=tiny_tokenizer)
     adapter = ArchitectureAdapter.from_model(model)
     with pytest.raises(InvalidRequest, match="out of range"):
-        compute_ft(model, tok, adapter, [FACT], FtHyperParams(layer=9))
+        compute_ft(EditingContext(model, tok, adapter), [FACT], FtHyperParams(layer=9))
     with pytest.raises(InvalidRequest, match="unknown ft_l option"):
         FtHyperParams().with_overrides(lr=1)
