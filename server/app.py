@@ -55,6 +55,7 @@ class EditserveServer:
         self.port = 0
         self.metrics_port = 0
         self._stopped = threading.Event()
+        self._finished = threading.Event()  # stop() has returned: every worker thread is done
 
     def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -147,9 +148,13 @@ class EditserveServer:
         if getattr(self, "preparer", None) is not None:
             self.preparer.join(timeout=30)
         self.grpc.stop(grace).wait()
+        self._finished.set()
 
     def wait(self) -> None:
+        """Until the server has stopped, including the threads stop() joins (the interpreter
+        must not tear down while gRPC or torch threads still run: that aborts the process)."""
         self.grpc.wait_for_termination()
+        self._finished.wait(timeout=60)
 
 
 def serve(config: ServeConfig, port_file: Path | None = None) -> int:

@@ -41,9 +41,12 @@ class DriftMonitor:
         self._thread.start()
         self.request_refresh()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop and wait for a refresh in progress: no torch work may outlive the server."""
         self._stop = True
         self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def request_refresh(self) -> None:
         self._idle.clear()

@@ -71,7 +71,7 @@ class _Bound:
 
 
     def stop(self) -> None:
-        """Abandon a statistics estimate in progress (shutdown); later ones run normally."""
+        """Abandon a statistics estimate in progress, and refuse later ones: the server is stopping."""
         if "context" in self.__dict__:
             self.context.stop.set()
 
