@@ -88,3 +88,30 @@ def test_model_sampled_source(tiny_tokenizer):
     (moment, count), = estimate_second_moments(model, tok, ArchitectureAdapter.from_model(model), [1], source,
                                                500, seq_len=32, batch_size=4, progress=False).values()
     assert count == 500 and torch.isfinite(moment).all()
+
+
+def test_several_layers_in_one_pass_equal_one_by_one(tiny_tokenizer, tmp_path):
+    """MEMIT's layers are estimated together; each equals its own single-layer estimate, and
+    layers already on disk are read, not recomputed."""
+    from editserve.editing.covariance import load_or_estimate_layers
+
+    model, tok = tiny_model("llama", tokenizer=tiny_tokenizer)
+    ctx = EditingContext(model, tok, cache_dir=tmp_path / "a", progress=False)
+    single = {layer: load_or_estimate(model, tok, ctx.adapter, fingerprint=ctx.fingerprint, cache_dir=tmp_path / "b",
+                                      layer=layer, source="default", tokens=2000, progress=False)[0]
+              for layer in (0, 2)}
+    ctx.second_moment(2, "default", 2000)  # layer 2 now on disk in cache "a"
+    together = load_or_estimate_layers(model, tok, ctx.adapter, fingerprint=ctx.fingerprint, cache_dir=tmp_path / "a",
+                                       layers=[0, 2], source="default", tokens=2000, progress=False)
+    assert together[2][1]["cached"] and not together[0][1]["cached"]
+    for layer in (0, 2):
+        torch.testing.assert_close(together[layer][0], single[layer], rtol=1e-5, atol=1e-6)
+
+
+def test_a_set_stop_event_abandons_the_estimate(tiny_tokenizer, tmp_path):
+    model, tok = tiny_model("llama", tokenizer=tiny_tokenizer)
+    ctx = EditingContext(model, tok, cache_dir=tmp_path, progress=False)
+    ctx.stop.set()
+    with pytest.raises(PreconditionFailed, match="abandoned"):
+        ctx.second_moments([0, 1], "default", 2000)
+    assert not list(tmp_path.rglob("*.safetensors"))  # nothing half-written is left
