@@ -83,6 +83,19 @@ def quality(model, tokenizer, cases, delta=None, reference=None):
     return result
 
 
+def load_setup(model_name: str, data: str, start: int, count: int):
+    """(model, tokenizer, EditingContext, cases): the model from the user cache and cases
+    [start, start + count) of ``data`` that have a true object to compare with."""
+    from editserve.editing.context import EditingContext
+    from editserve.editing.evaluation.datasets import load_cases
+    from editserve.server.models import default_cache_dir, load_model
+
+    model, tokenizer, _ = load_model(model_name, cache_dir=default_cache_dir())
+    ctx = EditingContext(model, tokenizer, cache_dir=default_cache_dir() / "stats")
+    cases, _skipped = load_cases(Path(data), limit=start + count)
+    return model, tokenizer, ctx, [c for c in cases[start:] if c.fact.target_true][:count]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -102,21 +115,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from editserve.editing.context import EditingContext
     from editserve.editing.evaluation.probes import load_probes, next_token_logits
     from editserve.editing.ft import compute_ft
     from editserve.editing.hparams import FtHyperParams, MemitHyperParams, RomeHyperParams
     from editserve.editing.memit import compute_memit
     from editserve.editing.rome import compute_rome
     from editserve.editing.values import compute_value_deltas
-    from editserve.server.models import default_cache_dir, load_model
 
-    model, tokenizer, _ = load_model(args.model, cache_dir=default_cache_dir())
-    ctx = EditingContext(model, tokenizer, cache_dir=default_cache_dir() / "stats")
-    from editserve.editing.evaluation.datasets import load_cases
-
-    cases, _skipped = load_cases(Path(args.data), limit=args.start + args.facts)
-    cases = [c for c in cases[args.start:] if c.fact.target_true][: args.facts]
+    model, tokenizer, ctx, cases = load_setup(args.model, args.data, args.start, args.facts)
     facts = [c.fact for c in cases]
     overrides = {}
     for pair in args.set:

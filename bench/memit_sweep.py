@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.memit_bench import _layers, quality  # noqa: E402
+from bench.memit_bench import _layers, load_setup, quality  # noqa: E402
 from bench.rome_quality import DEFAULT_DATA, _value  # noqa: E402
 
 
@@ -38,16 +38,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from editserve.editing.context import EditingContext
-    from editserve.editing.evaluation.datasets import load_cases
     from editserve.editing.hparams import MemitHyperParams
     from editserve.editing.memit import compute_targets, spread
-    from editserve.server.models import default_cache_dir, load_model
 
-    model, tokenizer, _ = load_model(args.model, cache_dir=default_cache_dir())
-    ctx = EditingContext(model, tokenizer, cache_dir=default_cache_dir() / "stats")
-    cases, _ = load_cases(Path(args.data), limit=args.start + args.facts)
-    cases = [c for c in cases[args.start:] if c.fact.target_true][: args.facts]
+    model, tokenizer, ctx, cases = load_setup(args.model, args.data, args.start, args.facts)
     facts = [c.fact for c in cases]
     overrides = {k: _value(v) for k, _, v in (p.partition("=") for p in args.set)}
     base = MemitHyperParams.load(ctx.adapter.model_type, ctx.adapter.num_layers).with_overrides(**overrides)
