@@ -112,26 +112,26 @@ class EditserveServer:
             "model": config.model, "model_type": host.adapter.model_type, "dtype": config.dtype,
             "device": device, "backend": backend.name, "layers": str(host.adapter.num_layers),
         })
+        if config.prepare_statistics:
+            self.preparer = manager.prepare_in_background(
+                "the key statistics of the default edit layers",
+                lambda: self._prepare_statistics(table.prepare_statistics), self._preparation_failed)
         self.runtime.ready.set()
         metrics.ready.set(1)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s (revision %d, %d edits replayed from %s)", config.model, host.revision, replayed, state_dir)
-        if config.prepare_statistics:
-            self.preparer = threading.Thread(target=self._prepare_statistics, args=(manager, table.prepare_statistics),
-                                             name="key-statistics", daemon=True)
-            self.preparer.start()
 
-    def _prepare_statistics(self, manager, prepare_statistics) -> None:
+    def _prepare_statistics(self, prepare_statistics) -> None:
         metrics = self.runtime.metrics
-        try:
-            manager.prepare("the key statistics of the default edit layers",
-                            lambda: metrics.statistics_seconds.set(prepare_statistics()))
-            metrics.statistics_ready.set(1)
-        except Exception as error:  # an edit will retry and report the cause itself
-            if self._stopped.is_set():
-                log.info("key statistics not prepared: %s", error)
-            else:
-                log.exception("preparing key statistics failed")
+        metrics.statistics_seconds.set(prepare_statistics())
+        metrics.statistics_ready.set(1)
+
+    def _preparation_failed(self, error: BaseException) -> None:
+        """An edit will retry the estimate and report the cause itself."""
+        if self._stopped.is_set():
+            log.info("key statistics not prepared: %s", error)
+        else:
+            log.error("preparing key statistics failed: %s", error, exc_info=error)
 
     def stop(self, grace: float = 5.0) -> None:
         if self._stopped.is_set():

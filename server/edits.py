@@ -212,15 +212,27 @@ class EditManager:
             return EditOutcome(edit_id, revision, True, reports, compute_seconds, apply_seconds,
                                self.journal.get(edit_id), diagnostics, notes)
 
-    def prepare(self, label: str, work: Callable[[], object]) -> None:
-        """Run ``work`` (e.g. estimating key statistics) under the edit mutex, so the weights
-        cannot change under it; an Edit arriving meanwhile waits and reports what for."""
-        with self._mutex:
-            self.preparing = label
+    def prepare_in_background(self, label: str, work: Callable[[], object],
+                              on_error: Callable[[BaseException], None]) -> threading.Thread:
+        """Run ``work`` (e.g. estimating key statistics) in a thread under the edit mutex, so the
+        weights cannot change under it. The mutex is taken *now*, before this returns, so an
+        Edit that arrives once the server reports SERVING always finds the preparation under
+        way, waits for it, and says so (``threading.Lock`` may be released by another thread)."""
+        self._mutex.acquire()
+        self.preparing = label
+
+        def run() -> None:
             try:
                 work()
+            except BaseException as error:  # noqa: BLE001 - reported by the caller's handler
+                on_error(error)
             finally:
                 self.preparing = ""
+                self._mutex.release()
+
+        thread = threading.Thread(target=run, name="key-statistics", daemon=True)
+        thread.start()
+        return thread
 
     def revert(self, edit_id: str) -> tuple[int, float]:
         with self._mutex:
