@@ -39,6 +39,10 @@ class ServeConfig:
     torch_threads: int = 0
     grpc_workers: int = 96
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_edit_facts <= 100_000:
+            raise ValueError(f"max_edit_facts must be in [1, 100000], got {self.max_edit_facts}")
+
     @classmethod
     def from_toml(cls, path: Path) -> ServeConfig:
         data = tomllib.loads(path.read_text())

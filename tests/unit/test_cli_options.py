@@ -48,3 +48,11 @@ def test_edit_needs_a_fact_or_a_facts_file(tmp_path):
     bad.write_text('[{"prompt": "{} is"}]')
     result = CliRunner().invoke(main, ["edit", "--method", "memit", "--facts", str(bad)])
     assert result.exit_code == 2 and "subject" in result.output, result.output
+
+
+def test_max_edit_facts_is_bounded():
+    from editserve.server.config import ServeConfig
+
+    with pytest.raises(ValueError, match="max_edit_facts"):
+        ServeConfig().with_overrides(max_edit_facts=0)
+    assert ServeConfig().with_overrides(max_edit_facts=5).max_edit_facts == 5
