@@ -95,15 +95,50 @@ def _through_post_norm(ctx: EditingContext, layer: int, mlp_out: torch.Tensor, w
 
     An RMS-type norm is norm(m) = s * m / rms(m) with a per-channel scale s, so its outputs are
     exactly the s * u with rms(u) = 1. The target y = norm(m) + wanted is projected onto that
-    set (u = (y / s) / rms(y / s)) and m' = u * rms(m) keeps m's size."""
+    set and m' = u * rms(m) keeps m's size. The projection minimises ||s u - y|| over
+    rms(u) = 1: u_j = s_j y_j / (s_j^2 + mu), with mu found per row by bisection.
+
+    Why not simply u = (y / s) / rms(y / s): trained norms have channels whose scale is zero or
+    tiny (Gemma-3 270M has an exact zero at layer 1, since its scale is 1 + weight). Dividing by
+    them gives infinities, or lets one channel take all of u's size and flatten the rest; mu > 0
+    damps exactly those channels. Channels with a zero scale do not reach the output at all and
+    keep their current value."""
     norm = ctx.model.get_submodule(ctx.adapter.post_mlp_norm(layer))
     with torch.no_grad():
         param = next(norm.parameters())
         scale = norm(torch.ones(1, mlp_out.shape[-1], dtype=param.dtype, device=param.device)).float()[0]
         current = norm(mlp_out.to(param.dtype)).float()
-    direction = (current + wanted) / scale
+    return _project_onto_norm_outputs(scale, mlp_out.float(), current + wanted)
+
+
+def _project_onto_norm_outputs(scale: torch.Tensor, mlp_out: torch.Tensor, target: torch.Tensor,
+                               iterations: int = 60) -> torch.Tensor:
+    """See :func:`_through_post_norm`: the change of ``mlp_out`` [n, d] whose normalised value
+    s * u (rms(u) = 1) is closest to ``target`` [n, d]."""
     rms = lambda x: x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)  # noqa: E731
-    return direction / rms(direction) * rms(mlp_out) - mlp_out
+    live = scale.abs() > 1e-6 * scale.abs().max()
+    fixed = torch.where(live, torch.zeros_like(mlp_out), mlp_out / rms(mlp_out))  # dead channels keep u
+    s2, sy = scale.pow(2), scale * target
+
+    def u_of(mu: torch.Tensor) -> torch.Tensor:
+        return torch.where(live, sy / (s2 + mu), fixed)
+
+    d = mlp_out.shape[-1]
+    # rms(u(mu)) falls as mu grows (mu >= 0). Where even mu = 0 leaves rms(u) under 1 the
+    # closest point lies at mu < 0; scaling u(0) up is then a close, cheap approximation.
+    u0 = u_of(torch.zeros(mlp_out.shape[0], 1, device=mlp_out.device))
+    too_big = rms(u0) > 1
+    lo = torch.zeros(mlp_out.shape[0], 1, device=mlp_out.device)
+    hi = torch.full_like(lo, 1.0)
+    while bool(((rms(u_of(hi)) > 1) & too_big).any()):
+        hi = torch.where((rms(u_of(hi)) > 1) & too_big, hi * 4, hi)
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        over = rms(u_of(mid)) > 1
+        lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
+    u = torch.where(too_big, u_of(hi), u0)
+    u = u / rms(u)
+    return u * rms(mlp_out) - mlp_out
 
 
 def _factors_or_dense(ctx: EditingContext, name: str, resid: torch.Tensor, adj: torch.Tensor, total: WeightDelta

@@ -156,3 +156,39 @@ def test_rows_are_bucketed_by_suffix_length(tiny_tokenizer):
     longest = [max(specs[f].suffix_length(r) for f, r in b) for b in buckets]
     shortest = [min(specs[f].suffix_length(r) for f, r in b) for b in buckets]
     assert all(longest[i] <= shortest[i + 1] for i in range(len(buckets) - 1))
+
+
+def _normed(scale: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return scale * m / m.pow(2).mean(-1, keepdim=True).sqrt()
+
+
+def test_post_norm_projection_survives_zero_and_tiny_scales():
+    """Gemma-3's post-FFN norm has channels whose scale is exactly zero: the change written
+    through it must stay finite, reach a target the norm can produce, and come closer to one
+    it cannot."""
+    from editserve.editing.memit import _project_onto_norm_outputs
+
+    gen = torch.Generator().manual_seed(0)
+    d, n = 64, 5
+    scale = torch.rand(d, generator=gen) * 3 + 0.5
+    scale[3], scale[10], scale[20] = 0.0, 1e-9, 0.01
+    m = torch.randn(n, d, generator=gen) * 4
+    dead = scale.abs() <= 1e-6 * scale.abs().max()
+    # A reachable target: u agrees with m's normalised value on dead channels, rms(u) = 1.
+    u_true = torch.randn(n, d, generator=gen)
+    m_unit = m / m.pow(2).mean(-1, keepdim=True).sqrt()
+    live_energy = 1 - m_unit[:, dead].pow(2).sum(-1, keepdim=True) / d
+    u_true[:, dead] = 0
+    u_true = u_true / (u_true.pow(2).sum(-1, keepdim=True) / d / live_energy).sqrt()
+    u_true[:, dead] = m_unit[:, dead]
+    reachable = scale * u_true
+    delta = _project_onto_norm_outputs(scale, m, reachable)
+    assert torch.isfinite(delta).all()
+    torch.testing.assert_close(_normed(scale, m + delta), reachable, rtol=1e-3, atol=1e-3)
+    # An unreachable target (a wish for the dead channel too): finite, and closer than m was.
+    wished = _normed(scale, m) + torch.randn(n, d, generator=gen) * 5
+    delta = _project_onto_norm_outputs(scale, m, wished)
+    assert torch.isfinite(delta).all()
+    before = (_normed(scale, m) - wished).norm(dim=-1)
+    after = (_normed(scale, m + delta) - wished).norm(dim=-1)
+    assert (after < before).all()
