@@ -213,12 +213,19 @@ def _bias_adder(change: torch.Tensor):
 
 
 @contextmanager
-def preview(model: nn.Module, delta: WeightDelta) -> Iterator[None]:
-    """Make forward passes *in this thread* behave as if ``delta`` were applied.
+def preview(model: nn.Module, delta: Artifact) -> Iterator[None]:
+    """Make forward passes *in this thread* behave as if ``delta`` were applied (either kind).
 
-    Supports weights and biases of Linear/Conv1D modules, which covers every method here.
-    Other threads keep seeing the served weights.
+    Weight deltas: weights and biases of Linear/Conv1D modules, which covers every method
+    here. Runtime layers: the kinds :mod:`.neurons` hosts. Other threads keep seeing the
+    served model.
     """
+    if isinstance(delta, RuntimeLayer):
+        from .neurons import preview_neurons  # neurons imports this module
+
+        with preview_neurons(model, [delta]):
+            yield
+        return
     with ExitStack() as stack:
         for name in delta.parameter_names:
             module_name, _, attr = name.rpartition(".")

@@ -34,6 +34,15 @@ class EditingContext:
         self._moments: dict[tuple[int, str, int], torch.Tensor] = {}
         self._factors: dict[tuple[int, str, int], torch.Tensor] = {}
         self.last_stats_info: dict = {}
+        self._memo: dict[tuple, object] = {}
+
+    def memo(self, key: tuple, build):
+        """``build()``'s value, computed once per key for this context (e.g. a method's fixed
+        memory set read through the model)."""
+        with self._lock:
+            if key not in self._memo:
+                self._memo[key] = build()
+            return self._memo[key]
 
     @cached_property
     def fingerprint(self) -> str:

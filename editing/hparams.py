@@ -231,6 +231,38 @@ class FtHyperParams(HyperParams):
     early_stop_loss: float = bounded(0.105, 0.0, 20.0)
 
 
+@dataclass(frozen=True)
+class TPatcherHyperParams(HyperParams):
+    """T-Patcher: ``neurons_per_fact`` ReLU neurons per fact appended to ``layer``'s FFN
+    (:mod:`.neurons`), trained with the base frozen on three losses:
+
+    - edit: NLL of the target after the prompt (and after its context-prefixed variants);
+    - activation: hinge max(0, activation_margin - a) on the positions that predict the target,
+      so the neuron fires on the edit's inputs;
+    - memory: hinge max(0, a - memory_margin) on every token of ``memory_rows`` unrelated
+      text rows (shipped corpus), so it stays silent elsewhere (ReLU makes silent exactly 0).
+
+    steps / learning_rate: Adam over (key, bias, value); early_stop_loss: stop once the target
+    NLL is below it and both hinges are satisfied.
+    """
+
+    method: ClassVar[str] = "t_patcher"
+    layer: int = bounded(29, 0, MAX_LAYERS - 1)
+    neurons_per_fact: int = bounded(1, 1, 16)
+    steps: int = bounded(60, 1, 1000)
+    learning_rate: float = bounded(0.02, 1e-6, 10.0)
+    activation_margin: float = bounded(1.0, 0.0, 100.0)
+    memory_margin: float = bounded(-0.5, -100.0, 0.0)
+    activation_weight: float = bounded(1.0, 0.0, 100.0)
+    memory_weight: float = bounded(1.0, 0.0, 100.0)
+    memory_rows: int = bounded(64, 0, 4096)
+    context_count: int = bounded(5, 0, 50)
+    context_length: int = bounded(10, 1, 64)
+    early_stop_loss: float = bounded(0.05, 0.0, 20.0)
+
+    aliases: ClassVar[dict[str, str]] = {"lr": "learning_rate"}
+
+
 def load_rome_hparams(model_type: str, num_layers: int | None = None) -> RomeHyperParams:
     """The shipped ROME hyperparameters for ``config.model_type`` (see :meth:`HyperParams.load`)."""
     return RomeHyperParams.load(model_type, num_layers)
@@ -238,5 +270,6 @@ def load_rome_hparams(model_type: str, num_layers: int | None = None) -> RomeHyp
 
 def hyperparams_class(table: str) -> type[HyperParams]:
     """The class of a registry entry's ``hparams_table``."""
-    classes = {cls.method: cls for cls in (RomeHyperParams, MemitHyperParams, FtHyperParams)}
+    classes = {cls.method: cls for cls in (RomeHyperParams, MemitHyperParams, FtHyperParams,
+                                                   TPatcherHyperParams)}
     return classes[table]

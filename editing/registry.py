@@ -92,7 +92,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("serac", "EDIT_METHOD_SERAC", "serac", "serac", None, ArtifactKind.RUNTIME_LAYER,
                    frozenset({ArtifactKind.RUNTIME_LAYER.value, "routing"}), 10_000,
                    "scope classifier over a memory of edits plus a counterfactual path (Mitchell et al. 2022)"),
-        MethodSpec("t_patcher", "EDIT_METHOD_T_PATCHER", "t_patcher", "t_patcher", None, ArtifactKind.RUNTIME_LAYER,
+        MethodSpec("t_patcher", "EDIT_METHOD_T_PATCHER", "t_patcher", "t_patcher",
+                   "editserve.editing.tpatcher:compute_tpatcher", ArtifactKind.RUNTIME_LAYER,
                    frozenset({ArtifactKind.RUNTIME_LAYER.value, "ffn_neurons"}), 1_000,
                    "extra FFN neurons trained per edit (Huang et al. 2023)"),
     )

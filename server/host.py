@@ -4,6 +4,12 @@ Readers (generation steps, traces, scoring) hold ``host.lock.read()``; applying 
 edit holds ``host.lock.write()`` only to swap in tensors prepared outside the lock. The live value of every touched tensor is always recomputed as
 ``base + sum(active deltas)`` from a pristine copy of the base, in one canonical order, so a
 revert restores bit-identical weights and a replay after restart reproduces the same bits.
+
+Runtime layers (T-Patcher's FFN neurons) never touch a parameter: the active ones are stacked
+into one immutable :class:`~editserve.editing.neurons.NeuronBank` per MLP, which a forward hook
+(registered once per MLP, the first time it gets neurons) reads on every call. Apply and revert
+swap the bank reference under the same write lock, so a forward pass sees one revision's
+neurons whole, and removing an edit's artifact removes exactly its neurons.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from editserve.editing import neurons
 from editserve.editing.adapter import ArchitectureAdapter
-from editserve.editing.artifacts import WeightDelta
+from editserve.editing.artifacts import Artifact, RuntimeLayer, WeightDelta
 from editserve.editing.registry import ArtifactKind
 
 from .rwlock import RWLock
@@ -42,7 +49,15 @@ FINGERPRINT_VALUES = 4096
 @dataclass
 class _Active:
     edit_id: str
-    delta: WeightDelta
+    delta: Artifact
+
+
+def _weight_deltas(active: Iterable[_Active]) -> Iterable[WeightDelta]:
+    return (a.delta for a in active if isinstance(a.delta, WeightDelta))
+
+
+def _runtime_layers(active: Iterable[_Active]) -> list[RuntimeLayer]:
+    return [a.delta for a in active if isinstance(a.delta, RuntimeLayer)]
 
 
 def compose(base: torch.Tensor, deltas: Iterable[WeightDelta], name: str) -> torch.Tensor:
@@ -80,6 +95,9 @@ class ModelHost:
     _pristine: dict[str, torch.Tensor] = field(default_factory=dict)
     _active: list[_Active] = field(default_factory=list)
     _state_guard: threading.Lock = field(default_factory=threading.Lock)
+    # MLP module name -> the active neurons there (immutable; swapped under the write lock)
+    _banks: dict[str, neurons.NeuronBank] = field(default_factory=dict)
+    _bank_hooks: dict[str, torch.utils.hooks.RemovableHandle] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.adapter = ArchitectureAdapter.from_model(self.model)
@@ -87,9 +105,9 @@ class ModelHost:
     @property
     def capabilities(self) -> frozenset[str]:
         """What this served state can host (:class:`~editserve.editing.registry.MethodSpec.requires`):
-        weight deltas, composed into the parameters by storage swaps. Runtime layers need a
-        backend that declares them."""
-        return frozenset({ArtifactKind.WEIGHT_DELTA.value})
+        weight deltas, composed into the parameters by storage swaps, and runtime layers of
+        FFN neurons, added by one hook per patched MLP."""
+        return frozenset({ArtifactKind.WEIGHT_DELTA.value, ArtifactKind.RUNTIME_LAYER.value, "ffn_neurons"})
 
     # --- weight state ---------------------------------------------------------------
     @property
@@ -109,7 +127,7 @@ class ModelHost:
             base = self._pristine.get(name)
             if base is None:
                 base = pristine[name] = self.model.get_parameter(name).detach()
-            values[name] = compose(base, (a.delta for a in active), name)
+            values[name] = compose(base, _weight_deltas(active), name)
         return values, pristine
 
     def _commit(self, active: list[_Active], prepared: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
@@ -121,17 +139,27 @@ class ModelHost:
         the cores are busy with an edit computation.
         """
         values, pristine = prepared
+        banks = neurons.banks_by_module(_runtime_layers(active))
         with self.lock.write():
             started = time.perf_counter()
             for name, value in values.items():
                 self.model.get_parameter(name).data = value
+            for module in banks.keys() - self._bank_hooks.keys():
+                self._bank_hooks[module] = self.model.get_submodule(module).register_forward_hook(
+                    neurons.adder(lambda module=module: self._banks.get(module)))
+            self._banks = banks
             self._pristine.update(pristine)
             self._active = active
             self.revision = revision
             return time.perf_counter() - started
 
-    def check_delta(self, delta: WeightDelta) -> None:
-        """Raise ValueError unless the delta fits this model; call before journaling it."""
+    def check_delta(self, delta: Artifact) -> None:
+        """Raise ValueError unless the artifact fits this model; call before journaling it."""
+        if isinstance(delta, RuntimeLayer):
+            if delta.layer_type != neurons.LAYER_TYPE:
+                raise ValueError(f"the hf backend cannot host runtime layers of type {delta.layer_type!r}")
+            neurons.check_fits(self.model, delta)
+            return
         for name in delta.parameter_names:
             try:
                 param = self.model.get_parameter(name)
@@ -143,7 +171,7 @@ class ModelHost:
         if not delta.is_finite():
             raise ValueError("delta contains NaN or inf")
 
-    def apply(self, edit_id: str, delta: WeightDelta, revision: int) -> float:
+    def apply(self, edit_id: str, delta: Artifact, revision: int) -> float:
         """Add an edit and set the revision; returns the write-lock pause in seconds."""
         self.check_delta(delta)
         active = [*self._active, _Active(edit_id, delta)]
@@ -158,7 +186,7 @@ class ModelHost:
         prepared = self._prepare(active, target.delta.parameter_names)
         return self._commit(active, prepared, revision)
 
-    def load_state(self, edits: list[tuple[str, WeightDelta]], revision: int) -> None:
+    def load_state(self, edits: list[tuple[str, Artifact]], revision: int) -> None:
         """Replay: apply a whole active set at once (start-up), setting the revision."""
         active = [_Active(i, d) for i, d in edits]
         names = sorted({n for _, d in edits for n in d.parameter_names})
@@ -166,12 +194,18 @@ class ModelHost:
         self._commit(active, prepared, revision)
 
     def weights_digest(self) -> str:
-        """sha256 over every parameter's bytes, in name order (for replay/revert checks)."""
+        """sha256 over every parameter's bytes, in name order, then over the hosted runtime
+        layers' tensors (MLP module order) when there are any: the served state that decides
+        every output, for replay/revert checks."""
         digest = hashlib.sha256()
         with self.lock.read():
             for name, param in sorted(self.model.named_parameters()):
                 digest.update(name.encode())
                 digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            for module, bank in sorted(self._banks.items()):
+                digest.update(module.encode())
+                for tensor in (bank.keys, bank.biases, bank.values):
+                    digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
     def fingerprint(self) -> str:

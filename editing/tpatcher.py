@@ -1,0 +1,185 @@
+"""T-Patcher (Huang et al., ICLR 2023, "Transformer-Patcher: One Mistake Worth One Neuron").
+
+Each fact gets ``neurons_per_fact`` new ReLU neurons in one FFN (:mod:`.neurons`); the base
+weights never change, so an edit is a :class:`~editserve.editing.artifacts.RuntimeLayer` and
+revert is its removal. A neuron is trained with the base frozen on three losses (weights in
+:class:`~editserve.editing.hparams.TPatcherHyperParams`):
+
+- edit loss: the target's NLL after the prompt, also behind self-generated context prefixes
+  (as ROME/MEMIT use them) so the neuron keys on the fact rather than on one exact string;
+- activation loss: the neuron must fire (activation >= margin) where the model predicts the
+  target;
+- memory loss: it must stay below a negative margin on every token of unrelated text (the
+  shipped statistics corpus), so ReLU makes it exactly silent there.
+
+Why this is cheap: the neuron's input x (the FFN input at its layer) does not depend on the
+neuron, so the activation and memory losses read inputs captured once; only the edit loss
+runs the model, once per step, on a handful of short rows. Facts of one edit are trained one
+after another, each on top of the neurons already made (as sequential editing would).
+
+Initialisation (the paper initialises the key from the edit's input): k points from the
+memory's mean input to the edit's input, scaled so the activation there is
+``activation_margin + 1`` and zero at the memory mean; the value starts at zero, so the
+patch begins as a no-op and the edit loss grows it.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+
+import torch
+
+from .artifacts import RuntimeLayer
+from .context import EditingContext
+from .errors import InvalidRequest, PreconditionFailed
+from .facts import Fact
+from .hooks import Trace
+from .hparams import TPatcherHyperParams
+from .keys import batch_rows, pad_id_of
+from .neurons import LAYER_TYPE, NeuronBank, preview_neurons
+from .values import check_facts, fact_rows
+
+MEMORY_ROW_TOKENS = 32  # tokens per memory row (unrelated text the neurons must ignore)
+
+
+def _check_request(ctx: EditingContext, facts: list[Fact], hparams: TPatcherHyperParams) -> TPatcherHyperParams:
+    check_facts(ctx.tokenizer, facts)
+    hparams = hparams.for_depth(ctx.adapter.num_layers)
+    try:
+        ctx.adapter.check_layer(hparams.layer)
+    except IndexError as exc:
+        raise InvalidRequest(f"t_patcher option layer: {exc}") from None
+    return hparams
+
+
+def _module_inputs(ctx: EditingContext, module: str, rows: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FFN inputs of ``module`` for right-padded ``rows``: ([B, T, d] fp32, mask [B, T])."""
+    device = next(ctx.model.parameters()).device
+    ids, mask = batch_rows(rows, pad_id_of(ctx.tokenizer), device)
+    with torch.no_grad(), Trace(ctx.model, module, retain_output=False, retain_input=True) as trace:
+        ctx.model(input_ids=ids, attention_mask=mask)
+    return trace.input.float(), mask
+
+
+def memory_inputs(ctx: EditingContext, module: str, count: int) -> torch.Tensor:
+    """FFN inputs at ``module`` for every token of ``count`` rows of the shipped corpus
+    ([M, d], fp32), cached per context (the memory set is fixed, so it is read once).
+
+    They are read through the model as it is when first asked: a later weight edit below the
+    layer shifts them slightly; the memory loss only needs typical inputs, not exact ones."""
+    if count == 0:
+        return torch.zeros(0, ctx.adapter.hidden_size)
+
+    def build() -> torch.Tensor:
+        text = (resources.files("editserve.editing") / "data" / "stats_corpus.txt").read_text()
+        ids = ctx.tokenizer(text[: count * MEMORY_ROW_TOKENS * 8], add_special_tokens=False)["input_ids"]
+        rows = [tuple(ids[i:i + MEMORY_ROW_TOKENS]) for i in range(0, len(ids), MEMORY_ROW_TOKENS)]
+        rows = [r for r in rows if len(r) == MEMORY_ROW_TOKENS][:count]
+        inputs, mask = [], []
+        for start in range(0, len(rows), 32):
+            x, m = _module_inputs(ctx, module, rows[start:start + 32])
+            inputs.append(x[m.bool()])
+        return torch.cat(inputs)
+
+    return ctx.memo(("t_patcher_memory", module, count), build)
+
+
+def _initial_bank(edit_x: torch.Tensor, memory: torch.Tensor, hparams: TPatcherHyperParams,
+                  generator: torch.Generator) -> NeuronBank:
+    n = hparams.neurons_per_fact
+    anchor = memory.mean(0) if len(memory) else torch.zeros_like(edit_x)
+    direction = edit_x - anchor
+    key = direction / direction.pow(2).sum().clamp_min(1e-12) * (hparams.activation_margin + 1.0)
+    keys = key.expand(n, -1).clone()
+    if n > 1:  # identical neurons would get identical gradients forever
+        keys += torch.randn(keys.shape, generator=generator) * key.norm() * 0.01
+    biases = -(keys @ anchor)
+    return NeuronBank(keys, biases, torch.zeros_like(keys))
+
+
+def _train_fact(ctx: EditingContext, module: str, fact: Fact, templates: list[str], memory: torch.Tensor,
+                hparams: TPatcherHyperParams, made: list[NeuronBank], generator: torch.Generator
+                ) -> tuple[NeuronBank, dict]:
+    started = time.perf_counter()
+    spec = fact_rows(ctx.tokenizer, fact, templates, kl_prompt=None)
+    rows = [ids for ids, _subject_last in spec.rows]
+    n_target = len(spec.targets)
+    device = next(ctx.model.parameters()).device
+    ids, mask = batch_rows(rows, pad_id_of(ctx.tokenizer), device)
+    # positions that predict target token j: len(row) - n_target + j
+    row_index = torch.tensor([r for r, ids_r in enumerate(rows) for _ in range(n_target)], device=device)
+    col_index = torch.tensor([len(ids_r) - n_target + j for ids_r in rows for j in range(n_target)], device=device)
+    labels = torch.tensor(list(spec.targets) * len(rows), device=device)
+
+    fixed = [RuntimeLayer(LAYER_TYPE, {"keys": b.keys, "biases": b.biases, "values": b.values}, {"module": module})
+             for b in made]
+    with preview_neurons(ctx.model, fixed):
+        x, _ = _module_inputs(ctx, module, rows)
+    edit_x = x[row_index, col_index]  # [rows * n_target, d]
+    bank = _initial_bank(edit_x[::n_target].mean(0), memory, hparams, generator)
+    params = [bank.keys.clone().requires_grad_(True), bank.biases.clone().requires_grad_(True),
+              bank.values.clone().requires_grad_(True)]
+    optimiser = torch.optim.Adam(params, lr=hparams.learning_rate)
+    state = {"bank": bank}
+    trace = Trace(ctx.model, module, retain_output=False, retain_input=True, detach=True)
+    trace.edit_output = lambda out, _name: out + state["bank"](trace.input)
+    nll = act_loss = mem_loss = torch.tensor(0.0)
+    step = 0
+    with torch.enable_grad(), preview_neurons(ctx.model, fixed), trace:
+        for step in range(1, hparams.steps + 1):
+            state["bank"] = NeuronBank(*params)
+            logits = ctx.model(input_ids=ids, attention_mask=mask).logits[row_index, col_index].float()
+            nll = torch.nn.functional.cross_entropy(logits, labels)
+            act = state["bank"].activations(edit_x)
+            act_loss = torch.relu(hparams.activation_margin - act).mean()
+            mem_loss = (torch.relu(state["bank"].activations(memory) - hparams.memory_margin).mean()
+                        if len(memory) else torch.tensor(0.0))
+            if nll.item() < hparams.early_stop_loss and act_loss.item() == 0 and mem_loss.item() == 0:
+                break
+            loss = nll + hparams.activation_weight * act_loss + hparams.memory_weight * mem_loss
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+    result = NeuronBank(*(p.detach().clone() for p in params))
+    if not all(bool(torch.isfinite(t).all()) for t in (result.keys, result.biases, result.values)):
+        raise PreconditionFailed("T-Patcher's optimisation diverged (NaN or inf); the model is unchanged")
+    memory_firing = float((result.activations(memory) > 0).float().mean()) if len(memory) else 0.0
+    return result, {"steps": step, "final_nll": nll.item(), "activation_loss": act_loss.item(),
+                    "memory_loss": mem_loss.item(), "memory_firing_rate": memory_firing,
+                    "seconds": time.perf_counter() - started}
+
+
+def compute_tpatcher(ctx: EditingContext, facts: list[Fact], hparams: TPatcherHyperParams
+                     ) -> tuple[RuntimeLayer, dict]:
+    """The T-Patcher edit of ``facts``: one runtime layer of neurons in ``hparams.layer``'s FFN,
+    plus diagnostics. Raises InvalidRequest for a malformed request (before any compute)."""
+    started = time.perf_counter()
+    hparams = _check_request(ctx, facts, hparams)
+    module = ctx.adapter.mlp(hparams.layer)
+    templates = ctx.context_templates(hparams.context_count, hparams.context_length)
+    memory = memory_inputs(ctx, module, hparams.memory_rows)
+    prepared = time.perf_counter() - started
+    generator = torch.Generator().manual_seed(0)
+    made: list[NeuronBank] = []
+    infos = []
+    for fact in facts:
+        bank, info = _train_fact(ctx, module, fact, templates, memory, hparams, made, generator)
+        made.append(bank)
+        infos.append(info)
+    total = NeuronBank.concat(made)
+    artifact = RuntimeLayer(LAYER_TYPE, {"keys": total.keys, "biases": total.biases, "values": total.values},
+                            {"module": module, "layer": hparams.layer, "facts": len(facts),
+                             "neurons_per_fact": hparams.neurons_per_fact, "activation": "relu"})
+    diagnostics = {
+        "method": "t_patcher",
+        "hparams_version": hparams.version,
+        "layers": [hparams.layer],
+        "facts_count": len(facts),
+        "steps": [f["steps"] for f in infos],
+        "final_loss": [f["final_nll"] for f in infos],
+        "facts": infos,
+        "timings": {"prepare_s": prepared, "total_s": time.perf_counter() - started},
+        "hparams": hparams.as_dict(),
+    }
+    return artifact, diagnostics

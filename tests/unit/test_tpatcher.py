@@ -1,0 +1,126 @@
+"""T-Patcher on tiny random models: the neurons write the fact, stay silent on unrelated text,
+never touch a base weight, and the host adds and removes them exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editserve.editing.artifacts import RuntimeLayer, WeightDelta, load_artifact, preview, save_artifact
+from editserve.editing.context import EditingContext
+from editserve.editing.errors import InvalidRequest
+from editserve.editing.facts import Fact
+from editserve.editing.hooks import hooks_attached
+from editserve.editing.hparams import TPatcherHyperParams
+from editserve.editing.neurons import LAYER_TYPE, bank_of, check_fits
+from editserve.editing.scoring import score
+from editserve.editing.tpatcher import compute_tpatcher, memory_inputs
+from editserve.server.host import ModelHost
+from tests.unit.rome_helpers import ARCHS, learnable_model, weights_digest
+
+torch.set_num_threads(1)
+
+FACTS = [
+    Fact("The language of {}", "Danielle Darrieux", "founded", "French"),
+    Fact("The capital of {}", "Italy", "founded", "Rome"),
+]
+
+
+def tiny_tpatcher(model, **overrides) -> TPatcherHyperParams:
+    settings = dict(layer=3, steps=80, learning_rate=0.05, context_count=2, context_length=5, memory_rows=16)
+    settings.update(overrides)
+    return TPatcherHyperParams.load(model.config.model_type, 4).with_overrides(**settings)
+
+
+def _probabilities(model, tokenizer, facts):
+    return [s.probability for s in score(model, tokenizer, [f.text for f in facts], [f.target_new for f in facts])]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_neurons_write_the_facts_and_leave_the_weights(arch, tiny_tokenizer, tmp_path):
+    model, adapter = learnable_model(arch, tiny_tokenizer, edit_layer=3)  # Gemma: lets layer 3's FFN move the residual
+    ctx = EditingContext(model, tiny_tokenizer, adapter, tmp_path, progress=False)
+    digest = weights_digest(model)
+    before = _probabilities(model, tiny_tokenizer, FACTS)
+
+    layer, diagnostics = compute_tpatcher(ctx, FACTS, tiny_tpatcher(model))
+
+    assert weights_digest(model) == digest and hooks_attached(model) == 0
+    assert layer.layer_type == LAYER_TYPE and layer.info["module"] == adapter.mlp(3)
+    bank = bank_of(layer)
+    assert bank.size == len(FACTS) and bank.keys.shape[1] == adapter.hidden_size
+    with preview(model, layer):
+        after = _probabilities(model, tiny_tokenizer, FACTS)
+    for b, a in zip(before, after, strict=True):
+        assert a > 0.5 and a > 10 * b, (arch, before, after, diagnostics["facts"])
+    # silent on the unrelated text it was trained against
+    memory = memory_inputs(ctx, adapter.mlp(3), 16)
+    assert (bank.activations(memory) > 0).float().mean() < 0.05
+    assert diagnostics["layers"] == [3] and len(diagnostics["facts"]) == len(FACTS)
+
+
+def test_host_adds_and_removes_neurons_exactly(tiny_tokenizer, tmp_path):
+    model, adapter = learnable_model("llama", tiny_tokenizer)
+    host = ModelHost(model, tiny_tokenizer, name="tiny", dtype="fp32", device="cpu")
+    ctx = EditingContext(model, tiny_tokenizer, adapter, tmp_path, progress=False)
+    pristine_digest = host.weights_digest()
+    prompt = tiny_tokenizer(FACTS[0].text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        pristine_logits = model(prompt).logits
+
+    patch, _ = compute_tpatcher(ctx, FACTS[:1], tiny_tpatcher(model))
+    name = adapter.mlp_out_weight_name(1)
+    weight_edit = WeightDelta(dense={name: torch.randn(model.get_parameter(name).shape) * 0.01})
+    host.apply("w", weight_edit, revision=1)
+    after_weight = host.weights_digest()
+    host.apply("p", patch, revision=2)
+    assert host.weights_digest() not in (pristine_digest, after_weight)
+    assert _probabilities(model, tiny_tokenizer, FACTS[:1])[0] > 0.5  # served, not previewed
+
+    host.revert("p", revision=3)
+    assert host.weights_digest() == after_weight
+    host.revert("w", revision=4)
+    assert host.weights_digest() == pristine_digest
+    with torch.no_grad():
+        assert torch.equal(model(prompt).logits, pristine_logits)
+
+    # replay of the same active set gives the same served state as applying one by one
+    host.apply("p", patch, revision=5)
+    applied = host.weights_digest()
+    replayed = ModelHost(learnable_model("llama", tiny_tokenizer)[0], tiny_tokenizer, name="tiny", dtype="fp32",
+                         device="cpu")
+    replayed.load_state([("p", patch)], revision=5)
+    assert replayed.weights_digest() == applied
+
+
+def test_artifact_round_trip_and_fit_checks(tiny_tokenizer, tmp_path):
+    model, adapter = learnable_model("gpt2", tiny_tokenizer)
+    ctx = EditingContext(model, tiny_tokenizer, adapter, tmp_path, progress=False)
+    patch, _ = compute_tpatcher(ctx, FACTS[:1], tiny_tpatcher(model, steps=5))
+    save_artifact(patch, tmp_path / "p.safetensors")
+    loaded = load_artifact(tmp_path / "p.safetensors")
+    assert isinstance(loaded, RuntimeLayer) and loaded.info == patch.info
+    assert all(torch.equal(loaded.tensors[k], patch.tensors[k]) for k in patch.tensors)
+    check_fits(model, loaded)
+    narrow = RuntimeLayer(LAYER_TYPE, {k: v[:, :-1] if v.dim() == 2 else v for k, v in patch.tensors.items()},
+                          dict(patch.info))
+    with pytest.raises(ValueError, match="width"):
+        check_fits(model, narrow)
+    poisoned = RuntimeLayer(LAYER_TYPE, {**patch.tensors, "values": patch.tensors["values"] * float("nan")},
+                            dict(patch.info))
+    with pytest.raises(ValueError, match="NaN"):
+        check_fits(model, poisoned)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"layer": 4}, "layer"),
+    ({"steps": 0}, "steps"),
+    ({"learning_rate": float("nan")}, "learning_rate"),
+    ({"memory_margin": 1.0}, "memory_margin"),
+    ({"neurons_per_fact": 100}, "neurons_per_fact"),
+])
+def test_bad_options_are_refused_before_compute(overrides, message, tiny_tokenizer, tmp_path):
+    model, adapter = learnable_model("llama", tiny_tokenizer)
+    ctx = EditingContext(model, tiny_tokenizer, adapter, tmp_path, progress=False)
+    with pytest.raises(InvalidRequest, match=message):
+        compute_tpatcher(ctx, FACTS, tiny_tpatcher(model, **overrides))
