@@ -34,7 +34,7 @@ def test_every_request_option_is_a_hyperparameter(name):
     fields = set(pb.EditRequest.DESCRIPTOR.fields_by_name[spec.options_field].message_type.fields_by_name)
     assert fields <= accepted, fields - accepted
     assert callable(spec.load_compute())
-    assert spec.artifact == ArtifactKind.WEIGHT_DELTA
+    assert spec.artifact.value in spec.requires  # a host must declare the kind it hosts
 
 
 def test_unavailable_methods_say_why():
@@ -43,6 +43,7 @@ def test_unavailable_methods_say_why():
     assert "not implemented" in unavailable_reason("serac", weights)
     assert "unknown edit method" in unavailable_reason("nope", weights)
     assert "capabilities" in unavailable_reason("rome", frozenset())
+    assert "ffn_neurons" in unavailable_reason("t_patcher", weights)
     with pytest.raises(ValueError, match="known"):
         method("nope")
 
