@@ -35,6 +35,8 @@ class EditingContext:
         self._factors: dict[tuple[int, str, int], torch.Tensor] = {}
         self.last_stats_info: dict = {}
         self._memo: dict[tuple, object] = {}
+        # builds SERAC's sentence encoder on first use (a server passes its host's, to share one)
+        self.encoder_factory = None
 
     def memo(self, key: tuple, build):
         """``build()``'s value, computed once per key for this context (e.g. a method's fixed

@@ -263,6 +263,16 @@ class TPatcherHyperParams(HyperParams):
     aliases: ClassVar[dict[str, str]] = {"lr": "learning_rate"}
 
 
+@dataclass(frozen=True)
+class SeracHyperParams(HyperParams):
+    """SERAC (:mod:`.memory`): an input is in an entry's scope when it contains the entry's
+    subject and its sentence embedding's cosine similarity to the entry's key is at least
+    ``scope_threshold`` (calibrated on CounterFact, docs/RUNTIME_EDITS.md)."""
+
+    method: ClassVar[str] = "serac"
+    scope_threshold: float = bounded(0.5, 0.0, 1.0)
+
+
 def load_rome_hparams(model_type: str, num_layers: int | None = None) -> RomeHyperParams:
     """The shipped ROME hyperparameters for ``config.model_type`` (see :meth:`HyperParams.load`)."""
     return RomeHyperParams.load(model_type, num_layers)
@@ -271,5 +281,5 @@ def load_rome_hparams(model_type: str, num_layers: int | None = None) -> RomeHyp
 def hyperparams_class(table: str) -> type[HyperParams]:
     """The class of a registry entry's ``hparams_table``."""
     classes = {cls.method: cls for cls in (RomeHyperParams, MemitHyperParams, FtHyperParams,
-                                                   TPatcherHyperParams)}
+                                                   TPatcherHyperParams, SeracHyperParams)}
     return classes[table]

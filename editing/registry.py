@@ -89,7 +89,7 @@ METHODS: dict[str, MethodSpec] = {
                        "many facts at once, spread over a range of MLP layers (Meng et al. 2023)"),
         _weight_method("ft_l", "EDIT_METHOD_FT_L", "ft", "editserve.editing.ft:compute_ft", 100,
                        "constrained fine-tuning of one MLP output projection (baseline)"),
-        MethodSpec("serac", "EDIT_METHOD_SERAC", "serac", "serac", None, ArtifactKind.RUNTIME_LAYER,
+        MethodSpec("serac", "EDIT_METHOD_SERAC", "serac", "serac", "editserve.editing.serac:compute_serac", ArtifactKind.RUNTIME_LAYER,
                    frozenset({ArtifactKind.RUNTIME_LAYER.value, "routing"}), 10_000,
                    "scope classifier over a memory of edits plus a counterfactual path (Mitchell et al. 2022)"),
         MethodSpec("t_patcher", "EDIT_METHOD_T_PATCHER", "t_patcher", "t_patcher",

@@ -88,7 +88,8 @@ class EditserveServer:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer, model_dir = load_model(config.model, dtype=config.dtype, device=device, cache_dir=cache)
-        host = ModelHost(model, tokenizer, name=config.model, dtype=config.dtype, device=device)
+        host = ModelHost(model, tokenizer, name=config.model, dtype=config.dtype, device=device,
+                         encoder_name=config.serac_encoder)
         state_dir = Path(config.state_dir) if config.state_dir else cache / "state" / Path(config.model).name
         journal = Journal(state_dir, host.fingerprint(), legacy_fingerprints=(host.legacy_fingerprint(),))
         metrics = self.runtime.metrics

@@ -33,6 +33,9 @@ class ServeConfig:
     trace_max_prompt_tokens: int = 64
     # facts one Edit may carry (each method also has its own limit in editing/registry.py)
     max_edit_facts: int = 10_000
+    # SERAC's sentence encoder: "all-MiniLM-L6-v2" (offline PyPI package) or a local
+    # sentence-transformers directory; edits made with another are re-encoded at start-up
+    serac_encoder: str = "all-MiniLM-L6-v2"
     # estimate the key statistics of the default edit layers in the background after start-up
     prepare_statistics: bool = True
     # torch intra-op threads; 0 keeps torch's default (all cores).
@@ -42,6 +45,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.max_edit_facts <= 100_000:
             raise ValueError(f"max_edit_facts must be in [1, 100000], got {self.max_edit_facts}")
+        if not self.serac_encoder.strip():
+            raise ValueError("serac_encoder must name an encoder")
 
     @classmethod
     def from_toml(cls, path: Path) -> ServeConfig:

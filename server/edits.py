@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from editserve.editing.artifacts import WeightDelta, preview
+from editserve.editing.artifacts import RuntimeLayer, WeightDelta, preview
+from editserve.editing.memory import LAYER_TYPE as MEMORY_LAYER
 from editserve.editing.errors import InvalidRequest, PreconditionFailed
 from editserve.editing.facts import Fact, validate_facts
 from editserve.editing.registry import METHODS
@@ -118,10 +119,12 @@ class EditManager:
         for i, _group, prompt in prompts:
             queries += [prompt, prompt]
             targets += [facts[i].target_new, facts[i].target_true or facts[i].target_new]
-        before = self.scorer(queries, targets)
-        if delta is not None:
+        before = self._routed_score(queries, targets)
+        if isinstance(delta, RuntimeLayer) and delta.layer_type == MEMORY_LAYER:
+            after = self._routed_score(queries, targets, extra=[("preview", delta)])
+        elif delta is not None:
             with preview(self.host.model, delta):
-                after = self.scorer(queries, targets)
+                after = self._routed_score(queries, targets)
         else:
             after = before
         reports = [FactReport(fact=f, rewrite=PromptScore(f.text)) for f in facts]
@@ -139,6 +142,12 @@ class EditManager:
             else:
                 getattr(reports[i], group).append(score)
         return reports
+
+    def _routed_score(self, queries: list[str], targets: list[str], extra: list = ()) -> list[float]:
+        """Scores as serving would give them: in-scope inputs of a SERAC memory (the active
+        one, plus ``extra``) read through the counterfactual path."""
+        prompts, _matches = self.host.routed_prompts(queries, extra)
+        return self.scorer(prompts, targets)
 
     # --- operations ----------------------------------------------------------------------
     def edit(

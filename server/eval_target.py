@@ -48,8 +48,8 @@ class InProcessTarget:
 
     def score(self, pairs: Sequence[tuple[str, str]]) -> list[ContinuationScore]:
         with stable_weights(self.manager):
-            return score_continuations(self.host.model, self.host.tokenizer, [p for p, _ in pairs],
-                                       [c for _, c in pairs])
+            prompts, _matches = self.host.routed_prompts([p for p, _ in pairs])  # as Score would read them
+            return score_continuations(self.host.model, self.host.tokenizer, prompts, [c for _, c in pairs])
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
@@ -57,7 +57,7 @@ class InProcessTarget:
         ten prompts per case, and one batched decode costs little more than one prompt's."""
         tok = self.host.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        encoded = [tok(p).input_ids for p in prompts]
+        encoded = [tok(p).input_ids for p in self.host.routed_prompts(list(prompts))[0]]
         width = max(len(e) for e in encoded)
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])

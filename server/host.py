@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from editserve.editing import memory as edit_memory
 from editserve.editing import neurons
 from editserve.editing.adapter import ArchitectureAdapter
 from editserve.editing.artifacts import Artifact, RuntimeLayer, WeightDelta
@@ -56,8 +57,9 @@ def _weight_deltas(active: Iterable[_Active]) -> Iterable[WeightDelta]:
     return (a.delta for a in active if isinstance(a.delta, WeightDelta))
 
 
-def _runtime_layers(active: Iterable[_Active]) -> list[RuntimeLayer]:
-    return [a.delta for a in active if isinstance(a.delta, RuntimeLayer)]
+def _runtime_layers(active: Iterable[_Active], layer_type: str) -> list[tuple[str, RuntimeLayer]]:
+    return [(a.edit_id, a.delta) for a in active
+            if isinstance(a.delta, RuntimeLayer) and a.delta.layer_type == layer_type]
 
 
 def compose(base: torch.Tensor, deltas: Iterable[WeightDelta], name: str) -> torch.Tensor:
@@ -98,6 +100,10 @@ class ModelHost:
     # MLP module name -> the active neurons there (immutable; swapped under the write lock)
     _banks: dict[str, neurons.NeuronBank] = field(default_factory=dict)
     _bank_hooks: dict[str, torch.utils.hooks.RemovableHandle] = field(default_factory=dict)
+    # SERAC: the sentence encoder (loaded on first use) and the active entries' index
+    encoder_name: str = edit_memory.DEFAULT_ENCODER
+    _encoder: edit_memory.Encoder | None = None
+    _memory: edit_memory.EditMemory | None = None
 
     def __post_init__(self) -> None:
         self.adapter = ArchitectureAdapter.from_model(self.model)
@@ -107,7 +113,43 @@ class ModelHost:
         """What this served state can host (:class:`~editserve.editing.registry.MethodSpec.requires`):
         weight deltas, composed into the parameters by storage swaps, and runtime layers of
         FFN neurons, added by one hook per patched MLP."""
-        return frozenset({ArtifactKind.WEIGHT_DELTA.value, ArtifactKind.RUNTIME_LAYER.value, "ffn_neurons"})
+        return frozenset({ArtifactKind.WEIGHT_DELTA.value, ArtifactKind.RUNTIME_LAYER.value, "ffn_neurons",
+                          "routing"})
+
+    # --- SERAC routing ---------------------------------------------------------------
+    @property
+    def encoder(self) -> edit_memory.Encoder:
+        """The sentence encoder of the edit memory, loaded once on first use."""
+        with self._state_guard:
+            if self._encoder is None:
+                self._encoder = edit_memory.Encoder(self.encoder_name)
+            return self._encoder
+
+    def _build_memory(self, layers: list[tuple[str, RuntimeLayer]]) -> edit_memory.EditMemory | None:
+        if not layers:
+            return None
+        stale = any(layer.info.get("encoder") != self.encoder_name for _, layer in layers)
+        return edit_memory.EditMemory.build(layers, self.encoder if stale else None)
+
+    def route(self, texts: list[str], extra: list[tuple[str, RuntimeLayer]] = ()
+              ) -> list[edit_memory.Match | None]:
+        """Which memory entry (if any) each input is in scope of, at the current revision,
+        plus ``extra`` memory artifacts (a dry run's preview). Costs nothing while no SERAC
+        edit is active: the encoder runs only when there is a memory to search."""
+        memory = self._memory
+        if extra:
+            memory = self._build_memory(_runtime_layers(self._active, edit_memory.LAYER_TYPE) + list(extra))
+        if memory is None or not len(memory):
+            return [None] * len(texts)
+        return memory.route(texts, self.encoder.encode(texts))
+
+    def routed_prompts(self, texts: list[str], extra: list[tuple[str, RuntimeLayer]] = ()
+                       ) -> tuple[list[str], list[edit_memory.Match | None]]:
+        """The inputs as the model should read them (the counterfactual path for in-scope
+        ones), and the matches."""
+        matches = self.route(texts, extra)
+        return [t if m is None else edit_memory.counterfactual_input(m, t) for t, m in zip(texts, matches, strict=True)
+                ], matches
 
     # --- weight state ---------------------------------------------------------------
     @property
@@ -139,7 +181,8 @@ class ModelHost:
         the cores are busy with an edit computation.
         """
         values, pristine = prepared
-        banks = neurons.banks_by_module(_runtime_layers(active))
+        banks = neurons.banks_by_module([layer for _, layer in _runtime_layers(active, neurons.LAYER_TYPE)])
+        memory = self._build_memory(_runtime_layers(active, edit_memory.LAYER_TYPE))
         with self.lock.write():
             started = time.perf_counter()
             for name, value in values.items():
@@ -148,6 +191,7 @@ class ModelHost:
                 self._bank_hooks[module] = self.model.get_submodule(module).register_forward_hook(
                     neurons.adder(lambda module=module: self._banks.get(module)))
             self._banks = banks
+            self._memory = memory
             self._pristine.update(pristine)
             self._active = active
             self.revision = revision
@@ -156,9 +200,14 @@ class ModelHost:
     def check_delta(self, delta: Artifact) -> None:
         """Raise ValueError unless the artifact fits this model; call before journaling it."""
         if isinstance(delta, RuntimeLayer):
-            if delta.layer_type != neurons.LAYER_TYPE:
+            if delta.layer_type == neurons.LAYER_TYPE:
+                neurons.check_fits(self.model, delta)
+            elif delta.layer_type == edit_memory.LAYER_TYPE:
+                edit_memory.entries_of("check", delta)
+                if not delta.is_finite():
+                    raise ValueError("memory artifact contains NaN or inf")
+            else:
                 raise ValueError(f"the hf backend cannot host runtime layers of type {delta.layer_type!r}")
-            neurons.check_fits(self.model, delta)
             return
         for name in delta.parameter_names:
             try:
@@ -206,6 +255,9 @@ class ModelHost:
                 digest.update(module.encode())
                 for tensor in (bank.keys, bank.biases, bank.values):
                     digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            for entry in self._memory.entries if self._memory is not None else ():
+                digest.update(json.dumps([entry.edit_id, entry.key, entry.subject, entry.target, entry.threshold]
+                                         ).encode())
         return digest.hexdigest()
 
     def fingerprint(self) -> str:

@@ -10,6 +10,8 @@ import grpc
 from editserve.client._pb import inference_pb2 as pb
 from editserve.client._pb import inference_pb2_grpc as pb_grpc
 
+from editserve.editing.memory import Match, counterfactual_input
+
 from .backends.base import Failed, Finished, FinishReason, GenerationParams, RequestHandle, Started, Tokens
 from .edits import stable_weights
 from .rpc import invalid, rpc_handler
@@ -24,6 +26,10 @@ _FINISH = {
 }
 
 
+def _route(match: Match | None) -> pb.RouteInfo | None:
+    return None if match is None else pb.RouteInfo(edit_id=match.entry.edit_id, score=match.score)
+
+
 def _metrics(servicer: InferenceServicer):
     return servicer.runtime.metrics
 
@@ -33,22 +39,35 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.runtime = runtime
 
     # --- request translation -----------------------------------------------------------
-    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+    def _prompt_ids(self, request: pb.GenerateRequest) -> tuple[list[int], Match | None]:
+        """The prompt's token ids as the model will read them, and the SERAC edit that
+        answers it (None: out of every edit's scope, or no SERAC edit active).
+
+        Routing reads the prompt as text: a text prompt as given, token ids decoded, a chat
+        by its last user message (the statement goes at the start of that message)."""
         host = self.runtime.host
         tokenizer = host.tokenizer
         which = request.WhichOneof("prompt")
+        match = None
         if which is None:
             raise invalid("prompt is required: set one of text, token_ids or chat")
         if which == "text":
             if not request.text:
                 raise invalid("prompt.text is empty")
-            ids = tokenizer(request.text).input_ids
+            text = request.text
+            (match,) = host.route([text])
+            ids = tokenizer(text if match is None else counterfactual_input(match, text)).input_ids
         elif which == "token_ids":
             ids = list(request.token_ids.ids)
             vocab = host.model.config.get_text_config().vocab_size
             bad = [i for i in ids if i >= vocab]
             if bad:
                 raise invalid(f"prompt.token_ids contains ids outside the vocabulary (size {vocab}): {bad[:5]}")
+            if ids:
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                (match,) = host.route([text])
+                if match is not None:
+                    ids = tokenizer(counterfactual_input(match, text)).input_ids
         else:
             if not request.chat.messages:
                 raise invalid("prompt.chat has no messages")
@@ -58,6 +77,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 if message.role not in ("system", "user", "assistant"):
                     raise invalid(f"prompt.chat.messages[{i}].role must be system, user or assistant, got {message.role!r}")
             messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+            if users:
+                last = messages[users[-1]]
+                (match,) = host.route([last["content"]])
+                if match is not None:
+                    last["content"] = counterfactual_input(match, last["content"])
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
@@ -66,7 +91,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         limit = self.runtime.config.max_prompt_tokens
         if len(ids) > limit:
             raise invalid(f"prompt has {len(ids)} tokens, over the limit max_prompt_tokens={limit}")
-        return list(ids)
+        if match is not None:
+            self.runtime.metrics.routed.inc()
+        return list(ids), match
 
     def _params(self, request: pb.GenerateRequest) -> GenerationParams:
         config = self.runtime.config
@@ -91,9 +118,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             return_logprobs=request.response.return_logprobs,
         )
 
-    def _start(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> tuple[RequestHandle, list[int]]:
+    def _start(self, request: pb.GenerateRequest, context: grpc.ServicerContext
+               ) -> tuple[RequestHandle, list[int], Match | None]:
         self.runtime.require_ready()
-        ids = self._prompt_ids(request)
+        ids, match = self._prompt_ids(request)
         params = self._params(request)
         self.runtime.acquire_slot()
         try:
@@ -103,14 +131,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise
         context.add_callback(handle.cancel)  # client cancel, deadline, or completion
         self.runtime.metrics.prompt_tokens.inc(len(ids))
-        return handle, ids
+        return handle, ids, match
 
     # --- RPCs ----------------------------------------------------------------------------
     @rpc_handler(_metrics, "Generate")
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         arrived = time.perf_counter()
-        handle, _ids = self._start(request, context)
-        response = pb.GenerateResponse(model=self.runtime.host.name)
+        handle, _ids, match = self._start(request, context)
+        response = pb.GenerateResponse(model=self.runtime.host.name, route=_route(match))
         text_parts: list[str] = []
         try:
             for event in handle:
@@ -138,14 +166,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @rpc_handler(_metrics, "GenerateStream", streaming=True)
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateStreamChunk]:
-        handle, _ids = self._start(request, context)
+        handle, _ids, match = self._start(request, context)
         try:
             for event in handle:
                 if isinstance(event, Started):
                     prompt = pb.PromptInfo(prompt_tokens=event.prompt_tokens, model=self.runtime.host.name)
                     if request.response.return_token_ids:
                         prompt.prompt_token_ids.extend(event.prompt_token_ids)
-                    yield pb.GenerateStreamChunk(prompt=prompt, revision=self.runtime.host.revision)
+                    yield pb.GenerateStreamChunk(prompt=prompt, revision=self.runtime.host.revision, route=_route(match))
                 elif isinstance(event, Tokens):
                     self.runtime.metrics.generated_tokens.inc(len(event.token_ids))
                     chunk = pb.GenerateStreamChunk(text=event.text, logprobs=event.logprobs, revision=event.revision)
@@ -182,12 +210,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise invalid(f"items[{i}].continuation is empty")
         host = self.runtime.host
         with stable_weights(self.runtime.edits):
-            scores = score_continuations(host.model, host.tokenizer, [i.prompt for i in request.items],
-                                         [i.continuation for i in request.items])
+            prompts, matches = host.routed_prompts([i.prompt for i in request.items])
+            scores = score_continuations(host.model, host.tokenizer, prompts, [i.continuation for i in request.items])
             revision = host.revision
         return pb.ScoreResponse(
             scores=[pb.ScoredContinuation(token_ids=s.token_ids, token_logprobs=s.token_logprobs,
-                                          argmax_ids=s.argmax_ids, logprob=s.logprob) for s in scores],
+                                          argmax_ids=s.argmax_ids, logprob=s.logprob, route=_route(m))
+                    for s, m in zip(scores, matches, strict=True)],
             revision=revision,
         )
 

@@ -47,7 +47,9 @@ class _Bound:
     def context(self):
         from editserve.editing.context import EditingContext
 
-        return EditingContext(self.host.model, self.host.tokenizer, self.host.adapter, self.cache_dir / "stats")
+        context = EditingContext(self.host.model, self.host.tokenizer, self.host.adapter, self.cache_dir / "stats")
+        context.encoder_factory = lambda: self.host.encoder  # SERAC computes and routes with one encoder
+        return context
 
     def compute_fn(self, spec: MethodSpec) -> ComputeFn:
         def compute(facts: list[Fact], options: dict) -> tuple[Artifact, dict]:

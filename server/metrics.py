@@ -27,6 +27,8 @@ class Metrics(EngineObserver):
         )
         self.prompt_tokens = Counter("editserve_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generated_tokens = Counter("editserve_generated_tokens", "Tokens generated", registry=r)
+        self.routed = Counter("editserve_serac_routed", "Generate requests answered through a SERAC edit's "
+                              "counterfactual path (in scope of an active memory entry)", registry=r)
         self.ttft = Histogram(
             "editserve_time_to_first_token_seconds", "Time from request arrival to its first token",
             buckets=_LATENCY_BUCKETS, registry=r,

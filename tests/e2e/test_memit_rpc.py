@@ -1,13 +1,12 @@
 """MEMIT over a real socket on a tiny random Llama: one Edit writes several facts over several
 layers, reverts bit-exactly, replays after a restart; every bad request is INVALID_ARGUMENT
-naming the problem with the weights unchanged; declared-only methods are UNIMPLEMENTED."""
+naming the problem with the weights unchanged."""
 
 from __future__ import annotations
 
 import pytest
 
 from editserve.client import Fact, InvalidArgument
-from editserve.client.errors import EditserveError
 from tests.server_process import start_server
 
 pytestmark = pytest.mark.e2e
@@ -65,12 +64,6 @@ def test_bad_batches_are_refused_and_change_nothing(server, facts, options, mess
             client.edit(facts, **{**MEMIT_TINY, **options})
         assert client.model_info(include_weights_digest=True).weights_digest == pristine
         assert client.list_edits() == []
-
-
-def test_declared_methods_answer_unimplemented(server):
-    with server[0].client() as client, pytest.raises(EditserveError) as caught:
-        client.edit(FACTS[:1], method="serac")
-    assert caught.value.code.name == "UNIMPLEMENTED" and "not implemented" in str(caught.value)
 
 
 def test_cli_writes_a_facts_file_as_one_edit(server, tmp_path):

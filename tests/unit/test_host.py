@@ -110,4 +110,4 @@ def test_the_hf_host_is_both_faces_of_the_served_model(tiny_tokenizer):
 
     host = _host("llama", tiny_tokenizer)
     assert isinstance(host, AnalysisView) and isinstance(host, ServedState)
-    assert host.capabilities == frozenset({"weight_delta"})
+    assert host.capabilities == frozenset({"weight_delta", "runtime_layer", "ffn_neurons", "routing"})

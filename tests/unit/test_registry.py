@@ -40,7 +40,7 @@ def test_every_request_option_is_a_hyperparameter(name):
 def test_unavailable_methods_say_why():
     weights = frozenset({ArtifactKind.WEIGHT_DELTA.value})
     assert unavailable_reason("memit", weights) is None
-    assert "not implemented" in unavailable_reason("serac", weights)
+    assert "routing" in unavailable_reason("serac", weights)
     assert "unknown edit method" in unavailable_reason("nope", weights)
     assert "capabilities" in unavailable_reason("rome", frozenset())
     assert "ffn_neurons" in unavailable_reason("t_patcher", weights)
