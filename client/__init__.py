@@ -9,7 +9,9 @@ from .errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     Unimplemented,
 )
@@ -31,6 +33,6 @@ from .types import (
 __all__ = [
     "AsyncEditserveClient", "Cancelled", "ContinuationScore", "DeadlineExceeded", "EditInfo", "EditResult", "EditserveClient",
     "EditserveError", "Fact", "FactReport", "FailedPrecondition", "Generation", "GenerationStream",
-    "InvalidArgument", "ModelInfo", "NotFound", "PromptScore", "ResourceExhausted", "RevertResult",
-    "StreamChunk", "TraceResult", "Unavailable", "Unimplemented",
+    "InvalidArgument", "ModelInfo", "NotFound", "PermissionDenied", "PromptScore", "ResourceExhausted",
+    "RevertResult", "StreamChunk", "TraceResult", "Unauthenticated", "Unavailable", "Unimplemented",
 ]

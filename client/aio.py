@@ -12,6 +12,7 @@ from ._pb import editing_pb2 as epb
 from ._pb import editing_pb2_grpc, inference_pb2_grpc
 from ._pb import inference_pb2 as ipb
 from .errors import from_rpc_error
+from .security import ChannelSecurity, PathLike
 from .types import (
     ContinuationScore,
     EditInfo,
@@ -26,8 +27,16 @@ from .types import (
 
 
 class AsyncEditserveClient:
-    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+    """The asyncio twin of :class:`EditserveClient`, with the same TLS and token options."""
+
+    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None, tls: bool = False,
+                 tls_ca_file: PathLike | None = None, tls_cert_file: PathLike | None = None,
+                 tls_key_file: PathLike | None = None, tls_server_name: str | None = None,
+                 token: str | None = None) -> None:
+        security = ChannelSecurity(tls=tls, ca_file=tls_ca_file, cert_file=tls_cert_file, key_file=tls_key_file,
+                                   server_name=tls_server_name, token=token)
+        self.channel = security.aio_channel(target)
+        self._metadata = security.metadata()
         self.timeout = timeout
         self._inference = inference_pb2_grpc.InferenceStub(self.channel)
         self._editing = editing_pb2_grpc.EditingStub(self.channel)
@@ -44,7 +53,8 @@ class AsyncEditserveClient:
 
     async def _call(self, method, request, timeout: float | None):
         try:
-            return await method(request, timeout=timeout if timeout is not None else self.timeout)
+            return await method(request, timeout=timeout if timeout is not None else self.timeout,
+                                metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
 
@@ -59,7 +69,8 @@ class AsyncEditserveClient:
     async def stream(self, prompt: convert.Prompt, *, timeout: float | None = None,
                      **options) -> AsyncIterator[StreamChunk]:
         call = self._inference.GenerateStream(
-            convert.generate_request(prompt, **options), timeout=timeout if timeout is not None else self.timeout
+            convert.generate_request(prompt, **options), timeout=timeout if timeout is not None else self.timeout,
+            metadata=self._metadata,
         )
         try:
             async for chunk in call:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -12,13 +14,75 @@ import click
 from editserve.editing.registry import METHODS
 
 from .errors import EditserveError
+from .security import read_token_file
 from .sync import EditserveClient
 from .types import Fact
 
-SERVER_OPTION = click.option(
-    "--server", default="localhost:50051", show_default=True, envvar="EDITSERVE_SERVER",
-    help="host:port of a running editserve.",
-)
+
+@dataclass(frozen=True)
+class Connection:
+    """Where and how a command reaches a server, from --server, the TLS options and
+    --token-file (the token is read when the command line is parsed)."""
+
+    server: str | None
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str | None = None
+    token: str | None = field(default=None, repr=False)
+
+    def client(self) -> EditserveClient:
+        return EditserveClient(self.server or "localhost:50051", tls=self.tls, tls_ca_file=self.tls_ca,
+                               tls_cert_file=self.tls_cert, tls_key_file=self.tls_key,
+                               tls_server_name=self.tls_server_name, token=self.token)
+
+
+def connection_options(*, server_default: str | None = "localhost:50051",
+                       server_envvar: str | None = "EDITSERVE_SERVER",
+                       server_help: str = "host:port of a running editserve."):
+    """--server, --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name and --token-file,
+    handed to the command as one ``connection`` argument."""
+    file_type = click.Path(exists=True, dir_okay=False, path_type=Path)
+    options = [
+        click.option("--server", default=server_default, show_default=server_default is not None,
+                     envvar=server_envvar, help=server_help),
+        click.option("--tls", is_flag=True, help="Use TLS (implied by the other --tls-* options); without "
+                                                 "--tls-ca the system's roots verify the server."),
+        click.option("--tls-ca", type=file_type, default=None, envvar="EDITSERVE_TLS_CA",
+                     help="PEM CA that signed the server's certificate (env EDITSERVE_TLS_CA)."),
+        click.option("--tls-cert", type=file_type, default=None, envvar="EDITSERVE_TLS_CERT",
+                     help="PEM client certificate, for a server that requires mTLS (env EDITSERVE_TLS_CERT)."),
+        click.option("--tls-key", type=file_type, default=None, envvar="EDITSERVE_TLS_KEY",
+                     help="PEM key of --tls-cert (env EDITSERVE_TLS_KEY)."),
+        click.option("--tls-server-name", default=None, help="Name to verify in the server's certificate "
+                                                             "when it differs from --server's host."),
+        click.option("--token-file", type=file_type, default=None, envvar="EDITSERVE_TOKEN_FILE",
+                     help="File holding the bearer token sent on every call (env EDITSERVE_TOKEN_FILE)."),
+    ]
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, server, tls, tls_ca, tls_cert, tls_key, tls_server_name, token_file, **kwargs):
+            if bool(tls_cert) != bool(tls_key):
+                raise click.UsageError("--tls-cert and --tls-key go together")
+            token = None
+            if token_file is not None:
+                try:
+                    token = read_token_file(token_file)
+                except ValueError as error:
+                    raise click.BadParameter(str(error), param_hint="--token-file") from None
+            connection = Connection(server, tls, tls_ca, tls_cert, tls_key, tls_server_name, token)
+            return command(*args, connection=connection, **kwargs)
+
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
+CONNECTION_OPTIONS = connection_options()
 
 
 def _emit_json(value) -> None:
@@ -105,13 +169,29 @@ def main() -> None:
               help="Estimate the default edit layers' key statistics in the background after start-up (default on).")
 @click.option("--port-file", type=click.Path(path_type=Path), default=None,
               help="Write the bound ports as JSON here once listening (for scripts and tests).")
+@click.option("--tls-cert", "tls_cert_file", default=None, help="PEM server certificate (chain); with --tls-key turns TLS on.")
+@click.option("--tls-key", "tls_key_file", default=None, help="PEM private key of --tls-cert.")
+@click.option("--tls-client-ca", "tls_client_ca_file", default=None,
+              help="PEM CA of client certificates: every client must present one it signed (mTLS).")
+@click.option("--editor-identity", "editor_identities", multiple=True,
+              help="Client-certificate CN or SAN holding the editor role (repeatable; needs --tls-client-ca).")
+@click.option("--editor-token-file", default=None,
+              help="File holding the editor bearer token (e.g. a mounted Kubernetes Secret; re-read on change).")
+@click.option("--reader-token-file", default=None,
+              help="File holding the reader token: set, Inference needs a credential too.")
 def serve(config_file: Path | None, port_file: Path | None, **overrides) -> None:
-    """Run the server (health reports SERVING once the model is loaded and edits replayed)."""
+    """Run the server (health reports SERVING once the model is loaded and edits replayed).
+    TLS, mTLS and credentials: docs/SECURITY.md."""
     from editserve.server.app import serve as run
     from editserve.server.config import ServeConfig
 
-    config = ServeConfig.from_toml(config_file) if config_file else ServeConfig()
-    sys.exit(run(config.with_overrides(**overrides), port_file=port_file))
+    if not overrides["editor_identities"]:
+        overrides["editor_identities"] = None  # not given: keep the config file's list
+    try:
+        config = ServeConfig.load(config_file, **overrides)
+    except ValueError as error:
+        raise click.UsageError(f"configuration: {error}") from None
+    sys.exit(run(config, port_file=port_file))
 
 
 @main.command()
@@ -129,7 +209,7 @@ def prepare(model: str, dtype: str, cache_dir: str | None, threads: int) -> None
 
 @main.command()
 @click.argument("prompt")
-@SERVER_OPTION
+@CONNECTION_OPTIONS
 @click.option("--max-new-tokens", type=int, default=0, help="0: server default.")
 @click.option("--temperature", type=float, default=0.0, help="0: greedy.")
 @click.option("--top-p", type=float, default=0.0)
@@ -139,11 +219,11 @@ def prepare(model: str, dtype: str, cache_dir: str | None, threads: int) -> None
 @click.option("--chat", is_flag=True, help="Send the prompt as a user chat message.")
 @click.option("--no-stream", is_flag=True, help="Wait for the whole answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (implies --no-stream).")
-def generate(prompt: str, server: str, chat: bool, no_stream: bool, as_json: bool, **options) -> None:
+def generate(prompt: str, connection: Connection, chat: bool, no_stream: bool, as_json: bool, **options) -> None:
     """Generate a completion; streams to the terminal by default."""
     payload = [{"role": "user", "content": prompt}] if chat else prompt
     options = {k: v for k, v in options.items() if v not in (None, ())}
-    with EditserveClient(server) as client:
+    with connection.client() as client:
         try:
             if as_json or no_stream:
                 result = client.generate(payload, **options)
@@ -161,7 +241,7 @@ def generate(prompt: str, server: str, chat: bool, no_stream: bool, as_json: boo
 
 
 @main.command()
-@SERVER_OPTION
+@CONNECTION_OPTIONS
 @click.option("--prompt", default=None, help='Template with "{}" for the subject, e.g. "The mother tongue of {} is".')
 @click.option("--subject", default=None)
 @click.option("--target", "target_new", default=None, help="The new object.")
@@ -177,7 +257,7 @@ def generate(prompt: str, server: str, chat: bool, no_stream: bool, as_json: boo
 @click.option("--dry-run", is_flag=True, help="Compute and report; apply nothing.")
 @click.option("--description", default="")
 @click.option("--json", "as_json", is_flag=True)
-def edit(server: str, prompt: str | None, subject: str | None, target_new: str | None, facts_file: Path | None,
+def edit(connection: Connection, prompt: str | None, subject: str | None, target_new: str | None, facts_file: Path | None,
          target_true: str, paraphrase, neighborhood, method: str, layer: int | None, settings: tuple[str, ...],
          dry_run: bool, description: str, as_json: bool) -> None:
     """Write a fact (or a file of facts, as one edit) into the served model."""
@@ -190,7 +270,7 @@ def edit(server: str, prompt: str | None, subject: str | None, target_new: str |
     else:
         raise click.UsageError("--prompt, --subject and --target are required (or --facts FILE)")
     options = _edit_options(method, layer, settings)
-    with EditserveClient(server) as client:
+    with connection.client() as client:
         try:
             result = client.edit(facts, method=method, dry_run=dry_run, description=description, **options)
         except EditserveError as error:
@@ -212,10 +292,10 @@ def edit(server: str, prompt: str | None, subject: str | None, target_new: str |
 
 @main.command()
 @click.argument("edit_id")
-@SERVER_OPTION
-def revert(edit_id: str, server: str) -> None:
+@CONNECTION_OPTIONS
+def revert(edit_id: str, connection: Connection) -> None:
     """Remove an edit exactly."""
-    with EditserveClient(server) as client:
+    with connection.client() as client:
         try:
             result = client.revert(edit_id)
         except EditserveError as error:
@@ -224,12 +304,12 @@ def revert(edit_id: str, server: str) -> None:
 
 
 @main.command()
-@SERVER_OPTION
+@CONNECTION_OPTIONS
 @click.option("--all", "include_reverted", is_flag=True, help="Include reverted edits.")
 @click.option("--json", "as_json", is_flag=True)
-def edits(server: str, include_reverted: bool, as_json: bool) -> None:
+def edits(connection: Connection, include_reverted: bool, as_json: bool) -> None:
     """List edits."""
-    with EditserveClient(server) as client:
+    with connection.client() as client:
         try:
             items = client.list_edits(include_reverted=include_reverted)
         except EditserveError as error:
@@ -246,10 +326,10 @@ def edits(server: str, include_reverted: bool, as_json: bool) -> None:
 
 @main.command()
 @click.argument("edit_id")
-@SERVER_OPTION
-def show(edit_id: str, server: str) -> None:
+@CONNECTION_OPTIONS
+def show(edit_id: str, connection: Connection) -> None:
     """Show one edit as JSON."""
-    with EditserveClient(server) as client:
+    with connection.client() as client:
         try:
             _emit_json(client.get_edit(edit_id))
         except EditserveError as error:
@@ -257,7 +337,7 @@ def show(edit_id: str, server: str) -> None:
 
 
 @main.command()
-@SERVER_OPTION
+@CONNECTION_OPTIONS
 @click.option("--prompt", required=True)
 @click.option("--subject", required=True, help="Text inside the prompt whose tokens are corrupted.")
 @click.option("--answer", default="", help="Continuation to measure (default: the model's top token).")
@@ -267,10 +347,10 @@ def show(edit_id: str, server: str) -> None:
 @click.option("--seed", type=int, default=None)
 @click.option("--png", type=click.Path(path_type=Path), default=None, help="Draw the heatmaps to this file.")
 @click.option("--json", "as_json", is_flag=True)
-def trace(server: str, prompt: str, subject: str, png: Path | None, as_json: bool, **options) -> None:
+def trace(connection: Connection, prompt: str, subject: str, png: Path | None, as_json: bool, **options) -> None:
     """Causal tracing: where in the network is this fact carried?"""
     options = {k: v for k, v in options.items() if v is not None}
-    with EditserveClient(server) as client:
+    with connection.client() as client:
         try:
             result = client.trace(prompt, subject, **options)
         except EditserveError as error:
@@ -335,7 +415,8 @@ def _dataset_path(name: str, data_dir: str | None) -> Path:
 @click.option("--data-dir", default=None, help="Where named datasets live (default $EDITSERVE_DATA).")
 @click.option("--n", "limit", type=int, default=200, show_default=True, help="Cases (the first N).")
 @click.option("--model", default="smollm2-135m", show_default=True, help="In-process model (ignored with --server).")
-@click.option("--server", default=None, help="Evaluate a running server through the client instead.")
+@connection_options(server_default=None, server_envvar=None,
+                    server_help="Evaluate a running server through the client instead (with the TLS and token options).")
 @click.option("--sequential", is_flag=True, help="Accumulate edits instead of edit-measure-revert.")
 @click.option("--batch", type=int, default=1, help="Facts per edit in sequential mode.")
 @click.option("--checkpoints", default="10,100,1000", help="Sequential mode: measure after this many edits.")
@@ -345,7 +426,7 @@ def _dataset_path(name: str, data_dir: str | None) -> Path:
 @click.option("--threads", type=int, default=0, help="torch threads in-process (0: default).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Per-case JSON; an existing file resumes.")
 @click.option("--report", is_flag=True, help="Only print the tables of the existing --out file (loads no model).")
-def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model: str, server: str | None,
+def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model: str, connection: Connection,
              sequential: bool, batch: int, checkpoints: str, fluency: int, layer: int | None,
              settings: tuple[str, ...], threads: int, out: Path | None, report: bool) -> None:
     """Measure edit quality the way the papers do (ES/PS/NS, EasyEdit metrics, fluency, drift)."""
@@ -376,10 +457,11 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
     path = _dataset_path(dataset, data_dir)
     cases, skipped = load_cases(path, limit=limit)
     started = _time.perf_counter()
+    server = connection.server
     if server:
         from .eval_target import ServerTarget
 
-        target = ServerTarget(EditserveClient(server), method=method, options=options)
+        target = ServerTarget(connection.client(), method=method, options=options)
     else:
         if threads:
             import torch
@@ -413,11 +495,11 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
 
 
 @main.command()
-@SERVER_OPTION
+@CONNECTION_OPTIONS
 @click.option("--digest", is_flag=True, help="Include a sha256 of all weights.")
-def info(server: str, digest: bool) -> None:
+def info(connection: Connection, digest: bool) -> None:
     """Show the served model and its edit revision as JSON."""
-    with EditserveClient(server) as client:
+    with connection.client() as client:
         try:
             _emit_json(client.model_info(include_weights_digest=digest))
         except EditserveError as error:
@@ -425,10 +507,10 @@ def info(server: str, digest: bool) -> None:
 
 
 @main.command()
-@SERVER_OPTION
-def health(server: str) -> None:
+@CONNECTION_OPTIONS
+def health(connection: Connection) -> None:
     """Print the server's health status (exit 0 only when SERVING)."""
-    with EditserveClient(server) as client:
+    with connection.client() as client:
         try:
             status = client.health()
         except EditserveError as error:

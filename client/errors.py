@@ -44,6 +44,18 @@ class Unimplemented(EditserveError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class Unauthenticated(EditserveError):
+    """No credential, or one the server does not accept (docs/SECURITY.md)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(EditserveError):
+    """A valid credential whose role does not allow this call (e.g. a reader calling Edit)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Cancelled(EditserveError):
     code = grpc.StatusCode.CANCELLED
 
@@ -55,7 +67,7 @@ class DeadlineExceeded(EditserveError):
 _BY_CODE = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable, Unimplemented,
-                Cancelled, DeadlineExceeded)
+                Unauthenticated, PermissionDenied, Cancelled, DeadlineExceeded)
 }
 
 

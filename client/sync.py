@@ -12,6 +12,7 @@ from ._pb import editing_pb2 as epb
 from ._pb import editing_pb2_grpc, inference_pb2_grpc
 from ._pb import inference_pb2 as ipb
 from .errors import from_rpc_error
+from .security import ChannelSecurity, PathLike
 from .types import (
     ContinuationScore,
     EditInfo,
@@ -49,11 +50,21 @@ class GenerationStream:
 
 class EditserveClient:
     """``EditserveClient("localhost:50051")``; every call raises an EditserveError subclass
-    carrying the gRPC status on failure. ``timeout`` (seconds) becomes the call's deadline."""
+    carrying the gRPC status on failure. ``timeout`` (seconds) becomes the call's deadline.
+
+    TLS: ``tls_ca_file`` (the CA that signed the server's certificate; ``tls=True`` alone uses
+    the system's roots), ``tls_cert_file`` and ``tls_key_file`` (a client certificate for
+    mTLS), ``tls_server_name`` (the name to verify when it is not the target's host).
+    ``token`` is sent on every call as ``authorization: Bearer <token>`` (docs/SECURITY.md)."""
 
     def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None,
-                 channel: grpc.Channel | None = None) -> None:
-        self.channel = channel or grpc.insecure_channel(target)
+                 channel: grpc.Channel | None = None, tls: bool = False, tls_ca_file: PathLike | None = None,
+                 tls_cert_file: PathLike | None = None, tls_key_file: PathLike | None = None,
+                 tls_server_name: str | None = None, token: str | None = None) -> None:
+        security = ChannelSecurity(tls=tls, ca_file=tls_ca_file, cert_file=tls_cert_file, key_file=tls_key_file,
+                                   server_name=tls_server_name, token=token)
+        self.channel = channel or security.sync_channel(target)
+        self._metadata = security.metadata()
         self.timeout = timeout
         self._inference = inference_pb2_grpc.InferenceStub(self.channel)
         self._editing = editing_pb2_grpc.EditingStub(self.channel)
@@ -70,7 +81,7 @@ class EditserveClient:
 
     def _call(self, method, request, timeout: float | None):
         try:
-            return method(request, timeout=timeout if timeout is not None else self.timeout)
+            return method(request, timeout=timeout if timeout is not None else self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -103,7 +114,8 @@ class EditserveClient:
     def stream(self, prompt: convert.Prompt, *, timeout: float | None = None, **options) -> GenerationStream:
         request = convert.generate_request(prompt, **options)
         return GenerationStream(
-            self._inference.GenerateStream(request, timeout=timeout if timeout is not None else self.timeout)
+            self._inference.GenerateStream(request, timeout=timeout if timeout is not None else self.timeout,
+                                           metadata=self._metadata)
         )
 
     def model_info(self, *, include_weights_digest: bool = False, timeout: float | None = None) -> ModelInfo:

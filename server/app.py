@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from editserve.client._pb import editing_pb2, editing_pb2_grpc, inference_pb2, inference_pb2_grpc
 
+from .auth import AccessPolicy, AuthInterceptor, server_credentials, startup_warnings
 from .config import ServeConfig
 from .editing_service import EditingServicer
 from .inference_service import InferenceServicer
@@ -41,9 +42,13 @@ class EditserveServer:
         self.config = config
         self.runtime = Runtime(config)
         self.health = health.HealthServicer(experimental_non_blocking=True)
+        metrics = self.runtime.metrics
+        auth = AuthInterceptor(AccessPolicy.from_config(config),
+                               on_denied=lambda rpc, code: metrics.requests.labels(rpc, code.name).inc())
         self.grpc = grpc.server(
             ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="editserve-rpc"),
             options=[("grpc.so_reuseport", 0)],
+            interceptors=[auth],
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.runtime), self.grpc)
         editing_pb2_grpc.add_EditingServicer_to_server(EditingServicer(self.runtime), self.grpc)
@@ -62,7 +67,12 @@ class EditserveServer:
             self.health.set(name, status)
 
     def start(self) -> None:
-        self.port = self.grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        credentials = server_credentials(self.config)
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {self.config.host}:{self.config.port}")
         self.grpc.start()
@@ -163,7 +173,11 @@ def serve(config: ServeConfig, port_file: Path | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = EditserveServer(config)
     server.start()
-    log.info("gRPC on %s:%d, metrics on :%d (NOT_SERVING until loaded)", config.host, server.port, server.metrics_port)
+    transport = ("mTLS" if config.tls_client_ca_file else "TLS") if config.tls else "plaintext"
+    log.info("gRPC (%s) on %s:%d, metrics on :%d (NOT_SERVING until loaded)", transport, config.host, server.port,
+             server.metrics_port)
+    for warning in startup_warnings(config):
+        log.warning("%s", warning)
     if port_file is not None:
         tmp = port_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"grpc_port": server.port, "metrics_port": server.metrics_port}))

@@ -6,7 +6,11 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from .tokens import read_token
+
 CONFIG_VERSION = 1
+MAX_EDITOR_IDENTITIES = 1000
+MAX_IDENTITY_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -41,15 +45,76 @@ class ServeConfig:
     # torch intra-op threads; 0 keeps torch's default (all cores).
     torch_threads: int = 0
     grpc_workers: int = 96
+    # --- transport security and credentials (docs/SECURITY.md); all empty: plaintext, no auth ---
+    # PEM server certificate (chain) and its private key: both set turns TLS on.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # PEM CA bundle that signs client certificates: set, every client must present one (mTLS).
+    tls_client_ca_file: str = ""
+    # client-certificate identities (subject CN or any SAN, exact match) holding the editor role
+    editor_identities: tuple[str, ...] = ()
+    # file holding the editor bearer token (a mounted Kubernetes Secret works); re-read on change
+    editor_token_file: str = ""
+    # file holding the reader token: set, Inference needs a credential too (editor ones pass)
+    reader_token_file: str = ""
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_edit_facts <= 100_000:
             raise ValueError(f"max_edit_facts must be in [1, 100000], got {self.max_edit_facts}")
         if not self.serac_encoder.strip():
             raise ValueError("serac_encoder must name an encoder")
+        self._check_security()
+
+    def _check_security(self) -> None:
+        """Every TLS and credential option, checked once at start-up so a typo in a path or a
+        half-configured mTLS fails loudly instead of serving with less protection than meant."""
+        identities = self.editor_identities
+        if isinstance(identities, str) or not all(isinstance(i, str) for i in identities):
+            raise ValueError("editor_identities must be a list of strings")
+        identities = tuple(i.strip() for i in identities)
+        object.__setattr__(self, "editor_identities", identities)  # a TOML list becomes a tuple
+        if len(identities) > MAX_EDITOR_IDENTITIES:
+            raise ValueError(f"editor_identities: at most {MAX_EDITOR_IDENTITIES} entries, got {len(identities)}")
+        for identity in identities:
+            if not 1 <= len(identity) <= MAX_IDENTITY_CHARS:
+                raise ValueError(f"editor_identities: each entry needs 1 to {MAX_IDENTITY_CHARS} characters")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both (TLS) or neither (plaintext)")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mTLS) needs TLS: set tls_cert_file and tls_key_file too")
+        if identities and not self.tls_client_ca_file:
+            raise ValueError("editor_identities are client-certificate names: they need tls_client_ca_file (mTLS)")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path:
+                _check_pem(name, Path(path))
+        tokens = {}
+        for name in ("editor_token_file", "reader_token_file"):
+            path = getattr(self, name)
+            if path:
+                tokens[name] = read_token(Path(path))  # missing, empty, too short: a clear error now
+        if self.reader_token_file and not (self.editor_token_file or identities):
+            raise ValueError("reader_token_file without an editor credential would leave Editing open while "
+                             "Inference is closed: set editor_token_file or editor_identities too")
+        if len(tokens) == 2 and tokens["editor_token_file"] == tokens["reader_token_file"]:
+            raise ValueError("editor_token_file and reader_token_file hold the same token: the roles must differ")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
+    @property
+    def editing_protected(self) -> bool:
+        """Whether Edit and Revert need a credential (otherwise anyone who reaches the port may edit)."""
+        return bool(self.editor_token_file or self.editor_identities)
 
     @classmethod
     def from_toml(cls, path: Path) -> ServeConfig:
+        return cls(**cls.from_toml_section(path))
+
+    @classmethod
+    def from_toml_section(cls, path: Path) -> dict:
+        """The checked ``[serve]`` table of a config file, not yet validated as a whole."""
         data = tomllib.loads(path.read_text())
         version = data.get("version", CONFIG_VERSION)
         if version != CONFIG_VERSION:
@@ -59,7 +124,27 @@ class ServeConfig:
         unknown = sorted(set(section) - known)
         if unknown:
             raise ValueError(f"{path}: unknown [serve] keys {unknown}")
-        return cls(**section)
+        return section
 
     def with_overrides(self, **overrides: object) -> ServeConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: object) -> ServeConfig:
+        """The TOML file (if any) with the overrides on top, validated once as a whole: a
+        certificate in the file and its key on the command line is a valid pair."""
+        section: dict = {}
+        if path is not None:
+            section = dict(cls.from_toml_section(path))
+        section.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**section)
+
+
+def _check_pem(name: str, path: Path) -> None:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 20)
+    except OSError as error:
+        raise ValueError(f"{name} {path}: cannot read it ({error.strerror or error})") from None
+    if b"-----BEGIN " not in head:
+        raise ValueError(f"{name} {path}: not a PEM file (no '-----BEGIN' line)")

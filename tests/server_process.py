@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from editserve.client import EditserveClient
@@ -21,13 +21,15 @@ class ServerProcess:
     port: int
     metrics_port: int
     log_path: Path
+    # EditserveClient options (TLS files, token) that client() uses by default
+    client_options: dict = field(default_factory=dict)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def client(self, **kw) -> EditserveClient:
-        return EditserveClient(self.target, **kw)
+        return EditserveClient(self.target, **{**self.client_options, **kw})
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:
@@ -76,7 +78,8 @@ class ServerProcess:
 
 
 def start_server(model: str, state_dir: Path, log_dir: Path, *extra: str, wait: bool = True,
-                 timeout: float = 300) -> ServerProcess:
+                 timeout: float = 300, client_options: dict | None = None) -> ServerProcess:
+    """``client_options``: how to reach it (TLS files, token), for the health wait and client()."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port_file = log_dir / f"ports-{time.monotonic_ns()}.json"
     log_path = log_dir / f"server-{time.monotonic_ns()}.log"
@@ -95,7 +98,7 @@ def start_server(model: str, state_dir: Path, log_dir: Path, *extra: str, wait: 
             raise TimeoutError(f"server did not open its ports:\n{log_path.read_text()}")
         time.sleep(0.05)
     ports = json.loads(port_file.read_text())
-    server = ServerProcess(proc, ports["grpc_port"], ports["metrics_port"], log_path)
+    server = ServerProcess(proc, ports["grpc_port"], ports["metrics_port"], log_path, dict(client_options or {}))
     if wait:
         with server.client() as client:
             while True:

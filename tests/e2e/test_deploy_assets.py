@@ -34,6 +34,18 @@ def test_deploy_files_parse():
     assert rules["groups"][0]["rules"]
 
 
+def test_deployment_reads_the_editor_token_from_a_secret_mount():
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "editserve.yaml").read_text()))
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    args = container["args"]
+    token_file = args[args.index("--editor-token-file") + 1]
+    mount = next(m for m in container["volumeMounts"] if token_file.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert mount["readOnly"] and volume["secret"]["secretName"] == "editserve-editor-token"
+    assert token_file.endswith("/" + volume["secret"]["items"][0]["path"])
+
+
 PROMTOOL = shutil.which("promtool")
 
 
