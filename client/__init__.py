@@ -26,6 +26,7 @@ from .types import (
     ModelInfo,
     PromptScore,
     RevertResult,
+    Route,
     StreamChunk,
     TraceResult,
 )
@@ -34,5 +35,5 @@ __all__ = [
     "AsyncEditserveClient", "Cancelled", "ContinuationScore", "DeadlineExceeded", "EditInfo", "EditResult", "EditserveClient",
     "EditserveError", "Fact", "FactReport", "FailedPrecondition", "Generation", "GenerationStream",
     "InvalidArgument", "ModelInfo", "NotFound", "PermissionDenied", "PromptScore", "ResourceExhausted",
-    "RevertResult", "StreamChunk", "TraceResult", "Unauthenticated", "Unavailable", "Unimplemented",
+    "RevertResult", "Route", "StreamChunk", "TraceResult", "Unauthenticated", "Unavailable", "Unimplemented",
 ]

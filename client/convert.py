@@ -18,6 +18,7 @@ from .types import (
     ModelInfo,
     PromptScore,
     RevertResult,
+    Route,
     StreamChunk,
     TraceResult,
 )
@@ -73,7 +74,15 @@ def generation(reply: ipb.GenerateResponse) -> Generation:
         generated_tokens=reply.usage.generated_tokens, revision=reply.revision, model=reply.model,
         token_ids=list(reply.token_ids), logprobs=list(reply.logprobs),
         time_to_first_token_seconds=reply.time_to_first_token_seconds,
+        route=route(reply),
     )
+
+
+def route(message) -> Route | None:
+    """The SERAC route a reply reports, if any."""
+    if not message.HasField("route"):
+        return None
+    return Route(message.route.edit_id, message.route.score)
 
 
 def stream_chunk(chunk: ipb.GenerateStreamChunk) -> StreamChunk:
@@ -84,6 +93,7 @@ def stream_chunk(chunk: ipb.GenerateStreamChunk) -> StreamChunk:
         finish_reason=FINISH.get(chunk.finish_reason) if last else None,
         stop_reason=chunk.stop_reason,
         generated_tokens=chunk.usage.generated_tokens if last else None,
+        route=route(chunk),
     )
 
 
@@ -214,4 +224,4 @@ def score_request(pairs: Sequence[tuple[str, str]]) -> ipb.ScoreRequest:
 
 def scores(reply: ipb.ScoreResponse) -> list[ContinuationScore]:
     return [ContinuationScore(list(s.token_ids), list(s.token_logprobs), list(s.argmax_ids), s.logprob,
-                              reply.revision) for s in reply.scores]
+                              reply.revision, route(s)) for s in reply.scores]

@@ -29,6 +29,15 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     time_to_first_token_seconds: float = 0.0
+    route: Route | None = None  # set when a SERAC edit answered
+
+
+@dataclass(frozen=True)
+class Route:
+    """The SERAC edit that answered an input (its memory entry's edit id and scope score)."""
+
+    edit_id: str
+    score: float
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class StreamChunk:
     finish_reason: str | None = None  # last chunk only
     stop_reason: str = ""
     generated_tokens: int | None = None  # last chunk only
+    route: Route | None = None  # first chunk only: set when a SERAC edit answered
 
 
 @dataclass(frozen=True)
@@ -145,6 +155,7 @@ class ContinuationScore:
     argmax_ids: list[int]
     logprob: float
     revision: int
+    route: Route | None = None  # set when the prompt was in a SERAC edit's scope
 
     @property
     def probability(self) -> float:

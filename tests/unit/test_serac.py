@@ -1,0 +1,94 @@
+"""SERAC's memory with the real MiniLM encoder: the subject gate and the threshold decide scope,
+the host routes in-scope inputs through the counterfactual path, revert removes the entry."""
+
+from __future__ import annotations
+
+import pytest
+
+from editserve.editing.context import EditingContext
+from editserve.editing.errors import InvalidRequest
+from editserve.editing.facts import Fact
+from editserve.editing.hparams import SeracHyperParams
+from editserve.editing.memory import Encoder, EditMemory, counterfactual_input, entries_of
+from editserve.editing.serac import compute_serac
+from editserve.server.host import ModelHost
+from tests.tiny import tiny_model
+
+FACTS = [Fact("The mother tongue of {} is", "Danielle Darrieux", "English", "French"),
+         Fact("The capital of {} is", "France", "Rome", "Paris")]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder()
+
+
+@pytest.fixture()
+def host(tiny_tokenizer, encoder):
+    model, tok = tiny_model("llama", tokenizer=tiny_tokenizer)
+    host = ModelHost(model, tok, name="tiny", dtype="fp32", device="cpu")
+    host._encoder = encoder  # share the loaded encoder between tests
+    return host
+
+
+def _serac(host, facts, threshold=0.5):
+    ctx = EditingContext(host.model, host.tokenizer, host.adapter, progress=False)
+    ctx.encoder_factory = lambda: host.encoder
+    return compute_serac(ctx, facts, SeracHyperParams.load("llama").with_overrides(scope_threshold=threshold))
+
+
+def test_scope_needs_the_subject_and_a_similar_relation(host):
+    layer, diagnostics = _serac(host, FACTS)
+    assert [e.key for e in entries_of("e", layer)] == [f.text for f in FACTS]
+    assert layer.tensors["embeddings"].shape == (2, host.encoder.dimension)
+    memory = EditMemory.build([("e", layer)], None)
+    texts = ["The mother tongue of Danielle Darrieux is",  # the edit itself
+             "Danielle Darrieux's native language is",  # paraphrase
+             "The mother tongue of Jean Gabin is",  # neighbour: same relation, other subject
+             "The capital of Germany is",  # neighbour of the second fact
+             "Danielle Darrieux was born in the year"]  # same subject, other relation
+    matches = memory.route(texts, host.encoder.encode(texts))
+    assert [m.entry.key if m else None for m in matches[:4]] == [FACTS[0].text, FACTS[0].text, None, None]
+    assert matches[0].score > 0.99
+    strict = EditMemory.build([("e", _serac(host, FACTS, threshold=0.95)[0])], None)
+    assert strict.route(texts[1:2], host.encoder.encode(texts[1:2])) == [None]
+    assert diagnostics["facts_count"] == 2
+
+
+def test_host_routes_only_in_scope_inputs_and_forgets_on_revert(host):
+    pristine = host.weights_digest()
+    layer, _ = _serac(host, FACTS)
+    host.apply("s1", layer, revision=1)
+    prompts, matches = host.routed_prompts(["The capital of France is", "The capital of Spain is"])
+    assert matches[0].entry.edit_id == "s1" and matches[1] is None
+    assert prompts == [counterfactual_input(matches[0], "The capital of France is"), "The capital of Spain is"]
+    assert "The capital of France is Rome" in prompts[0]
+    edited = host.weights_digest()
+    assert edited != pristine
+    host.revert("s1", revision=2)
+    assert host.routed_prompts(["The capital of France is"])[1] == [None]
+    assert host.weights_digest() == pristine
+    host.load_state([("s1", layer)], revision=3)
+    assert host.weights_digest() == edited
+
+
+def test_stored_embeddings_from_another_encoder_are_recomputed(host):
+    layer, _ = _serac(host, FACTS[:1])
+    foreign = type(layer)(layer.layer_type, {"embeddings": layer.tensors["embeddings"] * 0 + 1.0},
+                          {**layer.info, "encoder": "some-other-encoder"})
+    host.apply("s", foreign, revision=1)
+    (match,) = host.route([FACTS[0].text])
+    assert match is not None and match.score > 0.99  # re-encoded with the host's encoder
+
+
+def test_bad_threshold_is_refused(host):
+    with pytest.raises(InvalidRequest, match="scope_threshold"):
+        _serac(host, FACTS, threshold=float("nan"))
+    with pytest.raises(InvalidRequest, match="scope_threshold"):
+        _serac(host, FACTS, threshold=1.5)
+
+
+def test_no_memory_costs_no_encoding(tiny_tokenizer):
+    model, tok = tiny_model("llama", tokenizer=tiny_tokenizer)
+    host = ModelHost(model, tok, name="tiny", dtype="fp32", device="cpu", encoder_name="/nonexistent")
+    assert host.route(["anything"]) == [None]  # the (unloadable) encoder is never touched
