@@ -270,7 +270,7 @@ class SeracHyperParams(HyperParams):
     ``scope_threshold`` (calibrated on CounterFact, docs/RUNTIME_EDITS.md)."""
 
     method: ClassVar[str] = "serac"
-    scope_threshold: float = bounded(0.5, 0.0, 1.0)
+    scope_threshold: float = bounded(0.4, 0.0, 1.0)
 
 
 def load_rome_hparams(model_type: str, num_layers: int | None = None) -> RomeHyperParams:

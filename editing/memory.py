@@ -6,18 +6,21 @@ is"), its subject, the new target and the statement "<key> <target>". An input i
 of an entry when
 
 1. the entry's subject occurs in the input (case-insensitive), and
-2. the cosine similarity of the input's sentence embedding to the key's is at least the
-   entry's threshold.
+2. with the subject masked out of both, the input's sentence embedding is close to the key's
+   (cosine >= the entry's threshold): the input asks for the same *relation*.
 
-Why the subject gate: SERAC's scope classifier is a trained cross-encoder; we want no
-training per edit and no per-model checkpoint. Sentence embeddings alone place "The capital of
-France is" close to "The capital of Germany is" (same relation, other subject): exactly the
-neighbourhood prompts that locality measures. Requiring the subject removes those; the
-embedding threshold then separates the edited relation from other facts about the same
-subject. The threshold is calibrated on CounterFact (bench/serac_scope.py, docs/RUNTIME_EDITS.md).
+Why split subject and relation: SERAC's scope classifier is a trained cross-encoder; we want
+no training per edit and no per-model checkpoint. Whole-sentence embeddings of short factual
+prompts are dominated by the subject: they place "The capital of France is" close to "The
+capital of Germany is" (neighbourhood prompts, same relation) and "The mother tongue of
+Danielle Darrieux is" close to "Danielle Darrieux was born in" (same subject, other fact).
+The subject test removes the first kind; comparing the prompts with the subject masked
+("The mother tongue of X is" vs "X was born in") removes the second. Measured on held-out
+CounterFact and zsRE splits by bench/serac_scope.py (docs/RUNTIME_EDITS.md).
 
-Retrieval is a FAISS inner-product index over L2-normalised embeddings (exact; measured fast
-enough to 100,000 entries, docs/BENCHMARKS.md), asking for a few candidates and gating them.
+Retrieval is a FAISS inner-product index over the L2-normalised whole-key embeddings (exact;
+measured fast enough to 100,000 entries, docs/BENCHMARKS.md): the nearest few entries are
+candidates, the subject test gates them, and the relation similarity decides.
 
 The counterfactual path answers an in-scope input with the base model conditioned on the
 entry: the statement is put before the input (in-context editing, as IKE does), so the model
@@ -26,6 +29,7 @@ reads the new fact and answers from it. Out-of-scope inputs reach the model unto
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +43,36 @@ LAYER_TYPE = "memory"
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 CANDIDATES = 8  # nearest entries checked against the subject gate
 CONTEXT_TEMPLATE = "{statement}.\n{input}"
+SUBJECT_MASK = "X"
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def subject_clause(text: str, subject: str) -> str:
+    """The sentence of ``text`` that holds the subject's last mention: what the input asks
+    about it. Prompts often carry context before the question ("<some sentence>. Danielle
+    Darrieux, speaking as a native of"); the relation is judged on the question alone."""
+    needle = subject.casefold()
+    sentences = [s for s in _SENTENCE_END.split(text) if s.strip()]
+    for sentence in reversed(sentences):
+        if needle in sentence.casefold():
+            return sentence
+    return text
+
+
+def mask_subject(text: str, subject: str) -> str:
+    """The clause of ``text`` about ``subject`` with every (case-insensitive) mention of the
+    subject replaced by a placeholder: what is asked, without who it is asked about."""
+    if not subject:
+        return text
+    text = subject_clause(text, subject)
+    folded, needle = text.casefold(), subject.casefold()
+    out, start = [], 0
+    while (found := folded.find(needle, start)) >= 0:
+        out += [text[start:found], SUBJECT_MASK]
+        start = found + len(subject)
+    return "".join(out) + text[start:]
 
 
 class Encoder:
@@ -104,24 +138,33 @@ def entries_of(edit_id: str, layer: RuntimeLayer) -> list[MemoryEntry]:
     return [MemoryEntry(edit_id, str(r["key"]), str(r["subject"]), str(r["target"]), threshold) for r in rows]
 
 
-def memory_layer(keys: list[str], subjects: list[str], targets: list[str], embeddings: np.ndarray,
-                 encoder: str, threshold: float) -> RuntimeLayer:
+def memory_layer(keys: list[str], subjects: list[str], targets: list[str], encoder: Encoder,
+                 threshold: float) -> RuntimeLayer:
     """One edit's entries as an artifact (embeddings kept so a replay need not re-encode)."""
-    return RuntimeLayer(LAYER_TYPE, {"embeddings": torch.from_numpy(np.array(embeddings, dtype=np.float32))},
-                        {"encoder": encoder, "threshold": threshold,
+    embeddings, relations = _encode_keys(encoder, keys, subjects)
+    return RuntimeLayer(LAYER_TYPE, {"embeddings": torch.from_numpy(embeddings),
+                                     "relations": torch.from_numpy(relations)},
+                        {"encoder": encoder.name, "threshold": threshold,
                          "entries": [{"key": k, "subject": s, "target": t} for k, s, t in zip(keys, subjects, targets,
                                                                                              strict=True)]})
+
+
+def _encode_keys(encoder: Encoder, keys: list[str], subjects: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-key embeddings (retrieval) and subject-masked ones (relation), in one encoder call."""
+    both = encoder.encode(list(keys) + [mask_subject(k, s) for k, s in zip(keys, subjects, strict=True)])
+    return np.ascontiguousarray(both[:len(keys)]), np.ascontiguousarray(both[len(keys):])
 
 
 class EditMemory:
     """An immutable snapshot of every active memory entry with its index (built per revision)."""
 
-    def __init__(self, entries: list[MemoryEntry], embeddings: np.ndarray) -> None:
+    def __init__(self, entries: list[MemoryEntry], embeddings: np.ndarray, relations: np.ndarray) -> None:
         import faiss
 
-        if len(entries) != len(embeddings):
-            raise ValueError(f"{len(entries)} memory entries but {len(embeddings)} embeddings")
+        if not len(entries) == len(embeddings) == len(relations):
+            raise ValueError(f"{len(entries)} memory entries but {len(embeddings)}/{len(relations)} embeddings")
         self.entries = entries
+        self.relations = relations
         self.index = faiss.IndexFlatIP(embeddings.shape[1] if len(embeddings) else 1)
         if len(entries):
             self.index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
@@ -136,39 +179,54 @@ class EditMemory:
         again (a server configured with another encoder rebuilds its index at start)."""
         entries: list[MemoryEntry] = []
         blocks: list[np.ndarray] = []
+        relation_blocks: list[np.ndarray] = []
         for edit_id, layer in layers:
             rows = entries_of(edit_id, layer)
-            stored = layer.tensors.get("embeddings")
-            if (encoder is None or layer.info.get("encoder") == encoder.name) and stored is not None \
-                    and stored.shape[0] == len(rows):
+            stored, relations = layer.tensors.get("embeddings"), layer.tensors.get("relations")
+            usable = stored is not None and relations is not None and stored.shape[0] == relations.shape[0] == len(rows)
+            if usable and (encoder is None or layer.info.get("encoder") == encoder.name):
                 blocks.append(stored.float().numpy())
+                relation_blocks.append(relations.float().numpy())
             elif encoder is not None:
-                blocks.append(encoder.encode([r.key for r in rows]))
+                whole, relation = _encode_keys(encoder, [r.key for r in rows], [r.subject for r in rows])
+                blocks.append(whole)
+                relation_blocks.append(relation)
             else:
                 raise ValueError(f"edit {edit_id}: memory entries without usable embeddings")
             entries += rows
-        dimension = blocks[0].shape[1] if blocks else 1
-        return cls(entries, np.concatenate(blocks) if blocks else np.zeros((0, dimension), dtype=np.float32))
+        if not blocks:
+            empty = np.zeros((0, 1), dtype=np.float32)
+            return cls([], empty, empty)
+        return cls(entries, np.concatenate(blocks), np.concatenate(relation_blocks))
 
-    def route(self, texts: Sequence[str], embeddings: np.ndarray) -> list[Match | None]:
-        """For each input, the most similar entry that passes the subject gate and its
-        threshold, or None (out of scope)."""
+    def route(self, texts: Sequence[str], embeddings: np.ndarray, encode) -> list[Match | None]:
+        """For each input, the candidate entry (among the nearest few by whole-sentence
+        embedding, ``embeddings`` [n, d]) whose subject the input contains and whose relation
+        similarity is highest and at least its threshold; None: out of scope.
+
+        ``encode`` embeds the subject-masked inputs; it is called once, and only for inputs
+        that contain some candidate's subject (most traffic never pays for it)."""
         if not len(self.entries) or not len(texts):
             return [None] * len(texts)
         k = min(CANDIDATES, len(self.entries))
-        scores, ids = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), k)
-        matches: list[Match | None] = []
-        for text, row_scores, row_ids in zip(texts, scores, ids, strict=True):
+        _scores, ids = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), k)
+        gated: list[tuple[int, int, str]] = []  # (input, entry, masked input)
+        for row, (text, row_ids) in enumerate(zip(texts, ids, strict=True)):
             folded = text.casefold()
-            found = None
-            for score, i in zip(row_scores, row_ids, strict=True):
-                if i < 0:
-                    continue
-                entry = self.entries[i]
-                if entry.subject.casefold() in folded and score >= entry.threshold:
-                    found = Match(entry, float(score))
-                    break
-            matches.append(found)
+            for i in row_ids:
+                if i >= 0 and self.entries[i].subject and self.entries[i].subject.casefold() in folded:
+                    gated.append((row, int(i), mask_subject(text, self.entries[i].subject)))
+        matches: list[Match | None] = [None] * len(texts)
+        if not gated:
+            return matches
+        masked = sorted({m for _r, _i, m in gated})
+        vectors = dict(zip(masked, encode(masked), strict=True))
+        for row, i, m in gated:
+            score = float(vectors[m] @ self.relations[i])
+            entry = self.entries[i]
+            best = matches[row]
+            if score >= entry.threshold and (best is None or score > best.score):
+                matches[row] = Match(entry, score)
         return matches
 
 

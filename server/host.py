@@ -141,7 +141,7 @@ class ModelHost:
             memory = self._build_memory(_runtime_layers(self._active, edit_memory.LAYER_TYPE) + list(extra))
         if memory is None or not len(memory):
             return [None] * len(texts)
-        return memory.route(texts, self.encoder.encode(texts))
+        return memory.route(texts, self.encoder.encode(texts), self.encoder.encode)
 
     def routed_prompts(self, texts: list[str], extra: list[tuple[str, RuntimeLayer]] = ()
                        ) -> tuple[list[str], list[edit_memory.Match | None]]:

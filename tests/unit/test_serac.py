@@ -40,18 +40,20 @@ def _serac(host, facts, threshold=0.5):
 def test_scope_needs_the_subject_and_a_similar_relation(host):
     layer, diagnostics = _serac(host, FACTS)
     assert [e.key for e in entries_of("e", layer)] == [f.text for f in FACTS]
-    assert layer.tensors["embeddings"].shape == (2, host.encoder.dimension)
+    assert layer.tensors["embeddings"].shape == layer.tensors["relations"].shape == (2, host.encoder.dimension)
     memory = EditMemory.build([("e", layer)], None)
     texts = ["The mother tongue of Danielle Darrieux is",  # the edit itself
              "Danielle Darrieux's native language is",  # paraphrase
              "The mother tongue of Jean Gabin is",  # neighbour: same relation, other subject
              "The capital of Germany is",  # neighbour of the second fact
              "Danielle Darrieux was born in the year"]  # same subject, other relation
-    matches = memory.route(texts, host.encoder.encode(texts))
-    assert [m.entry.key if m else None for m in matches[:4]] == [FACTS[0].text, FACTS[0].text, None, None]
-    assert matches[0].score > 0.99
-    strict = EditMemory.build([("e", _serac(host, FACTS, threshold=0.95)[0])], None)
-    assert strict.route(texts[1:2], host.encoder.encode(texts[1:2])) == [None]
+    matches = memory.route(texts, host.encoder.encode(texts), host.encoder.encode)
+    # the default threshold favours recall: the same-subject, other-relation input fires too
+    assert [m.entry.key if m else None for m in matches] == [FACTS[0].text] * 2 + [None, None] + [FACTS[0].text]
+    assert matches[0].score > 0.99 and matches[1].score > matches[4].score  # the relation decides the score
+    strict = EditMemory.build([("e", _serac(host, FACTS, threshold=0.6)[0])], None)
+    strict_matches = strict.route(texts, host.encoder.encode(texts), host.encoder.encode)
+    assert [m is not None for m in strict_matches] == [True, True, False, False, False]
     assert diagnostics["facts_count"] == 2
 
 
