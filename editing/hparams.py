@@ -240,7 +240,8 @@ class TPatcherHyperParams(HyperParams):
     - activation: hinge max(0, activation_margin - a) on the positions that predict the target,
       so the neuron fires on the edit's inputs;
     - memory: hinge max(0, a - memory_margin) on every token of ``memory_rows`` unrelated
-      text rows (shipped corpus), so it stays silent elsewhere (ReLU makes silent exactly 0).
+      text rows (shipped corpus) and on the edit's prompt filled with ``negatives`` other
+      subjects, so it stays silent elsewhere (ReLU makes silent exactly 0).
 
     steps / learning_rate: Adam over (key, bias, value); early_stop_loss: stop once the target
     NLL is below it and both hinges are satisfied.
@@ -256,6 +257,7 @@ class TPatcherHyperParams(HyperParams):
     activation_weight: float = bounded(1.0, 0.0, 100.0)
     memory_weight: float = bounded(1.0, 0.0, 100.0)
     memory_rows: int = bounded(64, 0, 4096)
+    negatives: int = bounded(32, 0, 256)
     context_count: int = bounded(5, 0, 50)
     context_length: int = bounded(10, 1, 64)
     early_stop_loss: float = bounded(0.05, 0.0, 20.0)

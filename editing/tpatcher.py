@@ -10,11 +10,15 @@ revert is its removal. A neuron is trained with the base frozen on three losses 
 - activation loss: the neuron must fire (activation >= margin) where the model predicts the
   target;
 - memory loss: it must stay below a negative margin on every token of unrelated text (the
-  shipped statistics corpus), so ReLU makes it exactly silent there.
+  shipped statistics corpus), so ReLU makes it exactly silent there, and on the edit's own
+  prompt filled with other subjects (``negatives`` of them, from a shipped list): a neuron
+  at the last layer otherwise learns the *relation* ("The mother tongue of ... is") and fires
+  for every subject, which is what CounterFact's neighbourhood prompts catch.
 
 Why this is cheap: the neuron's input x (the FFN input at its layer) does not depend on the
 neuron, so the activation and memory losses read inputs captured once; only the edit loss
-runs the model, once per step, on a handful of short rows. Facts of one edit are trained one
+runs the model, once per step, on a handful of short rows, with the vocabulary projection
+computed only at the positions that predict the target. Facts of one edit are trained one
 after another, each on top of the neurons already made (as sequential editing would).
 
 Initialisation (the paper initialises the key from the edit's input): k points from the
@@ -41,6 +45,37 @@ from .neurons import LAYER_TYPE, NeuronBank, preview_neurons
 from .values import check_facts, fact_rows
 
 MEMORY_ROW_TOKENS = 32  # tokens per memory row (unrelated text the neurons must ignore)
+
+
+def other_subjects() -> list[str]:
+    """The shipped list of subjects for negative prompts (editing/data/subjects.txt)."""
+    text = (resources.files("editserve.editing") / "data" / "subjects.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _negative_inputs(ctx: EditingContext, module: str, fact: Fact, count: int, generator: torch.Generator
+                     ) -> torch.Tensor:
+    """FFN inputs at the last token of the fact's prompt filled with ``count`` other subjects."""
+    if count == 0:
+        return torch.zeros(0, ctx.adapter.hidden_size)
+    names = [s for s in other_subjects() if s.casefold() != fact.subject.casefold()]
+    order = torch.randperm(len(names), generator=generator)[:count].tolist()
+    rows = [tuple(ctx.tokenizer(fact.prompt.replace("{}", names[i])).input_ids) for i in order]
+    x, mask = _module_inputs(ctx, module, rows)
+    last = mask.sum(1) - 1
+    return x[torch.arange(len(rows)), last]
+
+
+def _logits_at(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Logits at (row, col) pairs only: the vocabulary projection dominates a small model's
+    forward (49k-262k rows), so it is computed at the kept columns alone."""
+    keep = torch.unique(cols)
+    where = torch.searchsorted(keep, cols)
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    except TypeError:  # a model class without logits_to_keep
+        return model(input_ids=ids, attention_mask=mask).logits[rows, cols]
+    return logits[rows, where]
 
 
 def _check_request(ctx: EditingContext, facts: list[Fact], hparams: TPatcherHyperParams) -> TPatcherHyperParams:
@@ -102,6 +137,7 @@ def _train_fact(ctx: EditingContext, module: str, fact: Fact, templates: list[st
                 hparams: TPatcherHyperParams, made: list[NeuronBank], generator: torch.Generator
                 ) -> tuple[NeuronBank, dict]:
     started = time.perf_counter()
+    memory = torch.cat([memory, _negative_inputs(ctx, module, fact, hparams.negatives, generator)])
     spec = fact_rows(ctx.tokenizer, fact, templates, kl_prompt=None)
     rows = [ids for ids, _subject_last in spec.rows]
     n_target = len(spec.targets)
@@ -129,13 +165,14 @@ def _train_fact(ctx: EditingContext, module: str, fact: Fact, templates: list[st
     with torch.enable_grad(), preview_neurons(ctx.model, fixed), trace:
         for step in range(1, hparams.steps + 1):
             state["bank"] = NeuronBank(*params)
-            logits = ctx.model(input_ids=ids, attention_mask=mask).logits[row_index, col_index].float()
+            logits = _logits_at(ctx.model, ids, mask, row_index, col_index).float()
             nll = torch.nn.functional.cross_entropy(logits, labels)
             act = state["bank"].activations(edit_x)
             act_loss = torch.relu(hparams.activation_margin - act).mean()
-            mem_loss = (torch.relu(state["bank"].activations(memory) - hparams.memory_margin).mean()
-                        if len(memory) else torch.tensor(0.0))
-            if nll.item() < hparams.early_stop_loss and act_loss.item() == 0 and mem_loss.item() == 0:
+            mem_act = state["bank"].activations(memory)
+            mem_loss = torch.relu(mem_act - hparams.memory_margin).mean() if len(memory) else torch.tensor(0.0)
+            silent = not len(memory) or bool((mem_act <= 0).all())  # ReLU makes it exactly zero there
+            if nll.item() < hparams.early_stop_loss and act_loss.item() == 0 and silent:
                 break
             loss = nll + hparams.activation_weight * act_loss + hparams.memory_weight * mem_loss
             optimiser.zero_grad(set_to_none=True)
