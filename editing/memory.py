@@ -23,8 +23,8 @@ measured fast enough to 100,000 entries, docs/BENCHMARKS.md): the nearest few en
 candidates, the subject test gates them, and the relation similarity decides.
 
 The counterfactual path answers an in-scope input with the base model conditioned on the
-entry: the statement is put before the input (in-context editing, as IKE does), so the model
-reads the new fact and answers from it. Out-of-scope inputs reach the model untouched.
+entry: the statement is put before the input (in-context editing, as IKE does; the template,
+:data:`CONTEXT_TEMPLATE`, was measured), so the model reads the new fact and answers from it. Out-of-scope inputs reach the model untouched.
 """
 
 from __future__ import annotations
@@ -42,7 +42,11 @@ from .artifacts import RuntimeLayer
 LAYER_TYPE = "memory"
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 CANDIDATES = 8  # nearest entries checked against the subject gate
-CONTEXT_TEMPLATE = "{statement}.\n{input}"
+# Chosen on CounterFact with SmolLM2-135M, scored as if routed (docs/RUNTIME_EDITS.md): on
+# held-out cases 200-259, "{statement}.\n{input}" reached ES 78.3 / PS 82.5, "New fact:
+# {statement}.\n{input}" 91.7 / 86.7, this one 98.3 / 90.8 (a small model copies a fact it
+# has read twice far more reliably than one it has read once).
+CONTEXT_TEMPLATE = "New fact: {statement}. Note that {statement}. {input}"
 SUBJECT_MASK = "X"
 
 
