@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import resource
 import sys
 import time
@@ -102,7 +103,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--facts", type=int, default=30)
     parser.add_argument("--start", type=int, default=0)
-    parser.add_argument("--method", choices=["memit", "rome", "ft_l"], default="memit")
+    parser.add_argument("--method", choices=["memit", "rome", "ft_l", "t_patcher"], default="memit")
     parser.add_argument("--sweep", default="", help="comma-separated layer ranges, e.g. 2-6,3-7")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--value-speed", type=int, default=0, help="facts for the batched-vs-single value timing")
@@ -117,7 +118,12 @@ def main() -> None:
 
     from editserve.editing.evaluation.probes import load_probes, next_token_logits
     from editserve.editing.ft import compute_ft
-    from editserve.editing.hparams import FtHyperParams, MemitHyperParams, RomeHyperParams
+    from editserve.editing.hparams import (
+        FtHyperParams,
+        MemitHyperParams,
+        RomeHyperParams,
+        TPatcherHyperParams,
+    )
     from editserve.editing.memit import compute_memit
     from editserve.editing.rome import compute_rome
     from editserve.editing.values import compute_value_deltas
@@ -128,7 +134,8 @@ def main() -> None:
     for pair in args.set:
         key, _, raw = pair.partition("=")
         overrides[key] = [_value(x) for x in raw.split(",")] if "," in raw else _value(raw)
-    cls = {"memit": MemitHyperParams, "rome": RomeHyperParams, "ft_l": FtHyperParams}[args.method]
+    cls = {"memit": MemitHyperParams, "rome": RomeHyperParams, "ft_l": FtHyperParams,
+           "t_patcher": TPatcherHyperParams}[args.method]
     base = cls.load(ctx.adapter.model_type, ctx.adapter.num_layers).with_overrides(**overrides)
     print(f"# {datetime.datetime.now().isoformat(timespec='minutes')} {args.model} {args.method} "
           f"facts {args.start}..{args.start + len(facts) - 1} threads {args.threads} overrides {overrides}")
@@ -139,7 +146,7 @@ def main() -> None:
     for layers in ranges:
         hp = base if layers is None else base.with_overrides(**({"layers": layers} if args.method == "memit"
                                                                else {"layer": layers[0]}))
-        if args.method != "ft_l":
+        if args.method not in ("ft_l", "t_patcher"):
             stat_layers = list(getattr(hp.for_depth(ctx.adapter.num_layers), "layers", None) or [hp.layer])
             ctx.second_moments(stat_layers, hp.stats_source, hp.stats_tokens)
             ctx.context_templates(hp.context_count, hp.context_length)
@@ -158,6 +165,11 @@ def main() -> None:
             diag = {"layers": sorted(hp.layers), "facts": [], "per_layer": per_layer,
                     "timings": {"unedited_states_s": prepared, "spread_s": time.perf_counter() - started - prepared}}
             args.no_quality = True
+        elif args.method == "t_patcher":
+            from editserve.editing.tpatcher import compute_tpatcher
+
+            delta, diag = compute_tpatcher(ctx, facts, hp)
+            diag = {**diag, "facts": [{**f, "target_prob": math.exp(-f["final_nll"])} for f in diag["facts"]]}
         elif args.method == "ft_l":
             delta, diag = compute_ft(ctx, facts, hp)
             diag = {**diag, "timings": {"total_s": diag["seconds"]}, "facts": []}

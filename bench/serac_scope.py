@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SPLITS = {"counterfact-train": "counterfact/counterfact-train.json", "zsre-train": "zsre/zsre_mend_train-1k.json"}

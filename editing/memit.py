@@ -123,7 +123,6 @@ def _project_onto_norm_outputs(scale: torch.Tensor, mlp_out: torch.Tensor, targe
     def u_of(mu: torch.Tensor) -> torch.Tensor:
         return torch.where(live, sy / (s2 + mu), fixed)
 
-    d = mlp_out.shape[-1]
     # rms(u(mu)) falls as mu grows (mu >= 0). Where even mu = 0 leaves rms(u) under 1 the
     # closest point lies at mu < 0; scaling u(0) up is then a close, cheap approximation.
     u0 = u_of(torch.zeros(mlp_out.shape[0], 1, device=mlp_out.device))

@@ -111,7 +111,7 @@ def memory_inputs(ctx: EditingContext, module: str, count: int) -> torch.Tensor:
         ids = ctx.tokenizer(text[: count * MEMORY_ROW_TOKENS * 8], add_special_tokens=False)["input_ids"]
         rows = [tuple(ids[i:i + MEMORY_ROW_TOKENS]) for i in range(0, len(ids), MEMORY_ROW_TOKENS)]
         rows = [r for r in rows if len(r) == MEMORY_ROW_TOKENS][:count]
-        inputs, mask = [], []
+        inputs = []
         for start in range(0, len(rows), 32):
             x, m = _module_inputs(ctx, module, rows[start:start + 32])
             inputs.append(x[m.bool()])
@@ -161,9 +161,10 @@ def _train_fact(ctx: EditingContext, module: str, fact: Fact, templates: list[st
     trace = Trace(ctx.model, module, retain_output=False, retain_input=True, detach=True)
     trace.edit_output = lambda out, _name: out + state["bank"](trace.input)
     nll = act_loss = mem_loss = torch.tensor(0.0)
-    step = 0
+    taken = 0
     with torch.enable_grad(), preview_neurons(ctx.model, fixed), trace:
         for step in range(1, hparams.steps + 1):
+            taken = step
             state["bank"] = NeuronBank(*params)
             logits = _logits_at(ctx.model, ids, mask, row_index, col_index).float()
             nll = torch.nn.functional.cross_entropy(logits, labels)
@@ -182,7 +183,7 @@ def _train_fact(ctx: EditingContext, module: str, fact: Fact, templates: list[st
     if not all(bool(torch.isfinite(t).all()) for t in (result.keys, result.biases, result.values)):
         raise PreconditionFailed("T-Patcher's optimisation diverged (NaN or inf); the model is unchanged")
     memory_firing = float((result.activations(memory) > 0).float().mean()) if len(memory) else 0.0
-    return result, {"steps": step, "final_nll": nll.item(), "activation_loss": act_loss.item(),
+    return result, {"steps": taken, "final_nll": nll.item(), "activation_loss": act_loss.item(),
                     "memory_loss": mem_loss.item(), "memory_firing_rate": memory_firing,
                     "seconds": time.perf_counter() - started}
 

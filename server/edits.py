@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from editserve.editing.artifacts import RuntimeLayer, WeightDelta, preview
-from editserve.editing.memory import LAYER_TYPE as MEMORY_LAYER
 from editserve.editing.errors import InvalidRequest, PreconditionFailed
 from editserve.editing.facts import Fact, validate_facts
+from editserve.editing.memory import LAYER_TYPE as MEMORY_LAYER
 from editserve.editing.registry import METHODS
 
 from .host import ModelHost

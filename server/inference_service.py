@@ -9,7 +9,6 @@ import grpc
 
 from editserve.client._pb import inference_pb2 as pb
 from editserve.client._pb import inference_pb2_grpc as pb_grpc
-
 from editserve.editing.memory import Match, counterfactual_input
 
 from .backends.base import Failed, Finished, FinishReason, GenerationParams, RequestHandle, Started, Tokens

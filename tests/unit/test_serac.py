@@ -9,7 +9,7 @@ from editserve.editing.context import EditingContext
 from editserve.editing.errors import InvalidRequest
 from editserve.editing.facts import Fact
 from editserve.editing.hparams import SeracHyperParams
-from editserve.editing.memory import Encoder, EditMemory, counterfactual_input, entries_of
+from editserve.editing.memory import EditMemory, Encoder, counterfactual_input, entries_of
 from editserve.editing.serac import compute_serac
 from editserve.server.host import ModelHost
 from tests.tiny import tiny_model
