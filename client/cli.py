@@ -229,13 +229,16 @@ def generate(prompt: str, connection: Connection, chat: bool, no_stream: bool, a
                 result = client.generate(payload, **options)
                 _emit_json(result) if as_json else click.echo(result.text)
                 return
-            last = None
+            last = route = None
             for chunk in client.stream(payload, **options):
                 click.echo(chunk.text, nl=False)
+                route = route or chunk.route
                 last = chunk
             click.echo()
             if last is not None:
-                click.echo(f"[{last.finish_reason}, {last.generated_tokens} tokens, revision {last.revision}]", err=True)
+                routed = f", answered by SERAC edit {route.edit_id} (scope {route.score:.2f})" if route else ""
+                click.echo(f"[{last.finish_reason}, {last.generated_tokens} tokens, revision {last.revision}{routed}]",
+                           err=True)
         except EditserveError as error:
             _fail(error)
 
