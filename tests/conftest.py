@@ -43,3 +43,21 @@ def editserve_cache() -> Path:
     from editserve.server.models import default_cache_dir
 
     return Path(os.environ.get("EDITSERVE_CACHE", default_cache_dir()))
+
+
+@pytest.fixture()
+def tiny_servers(tiny_model_dir, tmp_path):
+    """Start (and at the end stop) servers of the tiny Llama sharing one journal directory:
+    ``tiny_servers(*extra_args)`` starts one; call it again after stopping the first to test
+    replay after a restart."""
+    from tests.server_process import start_server
+
+    started = []
+
+    def start(*extra: str):
+        started.append(start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", *extra, timeout=120))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()

@@ -4,26 +4,21 @@ and leave others untouched; revert removes the entry; the memory replays after a
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from editserve.client import Fact, InvalidArgument
-from tests.server_process import start_server
 
 pytestmark = pytest.mark.e2e
 
 FACT = Fact("The capital of {} is", "France", "Rome", "Paris")
 
 
-@pytest.fixture()
-def server(tiny_model_dir, tmp_path):
-    started = [start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", timeout=120)]
-    yield started
-    for s in started:
-        s.stop()
-
-
-def test_memory_routes_in_scope_inputs_reverts_and_replays(server, tiny_model_dir, tmp_path):
-    with server[0].client() as client:
+def test_memory_routes_in_scope_inputs_reverts_and_replays(tiny_servers):
+    first = tiny_servers()
+    with first.client() as client:
         pristine = client.model_info(include_weights_digest=True).weights_digest
         plain = client.generate("The capital of France is", max_new_tokens=4)
         assert plain.route is None
@@ -33,16 +28,18 @@ def test_memory_routes_in_scope_inputs_reverts_and_replays(server, tiny_model_di
         assert routed.route is not None and routed.route.edit_id == result.edit_id and routed.route.score > 0.99
         assert routed.prompt_tokens > plain.prompt_tokens  # the statement was read first
         assert client.generate("The capital of Spain is", max_new_tokens=4).route is None
-        first = next(iter(client.stream("What is the capital of France?", max_new_tokens=2)))
-        assert first.route is not None and first.route.edit_id == result.edit_id
+        opening = next(iter(client.stream("What is the capital of France?", max_new_tokens=2)))
+        assert opening.route is not None and opening.route.edit_id == result.edit_id
         in_scope, out_of_scope = client.score([("The capital of France is", " Rome"), ("The capital of Spain is", " Rome")])
         assert in_scope.route.edit_id == result.edit_id and out_of_scope.route is None
         assert client.model_info(include_weights_digest=True).weights_digest != pristine
         with pytest.raises(InvalidArgument, match="scope_threshold"):
             client.edit([FACT], method="serac", scope_threshold=2.0)
-    server[0].stop()
-    server.append(start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", timeout=120))
-    with server[1].client() as client:
+    cli = subprocess.run([sys.executable, "-m", "editserve.client.cli", "generate", "--server", first.target,
+                          "The capital of France is", "--max-new-tokens", "2"], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0 and f"answered by SERAC edit {result.edit_id}" in cli.stderr, cli.stderr
+    first.stop()
+    with tiny_servers().client() as client:
         assert client.generate("The capital of France is", max_new_tokens=2).route.edit_id == result.edit_id
         client.revert(result.edit_id)
         assert client.generate("The capital of France is", max_new_tokens=2).route is None

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 from editserve.client import Fact, InvalidArgument
-from tests.server_process import start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -16,16 +15,9 @@ TINY = {"method": "t_patcher", "layer": 3, "steps": 60, "learning_rate": 0.05, "
 FACTS = [Fact("The language of {}", "Danielle Darrieux", "founded"), Fact("The capital of {}", "Italy", "founded")]
 
 
-@pytest.fixture()
-def server(tiny_model_dir, tmp_path):
-    started = [start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", timeout=120)]
-    yield started
-    for s in started:
-        s.stop()
-
-
-def test_neurons_are_hosted_reverted_and_replayed(server, tiny_model_dir, tmp_path):
-    with server[0].client() as client:
+def test_neurons_are_hosted_reverted_and_replayed(tiny_servers):
+    first = tiny_servers()
+    with first.client() as client:
         pristine = client.model_info(include_weights_digest=True).weights_digest
         dry = client.edit(FACTS, dry_run=True, **TINY)
         assert not dry.applied and client.model_info(include_weights_digest=True).weights_digest == pristine
@@ -41,9 +33,8 @@ def test_neurons_are_hosted_reverted_and_replayed(server, tiny_model_dir, tmp_pa
         scores = client.score([(f.prompt.format(f.subject), f.target_new) for f in FACTS])
         for report, live in zip(result.facts, scores, strict=True):
             assert live.probability == pytest.approx(report.rewrite.p_new_after, rel=1e-3)
-    server[0].stop()
-    server.append(start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", timeout=120))
-    with server[1].client() as client:
+    first.stop()
+    with tiny_servers().client() as client:
         assert client.model_info(include_weights_digest=True).weights_digest == patched  # replayed
         client.revert(result.edit_id)
         assert client.model_info(include_weights_digest=True).weights_digest == pristine
@@ -55,8 +46,8 @@ def test_neurons_are_hosted_reverted_and_replayed(server, tiny_model_dir, tmp_pa
     ({"learning_rate": float("nan")}, "learning_rate must be in"),
     ({"neurons_per_fact": 0}, "neurons_per_fact must be in"),
 ])
-def test_bad_options_change_nothing(server, options, message):
-    with server[0].client() as client:
+def test_bad_options_change_nothing(tiny_servers, options, message):
+    with tiny_servers().client() as client:
         pristine = client.model_info(include_weights_digest=True).weights_digest
         with pytest.raises(InvalidArgument, match=message):
             client.edit(FACTS, **{**TINY, **options})
