@@ -156,7 +156,16 @@ def _train_fact(ctx: EditingContext, module: str, fact: Fact, templates: list[st
     bank = _initial_bank(edit_x[::n_target].mean(0), memory, hparams, generator)
     params = [bank.keys.clone().requires_grad_(True), bank.biases.clone().requires_grad_(True),
               bank.values.clone().requires_grad_(True)]
-    optimiser = torch.optim.Adam(params, lr=hparams.learning_rate)
+    # Adam moves every coordinate by about its learning rate per step. The value starts at
+    # zero and has to grow to the size of a residual change, so it takes ``learning_rate``;
+    # the key's coordinates are tiny (the key maps an input of norm ~|x| to an activation of
+    # ~1), so one shared rate would scramble it in a step: key and bias move by
+    # ``learning_rate`` *relative* to their initial size instead.
+    key_scale = float(bank.keys.abs().mean().clamp_min(1e-12))
+    bias_scale = float(bank.biases.abs().mean().clamp_min(hparams.activation_margin + 1.0))
+    optimiser = torch.optim.Adam([{"params": [params[0]], "lr": hparams.learning_rate * key_scale},
+                                  {"params": [params[1]], "lr": hparams.learning_rate * bias_scale},
+                                  {"params": [params[2]], "lr": hparams.learning_rate}])
     state = {"bank": bank}
     trace = Trace(ctx.model, module, retain_output=False, retain_input=True, detach=True)
     trace.edit_output = lambda out, _name: out + state["bank"](trace.input)
@@ -165,12 +174,17 @@ def _train_fact(ctx: EditingContext, module: str, fact: Fact, templates: list[st
     with torch.enable_grad(), preview_neurons(ctx.model, fixed), trace:
         for step in range(1, hparams.steps + 1):
             taken = step
-            state["bank"] = NeuronBank(*params)
+            # The edit loss trains the value only: if it could move the key and bias too, it
+            # would widen where the neuron fires (more firing, more effect) against the memory
+            # hinge. Key and bias are trained by the two hinges alone, a linear separation of
+            # the edit's inputs from the memory's, which a neuron in d dimensions can reach.
+            state["bank"] = NeuronBank(params[0].detach(), params[1].detach(), params[2])
+            full = NeuronBank(*params)
             logits = _logits_at(ctx.model, ids, mask, row_index, col_index).float()
             nll = torch.nn.functional.cross_entropy(logits, labels)
-            act = state["bank"].activations(edit_x)
+            act = full.activations(edit_x)
             act_loss = torch.relu(hparams.activation_margin - act).mean()
-            mem_act = state["bank"].activations(memory)
+            mem_act = full.activations(memory)
             mem_loss = torch.relu(mem_act - hparams.memory_margin).mean() if len(memory) else torch.tensor(0.0)
             silent = not len(memory) or bool((mem_act <= 0).all())  # ReLU makes it exactly zero there
             if nll.item() < hparams.early_stop_loss and act_loss.item() == 0 and silent:
