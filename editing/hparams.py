@@ -243,15 +243,17 @@ class TPatcherHyperParams(HyperParams):
       text rows (shipped corpus) and on the edit's prompt filled with ``negatives`` other
       subjects, so it stays silent elsewhere (ReLU makes silent exactly 0).
 
-    steps / learning_rate: Adam over (key, bias, value); early_stop_loss: stop once the target
-    NLL is below it and both hinges are satisfied.
+    steps: Adam steps; learning_rate: the key's and bias's step relative to their initial size;
+    value_learning_rate: the value's (absolute) step. early_stop_loss: stop once the target NLL
+    is below it, the neuron fires on the edit and is silent on all of the memory.
     """
 
     method: ClassVar[str] = "t_patcher"
     layer: int = bounded(29, 0, MAX_LAYERS - 1)
     neurons_per_fact: int = bounded(1, 1, 16)
     steps: int = bounded(60, 1, 1000)
-    learning_rate: float = bounded(0.02, 1e-6, 10.0)
+    learning_rate: float = bounded(0.05, 1e-6, 10.0)
+    value_learning_rate: float = bounded(0.5, 1e-6, 100.0)
     activation_margin: float = bounded(1.0, 0.0, 100.0)
     memory_margin: float = bounded(-0.5, -100.0, 0.0)
     activation_weight: float = bounded(1.0, 0.0, 100.0)

@@ -41,7 +41,7 @@ from .artifacts import RuntimeLayer
 
 LAYER_TYPE = "memory"
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
-CANDIDATES = 8  # nearest entries checked against the subject gate
+CANDIDATES = 32  # nearest entries (by whole-key similarity) checked against the subject gate
 # Chosen on CounterFact with SmolLM2-135M, scored as if routed (docs/RUNTIME_EDITS.md): on
 # held-out cases 200-259, "{statement}.\n{input}" reached ES 78.3 / PS 82.5, "New fact:
 # {statement}.\n{input}" 91.7 / 86.7, this one 98.3 / 90.8 (a small model copies a fact it

@@ -157,15 +157,15 @@ def _train_fact(ctx: EditingContext, module: str, fact: Fact, templates: list[st
     params = [bank.keys.clone().requires_grad_(True), bank.biases.clone().requires_grad_(True),
               bank.values.clone().requires_grad_(True)]
     # Adam moves every coordinate by about its learning rate per step. The value starts at
-    # zero and has to grow to the size of a residual change, so it takes ``learning_rate``;
-    # the key's coordinates are tiny (the key maps an input of norm ~|x| to an activation of
-    # ~1), so one shared rate would scramble it in a step: key and bias move by
+    # zero and has to grow to the size of a residual change: ``value_learning_rate``. The
+    # key's coordinates are tiny (the key maps an input of norm ~|x| to an activation of ~1),
+    # so an absolute rate would scramble it in a step: key and bias move by
     # ``learning_rate`` *relative* to their initial size instead.
     key_scale = float(bank.keys.abs().mean().clamp_min(1e-12))
     bias_scale = float(bank.biases.abs().mean().clamp_min(hparams.activation_margin + 1.0))
     optimiser = torch.optim.Adam([{"params": [params[0]], "lr": hparams.learning_rate * key_scale},
                                   {"params": [params[1]], "lr": hparams.learning_rate * bias_scale},
-                                  {"params": [params[2]], "lr": hparams.learning_rate}])
+                                  {"params": [params[2]], "lr": hparams.value_learning_rate}])
     state = {"bank": bank}
     trace = Trace(ctx.model, module, retain_output=False, retain_input=True, detach=True)
     trace.edit_output = lambda out, _name: out + state["bank"](trace.input)
