@@ -16,7 +16,6 @@ from editserve.client import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    Unimplemented,
 )
 from tests.server_process import start_server
 
@@ -115,8 +114,6 @@ def test_edit_control_plane_errors(server):
             client.get_edit("no-such-edit")
         with pytest.raises(InvalidArgument, match="exactly one"):
             client.edit(Fact("no placeholder", "x", "y"))
-        with pytest.raises(Unimplemented, match="t_patcher"):
-            client.edit(Fact("{} is", "x", "y"), method="t_patcher")
         assert client.list_edits() == []
 
 
