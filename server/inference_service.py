@@ -17,6 +17,10 @@ from .rpc import invalid, rpc_handler
 from .runtime import Runtime
 
 MAX_SCORE_ITEMS = 256
+# Generate's sampling and stopping bounds: a temperature of 1e-40 divides logits into inf
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 100.0
+MAX_TOP_K = 1_000_000
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
 
 _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -97,10 +101,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _params(self, request: pb.GenerateRequest) -> GenerationParams:
         config = self.runtime.config
         s, st = request.sampling, request.stopping
-        if s.temperature < 0:
-            raise invalid(f"sampling.temperature must be >= 0, got {s.temperature}")
+        # every option bounded here, before anything runs (NaN fails every comparison, so
+        # each check is written as "inside the range", never as "outside it")
+        if not (s.temperature == 0 or MIN_TEMPERATURE <= s.temperature <= MAX_TEMPERATURE):
+            raise invalid(f"sampling.temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                          f"got {s.temperature}")
         if not 0 <= s.top_p <= 1:
             raise invalid(f"sampling.top_p must be in [0, 1], got {s.top_p}")
+        if s.top_k > MAX_TOP_K:
+            raise invalid(f"sampling.top_k must be at most {MAX_TOP_K}, got {s.top_k}")
+        if len(st.stop) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in st.stop):
+            raise invalid(f"stopping.stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
         max_new = st.max_new_tokens or config.default_max_new_tokens
         if max_new > config.max_new_tokens_limit:
             raise invalid(f"stopping.max_new_tokens={max_new} is over the limit max_new_tokens_limit={config.max_new_tokens_limit}")

@@ -23,4 +23,6 @@ def sample_token(logits: torch.Tensor, params: GenerationParams, generator: torc
         sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
     probs = torch.softmax(scores, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError(f"sampling distribution is not finite at temperature {params.temperature}")
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -288,7 +288,19 @@ class HFBackend(GenerationBackend):
             self._accept(seq, logits[i], revision, first=False)
 
     def _accept(self, seq: _Sequence, logits: torch.Tensor, revision: int, *, first: bool) -> None:
-        """Sample the next token of one sequence, emit it, and decide whether it is done."""
+        """Sample the next token of one sequence, emit it, and decide whether it is done.
+
+        Everything here is one request's own business (its sampling options, its stop
+        strings), so a failure fails that request alone: its neighbours in the batch go on."""
+        try:
+            self._accept_token(seq, logits, revision, first=first)
+        except Exception as error:  # noqa: BLE001 - reported to the one request it belongs to
+            log.exception("sampling failed for one request; the others in its batch go on")
+            seq.done = True
+            seq.kv = None
+            seq.handle.events.put(Failed(error))
+
+    def _accept_token(self, seq: _Sequence, logits: torch.Tensor, revision: int, *, first: bool) -> None:
         params = seq.params
         token = sample_token(logits, params, seq.generator)
         logprob = float(torch.log_softmax(logits.float(), -1)[token]) if params.return_logprobs else 0.0

@@ -106,6 +106,24 @@ def test_bad_stream_request_gets_invalid_argument(server):
         list(client.stream("hello", top_p=2.0))
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": 1e-40}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"top_p": float("nan")}, "top_p"),
+    ({"stop": ["x"] * 17}, "at most 16"),
+])
+def test_hostile_sampling_options_fail_alone(server, options, message):
+    """Issue 15's report: a NaN temperature used to answer INTERNAL and fail a concurrent,
+    valid request too. Now it is INVALID_ARGUMENT naming the field, and the neighbour runs."""
+    with server.client() as client:
+        neighbour = client.stream("The capital of France is", max_new_tokens=16, ignore_eos=True)
+        with pytest.raises(InvalidArgument, match=message):
+            client.generate("hello", max_new_tokens=4, **options)
+        chunks = list(neighbour)
+        assert chunks[-1].finish_reason == "length" and chunks[-1].generated_tokens == 16
+
+
 def test_edit_control_plane_errors(server):
     with server.client() as client:
         with pytest.raises(NotFound):

@@ -128,3 +128,17 @@ def test_limits(engine_factory):
     assert info.value.exhausted
     for h in handles:
         h.cancel()
+
+
+def test_a_failing_request_fails_alone(engine_factory):
+    """A request whose sampling breaks (here a NaN temperature, which the servicer refuses
+    before it gets this far) fails by itself; the request batched beside it completes."""
+    backend = engine_factory(max_batch_size=2)
+    tok = backend.host.tokenizer
+    ids = tok(PROMPTS[0]).input_ids
+    good = backend.submit(ids, GenerationParams(max_new_tokens=12, ignore_eos=True))
+    bad = backend.submit(ids, GenerationParams(max_new_tokens=12, ignore_eos=True, temperature=float("nan")))
+    with pytest.raises(ValueError, match="not finite"):
+        _collect(bad)
+    tokens, finished = _collect(good)
+    assert finished.reason == FinishReason.LENGTH and len(tokens) == 12
