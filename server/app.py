@@ -103,7 +103,7 @@ class EditserveServer:
         state_dir = Path(config.state_dir) if config.state_dir else cache / "state" / Path(config.model).name
         journal = Journal(state_dir, host.fingerprint(), legacy_fingerprints=(host.legacy_fingerprint(),))
         metrics = self.runtime.metrics
-        table = build_methods(host, cache)
+        table = build_methods(host, cache, dict(config.statistics_sources))
         self.methods = table
         manager = EditManager(host, journal, table.compute, table.score, metrics, max_facts=config.max_edit_facts)
         drift = DriftMonitor(host, metrics, stable_weights(manager))  # reference = unedited weights

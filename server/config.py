@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .tokens import read_token
@@ -37,6 +37,8 @@ class ServeConfig:
     trace_max_prompt_tokens: int = 64
     # facts one Edit may carry (each method also has its own limit in editing/registry.py)
     max_edit_facts: int = 10_000
+    # Key-statistics texts a request may name ({name: server path}); requests never give paths
+    statistics_sources: dict = field(default_factory=dict)
     # SERAC's sentence encoder: "all-MiniLM-L6-v2" (offline PyPI package) or a local
     # sentence-transformers directory; edits made with another are re-encoded at start-up
     serac_encoder: str = "all-MiniLM-L6-v2"
@@ -63,6 +65,11 @@ class ServeConfig:
             raise ValueError(f"max_edit_facts must be in [1, 100000], got {self.max_edit_facts}")
         if not self.serac_encoder.strip():
             raise ValueError("serac_encoder must name an encoder")
+        for name, path in self.statistics_sources.items():
+            if not isinstance(name, str) or not name or name in ("default", "model") or not isinstance(path, str) \
+                    or not Path(path).expanduser().exists():
+                raise ValueError(f"statistics_sources: {name!r} must be a new name mapped to an existing path, "
+                                 f"got {path!r}")
         self._check_security()
 
     def _check_security(self) -> None:

@@ -38,10 +38,31 @@ def unavailable_reason(name: str, capabilities: frozenset[str]) -> str | None:
     return None
 
 
+BUILTIN_SOURCES = ("default", "model")
+
+
+def resolve_statistics_source(options: dict, sources: dict[str, str] | None) -> dict:
+    """A request names its key-statistics text by name, never by path: "default" (shipped),
+    "model" (sampled from the model) or a name the operator maps to a server path in
+    ``[serve] statistics_sources``. A path from a request would let a client make the server
+    read any file it can (and tell missing from unreadable ones): InvalidRequest instead."""
+    name = options.get("stats_source")
+    if sources is None or name is None or name in BUILTIN_SOURCES:
+        return options  # sources None: a local caller (in-process evaluation) may give paths
+    if name in sources:
+        return {**options, "stats_source": sources[name]}
+    from editserve.editing.errors import InvalidRequest
+
+    known = [*BUILTIN_SOURCES, *sorted(sources)]
+    raise InvalidRequest(f"option stats_source must name a statistics source, one of {known} (the operator "
+                         f"maps names to server paths in [serve] statistics_sources); paths are not accepted")
+
+
 class _Bound:
-    def __init__(self, host: ModelHost, cache_dir: Path) -> None:
+    def __init__(self, host: ModelHost, cache_dir: Path, sources: dict[str, str] | None) -> None:
         self.host = host
         self.cache_dir = cache_dir
+        self.sources = sources
 
     @cached_property
     def context(self):
@@ -53,7 +74,7 @@ class _Bound:
 
     def compute_fn(self, spec: MethodSpec) -> ComputeFn:
         def compute(facts: list[Fact], options: dict) -> tuple[Artifact, dict]:
-            return spec.run(self.context, facts, options)
+            return spec.run(self.context, facts, resolve_statistics_source(options, self.sources))
 
         return compute
 
@@ -89,9 +110,11 @@ class MethodTable:
     stop: Callable[[], None]
 
 
-def build_methods(host: ModelHost, cache_dir: Path) -> MethodTable:
-    """Every registry method this host can serve, bound to its model."""
-    bound = _Bound(host, cache_dir)
+def build_methods(host: ModelHost, cache_dir: Path, statistics_sources: dict[str, str] | None = None) -> MethodTable:
+    """Every registry method this host can serve, bound to its model. ``statistics_sources``:
+    the operator's names for server-side statistics texts (requests pick one by name; the
+    server always passes a dict). None: a local, trusted caller that may give paths."""
+    bound = _Bound(host, cache_dir, None if statistics_sources is None else dict(statistics_sources))
     methods = {name: bound.compute_fn(spec) for name, spec in METHODS.items()
                if unavailable_reason(name, host.capabilities) is None}
     return MethodTable(methods, bound.score, lambda: bound.prepare_statistics(sorted(methods)), bound.stop)

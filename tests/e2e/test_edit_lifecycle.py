@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from editserve.client import EditserveError, Fact, FailedPrecondition, InvalidArgument, NotFound
+from editserve.client import EditserveError, Fact, InvalidArgument, NotFound
 from tests.server_process import start_server
 
 pytestmark = pytest.mark.e2e
@@ -97,8 +97,9 @@ def test_rome_edit_and_revert_over_grpc(served):
         assert client.model_info(include_weights_digest=True).weights_digest != pristine
         client.revert(result.edit_id)
         assert client.model_info(include_weights_digest=True).weights_digest == pristine
-        with pytest.raises(FailedPrecondition, match="/nonexistent/corpus"):
-            client.edit(_fact(0), layer=1, steps=5, stats_source="/nonexistent/corpus")
+        for path in ("/nonexistent/corpus", "/etc/passwd"):  # a request never names a server path
+            with pytest.raises(InvalidArgument, match="paths are not accepted"):
+                client.edit(_fact(0), layer=1, steps=5, stats_source=path)
         with pytest.raises(InvalidArgument, match="layer"):
             client.edit(_fact(0), layer=40)
         assert client.model_info(include_weights_digest=True).weights_digest == pristine

@@ -62,3 +62,25 @@ def test_the_client_imports_neither_torch_nor_the_server():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_statistics_sources_are_named_never_paths(tmp_path):
+    from editserve.editing.errors import InvalidRequest
+    from editserve.server.config import ServeConfig
+    from editserve.server.methods import resolve_statistics_source
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("text")
+    sources = {"wiki": str(corpus)}
+    assert resolve_statistics_source({"stats_source": "wiki", "steps": 5}, sources) == {
+        "stats_source": str(corpus), "steps": 5}
+    assert resolve_statistics_source({"stats_source": "default"}, sources) == {"stats_source": "default"}
+    assert resolve_statistics_source({"steps": 5}, {}) == {"steps": 5}
+    for bad in ("/etc/passwd", str(corpus), "nope"):
+        with pytest.raises(InvalidRequest, match="paths are not accepted"):
+            resolve_statistics_source({"stats_source": bad}, sources)
+    assert resolve_statistics_source({"stats_source": "/local"}, None) == {"stats_source": "/local"}  # in-process
+    assert ServeConfig(statistics_sources=sources).statistics_sources == sources
+    for bad_map in ({"wiki": str(tmp_path / "missing")}, {"default": str(corpus)}, {"": str(corpus)}):
+        with pytest.raises(ValueError, match="statistics_sources"):
+            ServeConfig(statistics_sources=bad_map)
