@@ -2,7 +2,8 @@
 
 Handlers raise :class:`ServiceError` (or a science error from ``editserve.editing.errors``)
 instead of calling ``context.abort`` themselves; :func:`rpc_handler` maps each to exactly
-one status code, so nothing surfaces as a bare INTERNAL with a stack trace.
+one status code, so nothing surfaces as a bare INTERNAL with a stack trace; an unexpected
+error is INTERNAL with an error id, its text only in the server log.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -45,8 +47,11 @@ def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, LimitExceeded):
         code = grpc.StatusCode.RESOURCE_EXHAUSTED if error.exhausted else grpc.StatusCode.INVALID_ARGUMENT
         return code, str(error)
-    log.exception("unexpected error", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+    # The client gets an id to quote, never the exception's text (it can hold server paths,
+    # tensor contents or library internals); the log keeps the whole story under that id.
+    error_id = uuid.uuid4().hex[:12]
+    log.error("internal error %s: %s: %s", error_id, type(error).__name__, error, exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error (id {error_id}; the server log has the details)"
 
 
 @contextmanager
