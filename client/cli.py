@@ -165,6 +165,9 @@ def main() -> None:
 @click.option("--max-concurrent-requests", type=int, default=None)
 @click.option("--threads", "torch_threads", type=int, default=None, help="torch threads (0: torch default).")
 @click.option("--max-edit-facts", type=int, default=None, help="Facts one Edit may carry (default 10000).")
+@click.option("--max-queued-edits", type=int, default=None,
+              help="Edit and Trace calls running or waiting at once; more get RESOURCE_EXHAUSTED (default 4).")
+@click.option("--max-concurrent-scores", type=int, default=None, help="Score calls at once (default 4).")
 @click.option("--prepare-statistics/--no-prepare-statistics", default=None,
               help="Estimate the default edit layers' key statistics in the background after start-up (default on).")
 @click.option("--port-file", type=click.Path(path_type=Path), default=None,

@@ -35,6 +35,10 @@ class ServeConfig:
     max_new_tokens_limit: int = 1024
     default_max_new_tokens: int = 64
     trace_max_prompt_tokens: int = 64
+    # Edit and Trace calls running or waiting for the edit mutex, and concurrent Score calls;
+    # past these: RESOURCE_EXHAUSTED (they would otherwise hold gRPC worker threads)
+    max_queued_edits: int = 4
+    max_concurrent_scores: int = 4
     # facts one Edit may carry (each method also has its own limit in editing/registry.py)
     max_edit_facts: int = 10_000
     # Key-statistics texts a request may name ({name: server path}); requests never give paths
@@ -63,6 +67,9 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.max_edit_facts <= 100_000:
             raise ValueError(f"max_edit_facts must be in [1, 100000], got {self.max_edit_facts}")
+        for name in ("max_queued_edits", "max_concurrent_scores"):
+            if not 1 <= getattr(self, name) <= 64:
+                raise ValueError(f"{name} must be in [1, 64], got {getattr(self, name)}")
         if not self.serac_encoder.strip():
             raise ValueError("serac_encoder must name an encoder")
         for name, path in self.statistics_sources.items():

@@ -77,6 +77,11 @@ class EditingServicer(pb_grpc.EditingServicer):
     @rpc_handler(_metrics, "Edit")
     def Edit(self, request: pb.EditRequest, context: grpc.ServicerContext) -> pb.EditResponse:
         self.runtime.require_ready()
+        with self.runtime.heavy_slot("edit"):
+            return self._edit(request, context)
+
+    def _edit(self, request: pb.EditRequest, context: grpc.ServicerContext) -> pb.EditResponse:
+        self.runtime.require_ready()
         if request.method == pb.EDIT_METHOD_UNSPECIFIED:
             raise invalid("method is required (e.g. EDIT_METHOD_ROME)")
         method = METHOD_NAMES.get(request.method)
@@ -147,6 +152,11 @@ class EditingServicer(pb_grpc.EditingServicer):
 
     @rpc_handler(_metrics, "Trace")
     def Trace(self, request: pb.TraceRequest, context: grpc.ServicerContext) -> pb.TraceResponse:
+        self.runtime.require_ready()
+        with self.runtime.heavy_slot("edit"):
+            return self._trace(request, context)
+
+    def _trace(self, request: pb.TraceRequest, context: grpc.ServicerContext) -> pb.TraceResponse:
         self.runtime.require_ready()
         from editserve.editing.tracing import causal_trace
 

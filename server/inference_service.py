@@ -207,6 +207,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @rpc_handler(_metrics, "Score")
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
         self.runtime.require_ready()
+        with self.runtime.heavy_slot("score"):
+            return self._score(request, context)
+
+    def _score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        self.runtime.require_ready()
         from editserve.editing.evaluation.teacher_forcing import score_continuations
 
         if not request.items:

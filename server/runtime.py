@@ -6,6 +6,8 @@ checks can answer NOT_SERVING; every other RPC answers UNAVAILABLE until ``ready
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,6 +36,8 @@ class Runtime:
     _inflight: int = 0
     _inflight_lock: threading.Lock = field(default_factory=threading.Lock)
     _noise_scale: float | None = None
+    # running or waiting calls per heavy pool ("edit": Edit and Trace, "score": Score)
+    _pools: dict[str, int] = field(default_factory=dict)
 
     def noise_scale(self) -> float:
         """Default trace noise (3x the embeddings' std), computed once per served model."""
@@ -60,3 +64,21 @@ class Runtime:
     def release_slot(self) -> None:
         with self._inflight_lock:
             self._inflight -= 1
+
+    @contextmanager
+    def heavy_slot(self, pool: str) -> Iterator[None]:
+        """Hold one of a bounded number of places for a heavy call (RESOURCE_EXHAUSTED past
+        them). Edits and traces wait on one mutex: without a bound, clients piling up behind
+        a long edit would tie up every gRPC worker thread and starve Generate."""
+        limit = {"edit": self.config.max_queued_edits, "score": self.config.max_concurrent_scores}[pool]
+        with self._inflight_lock:
+            if self._pools.get(pool, 0) >= limit:
+                setting = "max_queued_edits" if pool == "edit" else "max_concurrent_scores"
+                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"{limit} {pool} calls already running or waiting ({setting}={limit}); retry later")
+            self._pools[pool] = self._pools.get(pool, 0) + 1
+        try:
+            yield
+        finally:
+            with self._inflight_lock:
+                self._pools[pool] -= 1

@@ -4,6 +4,8 @@ naming the problem with the weights unchanged."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from editserve.client import Fact, InvalidArgument
@@ -81,3 +83,25 @@ def test_cli_writes_a_facts_file_as_one_edit(server, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("dry run") and done.stdout.count("rewrite") == 2, done.stdout
+
+
+def test_edits_past_the_queue_bound_are_refused(tiny_servers):
+    """With one place for Edit/Trace calls, a second edit while one computes gets
+    RESOURCE_EXHAUSTED at once instead of holding a gRPC worker thread."""
+    import threading
+
+    from editserve.client import ResourceExhausted
+
+    server = tiny_servers("--max-queued-edits", "1")
+    with server.client() as client:
+        slow = threading.Thread(target=lambda: client.edit(FACTS, **{**MEMIT_TINY, "steps": 300, "early_stop_loss": 0.0, "dry_run": True}))
+        slow.start()
+        try:
+            deadline = time.monotonic() + 30
+            while server.metric("editserve_requests_in_flight", rpc="Edit") < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(ResourceExhausted, match="max_queued_edits=1"):
+                client.edit(FACTS[:1], **MEMIT_TINY)
+        finally:
+            slow.join()
+        assert client.list_edits() == []

@@ -21,3 +21,24 @@ def test_internal_errors_carry_an_id_not_the_text(caplog):
 def test_known_errors_keep_their_codes():
     assert _status_of(InvalidRequest("steps must be in [1, 500]")) == (
         grpc.StatusCode.INVALID_ARGUMENT, "steps must be in [1, 500]")
+
+
+def test_heavy_calls_take_bounded_places():
+    import pytest
+
+    from editserve.server.config import ServeConfig
+    from editserve.server.rpc import ServiceError
+    from editserve.server.runtime import Runtime
+
+    runtime = Runtime(ServeConfig(max_queued_edits=2, max_concurrent_scores=1))
+    with runtime.heavy_slot("edit"), runtime.heavy_slot("edit"):
+        with pytest.raises(ServiceError) as caught:
+            with runtime.heavy_slot("edit"):
+                pass
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queued_edits=2" in caught.value.message
+        with runtime.heavy_slot("score"):  # pools are separate
+            pass
+    with runtime.heavy_slot("edit"):  # places come back
+        pass
+    with pytest.raises(ValueError, match="max_queued_edits"):
+        ServeConfig(max_queued_edits=0)
