@@ -94,14 +94,23 @@ def test_edits_past_the_queue_bound_are_refused(tiny_servers):
 
     server = tiny_servers("--max-queued-edits", "1")
     with server.client() as client:
-        slow = threading.Thread(target=lambda: client.edit(FACTS, **{**MEMIT_TINY, "steps": 300, "early_stop_loss": 0.0, "dry_run": True}))
+        errors = []
+
+        def edit_slowly():
+            try:
+                client.edit(FACTS, **{**MEMIT_TINY, "steps": 300, "dry_run": True})  # near-uniform logits: no early stop
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        slow = threading.Thread(target=edit_slowly)
         slow.start()
         try:
             deadline = time.monotonic() + 30
             while server.metric("editserve_requests_in_flight", rpc="Edit") < 1 and time.monotonic() < deadline:
                 time.sleep(0.05)
+            assert server.metric("editserve_requests_in_flight", rpc="Edit") == 1, errors
             with pytest.raises(ResourceExhausted, match="max_queued_edits=1"):
                 client.edit(FACTS[:1], **MEMIT_TINY)
         finally:
             slow.join()
-        assert client.list_edits() == []
+        assert errors == [] and client.list_edits() == []
