@@ -27,12 +27,9 @@ from .hparams import FtHyperParams
 def compute_ft(ctx: EditingContext, facts: list[Fact], hparams: FtHyperParams) -> tuple[WeightDelta, dict]:
     """The FT-L change of ``hparams.layer``'s MLP output weight for ``facts`` (dense)."""
     model, tokenizer, adapter = ctx.model, ctx.tokenizer, ctx.adapter
-    hparams = hparams.for_depth(adapter.num_layers)
+    hparams = hparams.fitted(adapter.num_layers)
     validate_facts(facts)
-    try:
-        module_name = adapter.mlp_out(hparams.layer)
-    except IndexError as error:
-        raise InvalidRequest(str(error)) from None
+    module_name = adapter.mlp_out(hparams.layer)
     started = time.perf_counter()
     device = next(model.parameters()).device
     weight = model.get_parameter(f"{module_name}.weight")

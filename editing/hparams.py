@@ -96,6 +96,18 @@ class HyperParams:
             changes["layers"] = tuple(sorted({self._scale(x, num_layers) for x in self.layers}))
         return dataclasses.replace(self, **changes)
 
+    def fitted(self: H, num_layers: int) -> H:
+        """Scaled to a model ``num_layers`` deep (:meth:`for_depth`), with every layer field
+        checked against it: InvalidRequest naming the option, before any compute."""
+        fitted = self.for_depth(num_layers)
+        for name in ("layer", "layers"):
+            value = getattr(fitted, name, None)
+            for layer in value if isinstance(value, tuple) else (() if value is None else (value,)):
+                if not 0 <= layer < num_layers:
+                    raise InvalidRequest(f"{self.method} option {name}: layer {layer} out of range: the model has "
+                                         f"{num_layers} layers (0..{num_layers - 1})")
+        return fitted
+
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -36,7 +36,7 @@ import torch
 from .artifacts import WeightDelta, preview
 from .context import EditingContext
 from .covariance import resolve_source
-from .errors import InvalidRequest, PreconditionFailed
+from .errors import PreconditionFailed
 from .facts import Fact
 from .hparams import MemitHyperParams
 from .keys import batch_rows, capture_io, locate_subject, pad_id_of
@@ -48,12 +48,7 @@ ROWS_PER_FORWARD = 256  # rows of (fact, context) run together when reading keys
 def _check_request(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams) -> MemitHyperParams:
     """Everything that can be wrong with a request, found before any heavy compute."""
     check_facts(ctx.tokenizer, facts)
-    hparams = hparams.for_depth(ctx.adapter.num_layers)
-    for layer in hparams.layers:
-        try:
-            ctx.adapter.check_layer(layer)
-        except IndexError as exc:
-            raise InvalidRequest(f"memit option layers: {exc}") from None
+    hparams = hparams.fitted(ctx.adapter.num_layers)
     resolve_source(hparams.stats_source)
     return hparams
 

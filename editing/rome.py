@@ -27,7 +27,7 @@ import torch
 from .artifacts import WeightDelta, preview
 from .context import EditingContext
 from .covariance import resolve_source
-from .errors import InvalidRequest, PreconditionFailed
+from .errors import PreconditionFailed
 from .facts import Fact
 from .hparams import RomeHyperParams
 from .keys import compute_keys, locate_subject
@@ -37,11 +37,7 @@ from .values import check_facts, compute_value_delta
 def _check_request(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperParams) -> RomeHyperParams:
     """Everything that can be wrong with a request, found before any heavy compute."""
     check_facts(ctx.tokenizer, facts)
-    hparams = hparams.for_depth(ctx.adapter.num_layers)
-    try:
-        ctx.adapter.check_layer(hparams.layer)
-    except IndexError as exc:
-        raise InvalidRequest(str(exc)) from None
+    hparams = hparams.fitted(ctx.adapter.num_layers)
     resolve_source(hparams.stats_source)
     return hparams
 

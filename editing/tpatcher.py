@@ -36,7 +36,7 @@ import torch
 
 from .artifacts import RuntimeLayer
 from .context import EditingContext
-from .errors import InvalidRequest, PreconditionFailed
+from .errors import PreconditionFailed
 from .facts import Fact
 from .hooks import Trace
 from .hparams import TPatcherHyperParams
@@ -80,12 +80,7 @@ def _logits_at(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
 
 def _check_request(ctx: EditingContext, facts: list[Fact], hparams: TPatcherHyperParams) -> TPatcherHyperParams:
     check_facts(ctx.tokenizer, facts)
-    hparams = hparams.for_depth(ctx.adapter.num_layers)
-    try:
-        ctx.adapter.check_layer(hparams.layer)
-    except IndexError as exc:
-        raise InvalidRequest(f"t_patcher option layer: {exc}") from None
-    return hparams
+    return hparams.fitted(ctx.adapter.num_layers)
 
 
 def _module_inputs(ctx: EditingContext, module: str, rows: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
