@@ -70,8 +70,9 @@ class ServeConfig:
         for name in ("max_queued_edits", "max_concurrent_scores"):
             if not 1 <= getattr(self, name) <= 64:
                 raise ValueError(f"{name} must be in [1, 64], got {getattr(self, name)}")
-        if not self.serac_encoder.strip():
-            raise ValueError("serac_encoder must name an encoder")
+        if self.serac_encoder != "all-MiniLM-L6-v2" and not Path(self.serac_encoder).expanduser().is_dir():
+            raise ValueError(f"serac_encoder must be 'all-MiniLM-L6-v2' or a local sentence-transformers directory, "
+                             f"got {self.serac_encoder!r}")
         for name, path in self.statistics_sources.items():
             if not isinstance(name, str) or not name or name in ("default", "model") or not isinstance(path, str) \
                     or not Path(path).expanduser().exists():

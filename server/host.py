@@ -182,7 +182,10 @@ class ModelHost:
         """
         values, pristine = prepared
         banks = neurons.banks_by_module([layer for _, layer in _runtime_layers(active, neurons.LAYER_TYPE)])
-        memory = self._build_memory(_runtime_layers(active, edit_memory.LAYER_TYPE))
+        memory_layers = _runtime_layers(active, edit_memory.LAYER_TYPE)
+        unchanged = [i for i, _ in memory_layers] == [i for i, _ in _runtime_layers(self._active, edit_memory.LAYER_TYPE)]
+        # a weight edit must not pay for rebuilding (or re-encoding) the SERAC index
+        memory = self._memory if unchanged else self._build_memory(memory_layers)
         with self.lock.write():
             started = time.perf_counter()
             for name, value in values.items():

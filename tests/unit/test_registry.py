@@ -81,6 +81,9 @@ def test_statistics_sources_are_named_never_paths(tmp_path):
             resolve_statistics_source({"stats_source": bad}, sources)
     assert resolve_statistics_source({"stats_source": "/local"}, None) == {"stats_source": "/local"}  # in-process
     assert ServeConfig(statistics_sources=sources).statistics_sources == sources
+    with pytest.raises(ValueError, match="serac_encoder"):
+        ServeConfig(serac_encoder=str(tmp_path / "no-such-encoder"))
+    assert ServeConfig(serac_encoder=str(tmp_path)).serac_encoder == str(tmp_path)
     for bad_map in ({"wiki": str(tmp_path / "missing")}, {"default": str(corpus)}, {"": str(corpus)}):
         with pytest.raises(ValueError, match="statistics_sources"):
             ServeConfig(statistics_sources=bad_map)

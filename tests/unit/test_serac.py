@@ -4,7 +4,9 @@ the host routes in-scope inputs through the counterfactual path, revert removes 
 from __future__ import annotations
 
 import pytest
+import torch
 
+from editserve.editing.artifacts import WeightDelta
 from editserve.editing.context import EditingContext
 from editserve.editing.errors import InvalidRequest
 from editserve.editing.facts import Fact
@@ -67,6 +69,11 @@ def test_host_routes_only_in_scope_inputs_and_forgets_on_revert(host):
     assert "The capital of France is Rome" in prompts[0]
     edited = host.weights_digest()
     assert edited != pristine
+    index = host._memory
+    name = host.adapter.mlp_out_weight_name(1)
+    host.apply("w", WeightDelta(dense={name: torch.zeros(host.model.get_parameter(name).shape)}), revision=2)
+    assert host._memory is index  # a weight edit reuses the index, it does not rebuild it
+    host.revert("w", revision=2)
     host.revert("s1", revision=2)
     assert host.routed_prompts(["The capital of France is"])[1] == [None]
     assert host.weights_digest() == pristine
