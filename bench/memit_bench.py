@@ -6,6 +6,7 @@ the batched value optimisation against one fact at a time, measured in the same 
   ... --facts 10 --sweep 2-6,3-7,4-8        # layer-range sweep (first-last, inclusive)
   ... --facts 30 --method rome               # ROME on the same facts, sequentially composed
   ... --set batch_facts=16 --set steps=20   # hyperparameter overrides
+  timeout 3600 ... --facts 10000 --checkpoint /tmp/ck   # one sitting of a long run; rerun to resume
 
 Statistics and context templates are prepared before the clock starts (they are per model,
 cached on disk; the server prepares them at start-up). The unedited row is the same prompts
@@ -31,25 +32,37 @@ sys.path.insert(0, str(ROOT))
 from bench.rome_quality import DEFAULT_DATA, _value  # noqa: E402
 
 
-def case_scores(model, tokenizer, case) -> dict[str, list[bool]]:
-    """ES / PS / NS outcomes of one case, by length-normalised target probability (as ROME's
-    CounterFact evaluation): NS counts CounterFact neighbourhood prompts that still prefer the
+def case_items(case) -> list[tuple[str, str, str, str]]:
+    """(kind, prompt, answer that should win, answer that should lose) of one case, as ROME's
+    CounterFact evaluation compares them (length-normalised target probability): ES and PS
+    prefer the new object; NS counts CounterFact neighbourhood prompts that still prefer the
     true object, and locality probes with their own answers (close same-relation neighbours,
     e.g. "The capital of Germany is" -> Berlin) that still prefer that answer to the new one."""
-    from editserve.editing.scoring import score
-
     fact = case.fact
     items = [("es", fact.text, fact.target_new, fact.target_true)]
     items += [("ps", p, fact.target_new, fact.target_true) for p in case.paraphrase_prompts]
     items += [("ns", p, fact.target_true, fact.target_new) for p in case.neighborhood_prompts]
     items += [("ns", probe.prompt, probe.answer, fact.target_new) for probe in case.locality]
-    prompts = [p for _k, p, _good, _bad in items for _ in (0, 1)]
-    targets = [t for _k, _p, good, bad in items for t in (good, bad)]
-    scores = score(model, tokenizer, prompts, targets, batch_size=32)
-    out: dict[str, list[bool]] = {"es": [], "ps": [], "ns": []}
-    for i, (kind, *_rest) in enumerate(items):
-        out[kind].append(scores[2 * i].mean_logprob > scores[2 * i + 1].mean_logprob)
-    return out
+    return items
+
+
+def cases_scores(model, tokenizer, cases) -> list[dict[str, list[bool]]]:
+    """ES / PS / NS outcomes of every case (:func:`case_items`), all cases' prompts scored
+    together so that batches are full and of similar length."""
+    from editserve.editing.scoring import score
+
+    per_case = [case_items(c) for c in cases]
+    prompts = [p for items in per_case for _k, p, _good, _bad in items for _ in (0, 1)]
+    targets = [t for items in per_case for _k, _p, good, bad in items for t in (good, bad)]
+    scores = score(model, tokenizer, prompts, targets, batch_size=64)
+    rows, at = [], 0
+    for items in per_case:
+        out: dict[str, list[bool]] = {"es": [], "ps": [], "ns": []}
+        for kind, *_rest in items:
+            out[kind].append(scores[at].mean_logprob > scores[at + 1].mean_logprob)
+            at += 2
+        rows.append(out)
+    return rows
 
 
 def summarize(rows: list[dict[str, list[bool]]]) -> dict[str, float]:
@@ -77,7 +90,7 @@ def quality(model, tokenizer, cases, delta=None, reference=None):
     from editserve.editing.evaluation.probes import load_probes, next_token_logits
 
     with preview(model, delta) if delta is not None else nullcontext():
-        result = summarize([case_scores(model, tokenizer, c) for c in cases])
+        result = summarize(cases_scores(model, tokenizer, cases))
         if reference is not None:
             kl, agree = distribution_drift(reference, next_token_logits(model, tokenizer, load_probes()))
             result.update(drift_kl=round(kl, 4), drift_top1=round(100 * agree, 1))
@@ -109,6 +122,9 @@ def main() -> None:
     parser.add_argument("--value-speed", type=int, default=0, help="facts for the batched-vs-single value timing")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-quality", action="store_true", help="skip ES/PS/NS (timing only)")
+    parser.add_argument("--checkpoint", default="",
+                        help="MEMIT: keep finished target chunks in this directory; a rerun resumes from them "
+                             "(stop a long run with `timeout`, rerun the same command to go on)")
     parser.add_argument("--json", default="", help="append the results as a JSON line to this file")
     parser.add_argument("--spread-only", action="store_true",
                         help="MEMIT: skip the target optimisation and spread synthetic targets (unedited state plus a "
@@ -173,8 +189,19 @@ def main() -> None:
         elif args.method == "ft_l":
             delta, diag = compute_ft(ctx, facts, hp)
             diag = {**diag, "timings": {"total_s": diag["seconds"]}, "facts": []}
+        elif args.method == "memit":
+            from editserve.editing.value_checkpoint import ValueCheckpoint
+
+            checkpoint = ValueCheckpoint(args.checkpoint, args.model) if args.checkpoint else None
+            if checkpoint is not None:
+                held = checkpoint.load()
+                seconds = sum({(v.info["seconds"], v.info["batch_facts"]) for v in held.values()}, (0.0, 0))
+                print(f"checkpoint {args.checkpoint}: {len(held)} facts finished in earlier sittings "
+                      f"({seconds[0]:.0f} s of target optimisation, {seconds[0] / max(len(held), 1):.2f} s per fact)",
+                      flush=True)
+            delta, diag = compute_memit(ctx, facts, hp, checkpoint=checkpoint)
         else:
-            delta, diag = (compute_memit if args.method == "memit" else compute_rome)(ctx, facts, hp)
+            delta, diag = compute_rome(ctx, facts, hp)
         seconds = time.perf_counter() - started
         row = {"model": args.model, "method": args.method, "facts": len(facts), "layers": diag["layers"],
                "seconds": round(seconds, 1), "timings": {k: round(v, 1) for k, v in diag["timings"].items()},
@@ -182,6 +209,11 @@ def main() -> None:
                "hparams_overrides": overrides,
                "target_prob_mean": round(sum(f.get("target_prob", 0) for f in diag["facts"]) / len(facts), 3),
                "steps_mean": round(sum(f.get("steps", 0) for f in diag["facts"]) / len(facts), 1)}
+        chunks = {(f.get("seconds"), f.get("batch_facts")) for f in diag["facts"] if "batch_facts" in f}
+        resumed = sum(1 for f in diag["facts"] if f.get("resumed"))
+        if resumed:  # the edit's own clock saw only part of the target optimisation
+            row["resumed_facts"] = resumed
+            row["values_all_sittings_s"] = round(sum(sec for sec, _n in chunks), 1)
         if "per_layer" in diag:
             row["missing_norm"] = [round(p["missing_norm"], 2) for p in diag["per_layer"]]
         if not args.no_quality:

@@ -40,6 +40,7 @@ from .errors import PreconditionFailed
 from .facts import Fact
 from .hparams import MemitHyperParams
 from .keys import batch_rows, capture_io, locate_subject, pad_id_of
+from .value_checkpoint import ValueCheckpoint
 from .values import check_facts, compute_value_deltas
 
 ROWS_PER_FORWARD = 256  # rows of (fact, context) run together when reading keys
@@ -150,13 +151,14 @@ def _factors_or_dense(ctx: EditingContext, name: str, resid: torch.Tensor, adj: 
     return WeightDelta(factors=factors, dense=dense)
 
 
-def compute_targets(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams, templates: list[str]):
+def compute_targets(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams, templates: list[str],
+                    checkpoint: ValueCheckpoint | None = None):
     """Step 1: per fact, the change of the residual stream after the last layer of the range
     that makes the model say the new object (a :class:`~editserve.editing.values.ValueResult`;
-    z_i = unedited_i + deltas_i)."""
+    z_i = unedited_i + deltas_i). ``checkpoint`` keeps finished chunks (a resumable run)."""
     return compute_value_deltas(ctx.model, ctx.tokenizer, ctx.adapter.layer(max(hparams.layers)),
                                 ctx.adapter.hidden_size, facts, templates, hparams, batch_facts=hparams.batch_facts,
-                                label="MEMIT target optimisation")
+                                label="MEMIT target optimisation", checkpoint=checkpoint)
 
 
 def spread(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams, templates: list[str],
@@ -185,8 +187,12 @@ def spread(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams, te
     return total, per_layer
 
 
-def compute_memit(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams) -> tuple[WeightDelta, dict]:
+def compute_memit(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams, *,
+                  checkpoint: ValueCheckpoint | None = None) -> tuple[WeightDelta, dict]:
     """The MEMIT edit of ``facts`` as a WeightDelta over ``hparams.layers``, plus diagnostics.
+
+    With a ``checkpoint`` the target optimisation resumes from the chunks it holds and
+    saves every chunk it finishes (for runs longer than one sitting: bench/memit_bench.py).
 
     Raises InvalidRequest for a malformed request (before any compute) and PreconditionFailed
     for an unusable statistics source or a diverged optimisation.
@@ -199,7 +205,7 @@ def compute_memit(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperPar
     templates = ctx.context_templates(hparams.context_count, hparams.context_length)
     context_seconds = time.perf_counter() - started - stats_seconds
 
-    values = compute_targets(ctx, facts, hparams, templates)
+    values = compute_targets(ctx, facts, hparams, templates, checkpoint)
     values_seconds = time.perf_counter() - started - stats_seconds - context_seconds
     total, per_layer = spread(ctx, facts, hparams, templates, values.unedited + values.deltas)
 

@@ -43,6 +43,7 @@ from .evaluation.teacher_forcing import continuation_ids
 from .facts import Fact, validate_facts
 from .hooks import Trace
 from .keys import body_of, locate_subject, pad_id_of
+from .value_checkpoint import ValueCheckpoint
 
 
 def target_ids(tokenizer, prompt_text: str, target: str) -> list[int]:
@@ -273,21 +274,37 @@ class ValueResult:
 
 
 def compute_value_deltas(model, tokenizer, module_name: str, hidden_size: int, facts: list[Fact],
-                         templates: list[str], hparams, *, batch_facts: int = 1, label: str = "value optimisation") -> ValueResult:
+                         templates: list[str], hparams, *, batch_facts: int = 1, label: str = "value optimisation",
+                         checkpoint: ValueCheckpoint | None = None) -> ValueResult:
     """Optimise one delta per fact at ``module_name``'s output (see the module docstring).
 
     ``templates`` are context templates ("{}" first); facts are optimised ``batch_facts`` at a
-    time. Raises PreconditionFailed naming the fact when its optimisation diverges.
+    time. With a ``checkpoint``, facts it already holds are taken from it and every finished
+    chunk is written to it, so a stopped run resumes where it stopped. Raises
+    PreconditionFailed naming the fact when its optimisation diverges.
     """
     has_kl = hparams.kl_factor > 0
     specs = [fact_rows(tokenizer, f, templates, hparams.kl_prompt if has_kl else None) for f in facts]
-    # facts of similar suffix length share a chunk: less padding in every step's forward
-    order = sorted(range(len(facts)), key=lambda i: max(len(ids) - s for ids, s in specs[i].rows))
     deltas, unedited, info = [None] * len(facts), [None] * len(facts), [None] * len(facts)
-    for start in range(0, len(facts), batch_facts):
+    keys: list[str] = []
+    if checkpoint is not None:
+        device = next(model.parameters()).device
+        keys = [checkpoint.fact_key(f, module_name, templates, hparams) for f in facts]
+        stored = checkpoint.load()
+        for f, key in enumerate(keys):
+            if key in stored:
+                hit = stored[key]
+                deltas[f], unedited[f] = hit.delta.to(device), hit.unedited.to(device)
+                info[f] = {**hit.info, "resumed": True}
+    todo = [f for f in range(len(facts)) if deltas[f] is None]
+    # facts of similar suffix length share a chunk: less padding in every step's forward
+    order = sorted(todo, key=lambda i: max(len(ids) - s for ids, s in specs[i].rows))
+    for start in range(0, len(order), batch_facts):
         chunk = order[start:start + batch_facts]
         d, u, i = _optimise_chunk(model, tokenizer, module_name, hidden_size, [specs[f] for f in chunk], hparams,
                                   chunk, label)
+        if checkpoint is not None:
+            checkpoint.save([keys[f] for f in chunk], d, u, i)
         for local, f in enumerate(chunk):
             deltas[f], unedited[f], info[f] = d[local], u[local], i[local]
     return ValueResult(torch.stack(deltas), torch.stack(unedited), info)

@@ -65,33 +65,37 @@ def score_continuations(model, tokenizer, prompts: list[str], continuations: lis
     body, head, softcap = _body_and_head(model)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: list[ContinuationScore] = []
-    for start in range(0, len(prompts), batch_size):
-        pairs = [continuation_ids(tokenizer, p, c) for p, c in zip(prompts[start : start + batch_size],
-                                                                     continuations[start : start + batch_size],
-                                                                     strict=True)]
-        for (_p, c), text in zip(pairs, continuations[start : start + batch_size], strict=True):
-            if not c:
-                raise ValueError(f"continuation {text!r} tokenizes to nothing")
-        seqs = [p + c for p, c in pairs]
+    pairs = [continuation_ids(tokenizer, p, c) for p, c in zip(prompts, continuations, strict=True)]
+    for (_p, c), text in zip(pairs, continuations, strict=True):
+        if not c:
+            raise ValueError(f"continuation {text!r} tokenizes to nothing")
+    # batches of similar length pad least (a long evaluation mixes 5- and 40-token prompts);
+    # right padding never changes a row's own logits (causal attention), so order is free
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    out: list[ContinuationScore | None] = [None] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        seqs = [pairs[i][0] + pairs[i][1] for i in batch]
         width = max(len(s) for s in seqs)
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
         rows, cols = [], []
-        for i, (p, c) in enumerate(pairs):
-            rows += [i] * len(c)
+        for row, i in enumerate(batch):
+            p, c = pairs[i]
+            rows += [row] * len(c)
             cols += list(range(len(p) - 1, len(p) + len(c) - 1))
         logits = head(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         logprobs = torch.log_softmax(logits, -1)
-        targets = torch.tensor([t for _p, c in pairs for t in c])
+        targets = torch.tensor([t for i in batch for t in pairs[i][1]])
         picked = logprobs.gather(1, targets[:, None])[:, 0].tolist()
         argmax = logprobs.argmax(-1).tolist()
         offset = 0
-        for _p, c in pairs:
+        for i in batch:
+            c = pairs[i][1]
             n = len(c)
-            out.append(ContinuationScore(list(c), picked[offset : offset + n], argmax[offset : offset + n]))
+            out[i] = ContinuationScore(list(c), picked[offset : offset + n], argmax[offset : offset + n])
             offset += n
-    return out
+    return out  # type: ignore[return-value]  # every index was filled
