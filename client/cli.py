@@ -427,15 +427,20 @@ def _dataset_path(name: str, data_dir: str | None) -> Path:
 @click.option("--batch", type=int, default=1, help="Facts per edit in sequential mode.")
 @click.option("--checkpoints", default="10,100,1000", help="Sequential mode: measure after this many edits.")
 @click.option("--fluency", type=int, default=0, help="Generation prompts per case for fluency (GE); 0 skips.")
+@click.option("--by-generation", is_flag=True,
+              help="Also judge each case by what the model generates (greedy; answer matched after normalisation).")
+@click.option("--generation-tokens", type=click.IntRange(1, 64), default=16, show_default=True,
+              help="Tokens generated per prompt with --by-generation.")
 @click.option("--layer", type=int, default=None)
 @SET_OPTION
 @click.option("--threads", type=int, default=0, help="torch threads in-process (0: default).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Per-case JSON; an existing file resumes.")
 @click.option("--report", is_flag=True, help="Only print the tables of the existing --out file (loads no model).")
 def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model: str, connection: Connection,
-             sequential: bool, batch: int, checkpoints: str, fluency: int, layer: int | None,
-             settings: tuple[str, ...], threads: int, out: Path | None, report: bool) -> None:
-    """Measure edit quality the way the papers do (ES/PS/NS, EasyEdit metrics, fluency, drift)."""
+             sequential: bool, batch: int, checkpoints: str, fluency: int, by_generation: bool, generation_tokens: int,
+             layer: int | None, settings: tuple[str, ...], threads: int, out: Path | None, report: bool) -> None:
+    """Measure edit quality the way the papers do (ES/PS/NS, EasyEdit metrics, fluency, drift),
+    and with --by-generation by what the model actually says (gES/gPS/gNS/gLoc)."""
     import time as _time
 
     from editserve.editing.evaluation.datasets import load_cases
@@ -480,13 +485,15 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
     final_drift = None  # sequential: drift of the model holding every edit (the curve's last point)
     if sequential:
         points = [int(x) for x in checkpoints.split(",") if x.strip()]
-        result = run_sequential(target, cases, batch=batch, checkpoints=points, out=out, progress=progress.update)
+        result = run_sequential(target, cases, batch=batch, checkpoints=points, out=out, progress=progress.update,
+                                generation_tokens=generation_tokens if by_generation else 0)
         records = result["records"]
         click.echo(curve_table(result) + "\n")
         if result["curve"]:
             final_drift = {k: result["curve"][-1][k] for k in ("kl", "top1_agreement")}
     else:
-        records = run_non_sequential(target, cases, out=out, fluency_prompts=fluency, progress=progress.update)
+        records = run_non_sequential(target, cases, out=out, fluency_prompts=fluency, progress=progress.update,
+                                     generation_tokens=generation_tokens if by_generation else 0)
     where = f"server {server}" if server else f"in-process {model}"
     mode = f"sequential, batch {batch}" if sequential else "non-sequential"
     title = f"{method} on {path.name}, {where}, {mode}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -64,6 +65,37 @@ def unchanged_share(before: Sequence[int], after: Sequence[int]) -> float:
 
 
 _WORD = re.compile(r"\w+|[^\w\s]")
+_NOT_WORD = re.compile(r"[^\w]+")
+_ARTICLES = ("a", "an", "the")
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, punctuation as spaces, one space between words, no leading article: the
+    normalisation answer-matching evaluations (SQuAD's, and generation-based editing
+    evaluations after it) apply before comparing strings."""
+    words = _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", text).lower()).split()
+    while words and words[0] in _ARTICLES:
+        words = words[1:]
+    return " ".join(words)
+
+
+def generated_answer(text: str) -> str:
+    """What a free generation answers: its first line, normalised. The model is asked
+    nothing; it continues "The capital of France is", so its answer is what comes first."""
+    return normalise_answer(text.strip().split("\n", 1)[0])
+
+
+def says(generated: str, answer: str) -> bool:
+    """Whether ``generated`` (a continuation) opens with ``answer``, word for word after
+    normalisation: " Paris, the capital..." says "Paris"; " a city in France" does not."""
+    said, wanted = generated_answer(generated), normalise_answer(answer)
+    return bool(wanted) and (said == wanted or said.startswith(wanted + " "))
+
+
+def first_clause(text: str) -> str:
+    """The normalised first clause of a continuation (up to , . ; : ! ? or a line end): what
+    two generations are compared by when neither has a reference answer (zsRE locality)."""
+    return normalise_answer(re.split(r"[\n.,;:!?]", text.strip(), maxsplit=1)[0])
 
 
 def ngram_entropy(texts: Sequence[str], ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:

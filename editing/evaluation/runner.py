@@ -18,7 +18,15 @@ from typing import Protocol
 
 from ..facts import Fact
 from .datasets import EvalCase
-from .metrics import distribution_drift, harmonic_mean, ngram_entropy, rome_case_metrics, summarize
+from .metrics import (
+    distribution_drift,
+    first_clause,
+    harmonic_mean,
+    ngram_entropy,
+    rome_case_metrics,
+    says,
+    summarize,
+)
 
 
 class Scored(Protocol):
@@ -50,11 +58,41 @@ class EditTarget(Protocol):
 
 ROME_KEYS = ("es", "ps", "ns", "em", "pm", "nm")
 EASYEDIT_KEYS = ("reliability", "generalization", "locality", "portability")
+GENERATION_KEYS = ("gen_es", "gen_ps", "gen_ns", "gen_loc")
+SUMMARY_KEYS = ROME_KEYS + EASYEDIT_KEYS + GENERATION_KEYS + ("fluency",)
+
+
+def _by_generation(target: EditTarget, case: EvalCase, tokens: int, clauses_before: list[str] | None) -> dict:
+    """What the model says, not what it would score: greedy continuations of the rewrite,
+    paraphrase, neighbourhood and locality prompts (one batch), matched after normalisation
+    (:func:`~.metrics.says`). gen_es / gen_ps: the new object is said; gen_ns: a neighbour
+    does not say it; gen_loc: a neighbour's or locality prompt's first clause is what the
+    unedited model generated (``clauses_before``, from the pre-edit measurement)."""
+    fact = case.fact
+    asked = [fact.text, *case.paraphrase_prompts]
+    around = [*case.neighborhood_prompts, *(p.prompt for p in case.locality)]
+    texts = target.generate(asked + around, tokens)
+    said_new = [float(says(t, fact.target_new)) for t in texts[:len(asked)]]
+    neighbours = texts[len(asked):len(asked) + len(case.neighborhood_prompts)]
+    clauses = [first_clause(t) for t in texts[len(asked):]]
+    record = {
+        "gen_es": said_new[0],
+        "gen_ps": statistics.fmean(said_new[1:]) if len(said_new) > 1 else None,
+        "gen_ns": statistics.fmean(float(not says(t, fact.target_new)) for t in neighbours) if neighbours else None,
+        "gen_clauses": clauses,
+        "gen_loc": None,
+    }
+    if clauses_before is not None and clauses:
+        record["gen_loc"] = statistics.fmean(float(a == b) for a, b in zip(clauses_before, clauses, strict=True))
+    return record
 
 
 def _measure(target: EditTarget, case: EvalCase, *, fluency_prompts: int, fluency_tokens: int,
-             locality_before: list[list[int]] | None) -> dict:
-    """Every metric of one case against the target's current weights."""
+             locality_before: list[list[int]] | None, generation_tokens: int = 0,
+             before: dict | None = None) -> dict:
+    """Every metric of one case against the target's current weights. ``before`` is the
+    case's pre-edit record (None when this is it); ``generation_tokens`` > 0 adds the
+    by-generation metrics (:func:`_by_generation`)."""
     fact = case.fact
     groups = [("rewrite", [fact.text])]
     groups += [("paraphrase", list(case.paraphrase_prompts)), ("neighborhood", list(case.neighborhood_prompts))]
@@ -96,6 +134,9 @@ def _measure(target: EditTarget, case: EvalCase, *, fluency_prompts: int, fluenc
         record["fluency"] = ngram_entropy(texts)
     else:
         record["fluency"] = None
+    if generation_tokens:
+        record.update(_by_generation(target, case, generation_tokens,
+                                     None if before is None else before.get("gen_clauses")))
     return record
 
 
@@ -128,9 +169,10 @@ class Progress:
 
 
 def run_non_sequential(target: EditTarget, cases: Sequence[EvalCase], *, out: Path | None = None,
-                       fluency_prompts: int = 0, fluency_tokens: int = 50,
+                       fluency_prompts: int = 0, fluency_tokens: int = 50, generation_tokens: int = 0,
                        progress: Callable[[int, list[dict]], None] | None = None) -> list[dict]:
-    """Edit, measure and revert each case; resumes from ``out`` if it holds earlier records."""
+    """Edit, measure and revert each case; resumes from ``out`` if it holds earlier records.
+    ``generation_tokens`` > 0 also judges each case by greedy generation of that many tokens."""
     records: list[dict] = []
     if out is not None and out.exists():
         records = json.loads(out.read_text()).get("records", [])
@@ -140,7 +182,7 @@ def run_non_sequential(target: EditTarget, cases: Sequence[EvalCase], *, out: Pa
         if case.case_id in done:
             continue
         pre = _measure(target, case, fluency_prompts=fluency_prompts, fluency_tokens=fluency_tokens,
-                       locality_before=None)
+                       locality_before=None, generation_tokens=generation_tokens)
         # The revert check scores the rewrite alone before the edit and after the revert: the same
         # batch both times, so restored weights give the same number. (Within _measure's batch
         # the same pair differs from a lone forward by up to ~1e-4 relative: padding and matrix
@@ -149,7 +191,7 @@ def run_non_sequential(target: EditTarget, cases: Sequence[EvalCase], *, out: Pa
         before_edit = target.score(rewrite)[0].mean_probability
         edit_id, compute_s, apply_s = target.edit([case.fact])
         post = _measure(target, case, fluency_prompts=fluency_prompts, fluency_tokens=fluency_tokens,
-                        locality_before=pre["locality_argmax"])
+                        locality_before=pre["locality_argmax"], generation_tokens=generation_tokens, before=pre)
         drift = _drift(target, reference)
         revert_s = target.revert(edit_id)
         after_revert = target.score(rewrite)[0].mean_probability
@@ -168,12 +210,13 @@ def run_non_sequential(target: EditTarget, cases: Sequence[EvalCase], *, out: Pa
 
 
 def run_sequential(target: EditTarget, cases: Sequence[EvalCase], *, batch: int = 1,
-                   checkpoints: Sequence[int] = (), out: Path | None = None,
+                   checkpoints: Sequence[int] = (), out: Path | None = None, generation_tokens: int = 0,
                    progress: Callable[[int, list[dict]], None] | None = None) -> dict:
     """Accumulate edits (``batch`` facts per edit); measure every edited case at each
     checkpoint and after the last edit, to draw the degradation curve."""
     reference = target.probe_logits()
-    pre = {c.case_id: _measure(target, c, fluency_prompts=0, fluency_tokens=0, locality_before=None) for c in cases}
+    pre = {c.case_id: _measure(target, c, fluency_prompts=0, fluency_tokens=0, locality_before=None,
+                               generation_tokens=generation_tokens) for c in cases}
     edits, timings, curve = [], [], []
     applied = 0
     wanted = sorted({c for c in checkpoints if c < len(cases)} | {len(cases)})
@@ -188,7 +231,9 @@ def run_sequential(target: EditTarget, cases: Sequence[EvalCase], *, batch: int 
             edited = cases[:applied]
             post = [{"case_id": c.case_id, "pre": pre[c.case_id],
                      "post": _measure(target, c, fluency_prompts=0, fluency_tokens=0,
-                                      locality_before=pre[c.case_id]["locality_argmax"])} for c in edited]
+                                      locality_before=pre[c.case_id]["locality_argmax"],
+                                      generation_tokens=generation_tokens, before=pre[c.case_id])}
+                    for c in edited]
             point = {"edits": applied, **_summary_of(post), **_drift(target, reference)}
             curve.append(point)
             if progress:
@@ -209,7 +254,7 @@ def _write(out: Path, records: list[dict], extra: dict | None = None) -> None:
 
 
 def _summary_of(records: Sequence[dict]) -> dict:
-    post = summarize([r["post"] for r in records], ROME_KEYS + EASYEDIT_KEYS + ("fluency",))
+    post = summarize([r["post"] for r in records], SUMMARY_KEYS)
     post["score"] = harmonic_mean([post["es"], post["ps"], post["ns"]])
     return post
 
@@ -227,7 +272,7 @@ def summary_table(records: Sequence[dict], *, title: str, drift: dict | None = N
 
     ``drift`` (kl, top1_agreement) replaces the per-case means: a sequential run measures drift
     once for the model holding all its edits (the curve's last point), not per case."""
-    pre = summarize([r["pre"] for r in records], ROME_KEYS + EASYEDIT_KEYS + ("fluency",))
+    pre = summarize([r["pre"] for r in records], SUMMARY_KEYS)
     pre["score"] = harmonic_mean([pre["es"], pre["ps"], pre["ns"]])
     post = _summary_of(records)
 
@@ -237,20 +282,26 @@ def summary_table(records: Sequence[dict], *, title: str, drift: dict | None = N
     def num(v: float | None, fmt: str = "{:.3f}") -> str:
         return "-" if v is None else fmt.format(v)
 
+    generated = post.get("gen_es") is not None  # by-generation columns only where measured
+    gen_head = " gES | gPS | gNS | gLoc |" if generated else ""
     lines = [
         f"**{title}** ({len(records)} cases)",
         "",
-        "| model | Score | ES | PS | NS | EM | PM | NM | Rel | Gen | Loc | Port | GE | KL | top-1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | Score | ES | PS | NS | EM | PM | NM | Rel | Gen | Loc | Port | GE | KL | top-1 |" + gen_head,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * gen_head.count("|"),
     ]
     kl = drift if drift is not None else summarize(records, ("kl", "top1_agreement"))
     for name, row, drift in (("unedited", pre, {"kl": None, "top1_agreement": None}), ("edited", post, kl)):
+        gen = ""
+        if generated:
+            gen = (f" {pct(row['gen_es'])} | {pct(row['gen_ps'])} | {pct(row['gen_ns'])} | "
+                   f"{pct(row['gen_loc']) if name == 'edited' else '-'} |")
         lines.append(
             f"| {name} | {pct(row['score'])} | {pct(row['es'])} | {pct(row['ps'])} | {pct(row['ns'])} | "
             f"{pct(row['em'])} | {pct(row['pm'])} | {pct(row['nm'])} | {pct(row['reliability'])} | "
             f"{pct(row['generalization'])} | {pct(row['locality']) if name == 'edited' else '-'} | "
             f"{pct(row['portability'])} | {num(row['fluency'], '{:.2f}')} | {num(drift['kl'], '{:.4f}')} | "
-            f"{pct(drift['top1_agreement'])} |"
+            f"{pct(drift['top1_agreement'])} |" + gen
         )
     timings = [r for r in records if "compute_seconds" in r]
     if timings:
@@ -281,12 +332,16 @@ def curve_table(result: dict) -> str:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f}"
 
-    lines = ["| edits | ES | PS | NS | Score | Rel | Gen | Loc | KL | top-1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    generated = any(p.get("gen_es") is not None for p in result["curve"])
+    lines = ["| edits | ES | PS | NS | Score | Rel | Gen | Loc | KL | top-1 |" + (" gES | gPS | gNS | gLoc |" if generated else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" * 4 if generated else "")]
     for p in result["curve"]:
         kl = "-" if p["kl"] is None else f"{p['kl']:.4f}"
+        gen = (f" {pct(p['gen_es'])} | {pct(p['gen_ps'])} | {pct(p['gen_ns'])} | {pct(p['gen_loc'])} |"
+               if generated else "")
         lines.append(f"| {p['edits']} | {pct(p['es'])} | {pct(p['ps'])} | {pct(p['ns'])} | {pct(p['score'])} | "
                      f"{pct(p['reliability'])} | {pct(p['generalization'])} | {pct(p['locality'])} | {kl} | "
-                     f"{pct(p['top1_agreement'])} |")
+                     f"{pct(p['top1_agreement'])} |" + gen)
     timings = result["timings"]
     if timings:
         lines += ["", *cost_table([t["compute_seconds"] for t in timings], [t["apply_seconds"] for t in timings],

@@ -94,3 +94,20 @@ def test_true_answer_equal_to_the_target_is_dropped(tmp_path):
     case = load_cases(tmp_path / "zsre.json")[0][0]
     assert case.fact.target_new == "male" and case.fact.target_true == ""
     case.fact.validate()  # an editable fact, not "nothing to edit"
+
+
+def test_answers_are_matched_after_normalisation():
+    from editserve.editing.evaluation.metrics import first_clause, normalise_answer, says
+
+    assert normalise_answer("  The  Eiffel-Tower! ") == "eiffel tower"
+    assert normalise_answer("Ｐaris") == "paris"  # NFKC folds full-width letters
+    assert says(" Paris, the capital of France.", "Paris")
+    assert says(" the Paris Saint-Germain club", "Paris")
+    assert says(" St. Louis is a city", "St. Louis")
+    assert not says(" a city in France", "Paris")
+    assert not says(" Parisian food", "Paris")  # a whole-word match, not a prefix of a word
+    assert not says(" Rome\nParis", "Paris")  # only the first line answers
+    assert says("\n Paris", "Paris")  # leading blank space is not an answer
+    assert not says(" anything", "   ")
+    assert first_clause(" French, and later English.") == "french"
+    assert first_clause("\nFrench") == "french"

@@ -124,3 +124,57 @@ def test_revert_check_catches_a_revert_that_left_the_edit_in(target, cases):
     assert record["p_new_after_revert"] > record["p_new_before_edit"]
     for edit_id in broken.kept:
         target.revert(edit_id)
+
+
+class _Scripted:
+    """An EditTarget whose generations are written out per prompt and state (edited or not):
+    the runner's by-generation bookkeeping is checked against answers known in advance."""
+
+    def __init__(self, inner, before: dict[str, str], after: dict[str, str]) -> None:
+        self.inner, self.before, self.after, self.edited = inner, before, after, False
+
+    def edit(self, facts):
+        self.edited = True
+        return "e1", 0.0, 0.0
+
+    def revert(self, edit_id):
+        self.edited = False
+        return 0.0
+
+    def score(self, pairs):
+        return self.inner.score(pairs)
+
+    def generate(self, prompts, max_new_tokens):
+        table = self.after if self.edited else self.before
+        return [table[p] for p in prompts]
+
+    def probe_logits(self):
+        return None
+
+
+def test_by_generation_columns_count_what_is_said(target, cases):
+    case = cases[0]  # Danielle Darrieux: French -> English; one paraphrase, one neighbour
+    before = {case.fact.text: " French, of course", "Danielle Darrieux speaks": " French and Italian",
+              "The capital of Italy is": " Rome."}
+    after = {case.fact.text: " English.", "Danielle Darrieux speaks": " French",
+             "The capital of Italy is": " English, they say"}
+    records = run_non_sequential(_Scripted(target, before, after), [case], generation_tokens=4)
+    pre, post = records[0]["pre"], records[0]["post"]
+    assert (pre["gen_es"], pre["gen_ps"], pre["gen_ns"], pre["gen_loc"]) == (0.0, 0.0, 1.0, None)
+    assert (post["gen_es"], post["gen_ps"], post["gen_ns"], post["gen_loc"]) == (1.0, 0.0, 0.0, 0.0)
+    table = summary_table(records, title="scripted")
+    assert "| gES | gPS | gNS | gLoc |" in table
+    assert next(line for line in table.splitlines() if line.startswith("| edited |")).endswith(
+        "| 100.0 | 0.0 | 0.0 | 0.0 |")
+
+
+def test_by_generation_on_a_real_tiny_model(target, cases):
+    digest = target.host.weights_digest()
+    records = run_non_sequential(target, cases[:1], generation_tokens=6)
+    post = records[0]["post"]
+    assert post["gen_es"] in (0.0, 1.0) and post["gen_ns"] in (0.0, 1.0) and post["gen_loc"] in (0.0, 1.0)
+    assert len(post["gen_clauses"]) == len(cases[0].neighborhood_prompts)
+    result = run_sequential(target, cases[:2], checkpoints=[1], generation_tokens=6)
+    assert all(p["gen_es"] is not None and p["gen_loc"] is not None for p in result["curve"])
+    assert "gES" in curve_table(result)
+    assert target.host.weights_digest() == digest
