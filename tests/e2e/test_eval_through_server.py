@@ -29,7 +29,8 @@ def test_eval_cli_against_a_running_server(tiny_model_dir, tmp_path):
         out = tmp_path / "results.json"
         done = subprocess.run(
             [sys.executable, "-m", "editserve.client.cli", "eval", "--server", server.target, "--method", "ft_l",
-             "--dataset", str(data), "--n", "2", "--layer", "1", "--set", "steps=8", "--out", str(out)],
+             "--dataset", str(data), "--n", "2", "--layer", "1", "--set", "steps=8", "--out", str(out),
+             "--by-generation", "--generation-tokens", "6"],
             capture_output=True, text=True, timeout=300,
         )
         assert done.returncode == 0, done.stderr
@@ -45,6 +46,10 @@ def test_eval_cli_against_a_running_server(tiny_model_dir, tmp_path):
         assert f"ft_l on zsre.json, server {server.target}, non-sequential, from results.json" in shown.stdout
         assert len(records) == 2 and all(r["post"]["locality"] is not None for r in records)
         assert records[0]["post"]["portability"] is not None
+        # by generation through the server: zsRE has no neighbourhood prompts, so no gNS
+        assert "| gES | gPS | gNS | gLoc |" in done.stdout
+        assert all(r["post"]["gen_es"] in (0.0, 1.0) and r["post"]["gen_ns"] is None
+                   and r["post"]["gen_loc"] is not None for r in records)
         with server.client() as client:
             assert client.list_edits() == []  # every edit was reverted
             assert len(client.list_edits(include_reverted=True)) == 2
