@@ -44,10 +44,16 @@ class ArtifactError(ValueError):
 
 @dataclass
 class WeightDelta:
-    """{parameter name -> change}. ``factors[name] = (u, v)`` means ``delta = u @ v.T``."""
+    """{parameter name -> change}. ``factors[name] = (u, v)`` means ``delta = u @ v.T``.
+
+    ``keys[name]`` [d_in, n], where a method records them, are the inputs the change was
+    written for (ROME's k*, MEMIT's K per layer): later edits that preserve earlier ones
+    (``preserve``) keep these keys' outputs as they are. They never enter the change itself.
+    """
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def parameter_names(self) -> list[str]:
@@ -81,6 +87,8 @@ class WeightDelta:
             out[f"factor_v::{name}"] = v.detach().float().contiguous()
         for name, d in self.dense.items():
             out[f"dense::{name}"] = d.detach().float().contiguous()
+        for name, k in self.keys.items():
+            out[f"keys::{name}"] = k.detach().float().contiguous()
         return out
 
     @classmethod
@@ -92,6 +100,8 @@ class WeightDelta:
                 delta.factors[name] = (value, tensors[f"factor_v::{name}"])
             elif kind == "dense":
                 delta.dense[name] = value
+            elif kind == "keys":
+                delta.keys[name] = value
             elif kind != "factor_v":
                 raise ValueError(f"unknown artifact entry {key!r}")
         return delta
@@ -157,6 +167,19 @@ class RuntimeLayer:
 
 
 Artifact = WeightDelta | RuntimeLayer
+
+
+def compact_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Keys [d, n] as a matrix with the same Gram K K^T and at most d columns.
+
+    Preservation only ever reads K K^T, so once there are more keys than dimensions (a
+    10,000-fact MEMIT edit: 10,000 x 1536 floats per layer) a square root of the Gram is
+    all that needs keeping: V sqrt(Lambda) from its eigendecomposition, [d, d]."""
+    if keys.shape[1] <= keys.shape[0]:
+        return keys.float()
+    k = keys.double()
+    values, vectors = torch.linalg.eigh(k @ k.T)
+    return (vectors * values.clamp_min(0).sqrt()).float()
 
 
 def save_artifact(artifact: Artifact, path: Path, metadata: dict[str, str] | None = None) -> None:

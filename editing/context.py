@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -37,6 +38,10 @@ class EditingContext:
         self._memo: dict[tuple, object] = {}
         # builds SERAC's sentence encoder on first use (a server passes its host's, to share one)
         self.encoder_factory = None
+        # keys [d_in, m] that the served model's active edits wrote into a parameter, by
+        # parameter name (None: none); a server passes its host's, for ``preserve``
+        self.preserved_keys: Callable[[str], torch.Tensor | None] = lambda _name: None
+        self._projectors: dict[tuple[int, str, int, float], torch.Tensor] = {}
 
     def memo(self, key: tuple, build):
         """``build()``'s value, computed once per key for this context (e.g. a method's fixed
@@ -129,3 +134,33 @@ class EditingContext:
             factor = self._factors[key]
         b = rhs.double().reshape(-1, 1).cpu()
         return torch.cholesky_solve(b, factor).reshape(rhs.shape).float()
+
+    def null_space(self, layer: int, source: str, tokens: int, threshold: float) -> torch.Tensor:
+        """P = U0 U0^T (float64), the projector onto the eigen-directions of C whose eigenvalue
+        is below ``threshold`` times the largest: directions the layer's usual keys hardly
+        use, so an update confined to them barely changes what the layer does elsewhere
+        (AlphaEdit, Fang et al. 2025). Cached per layer and threshold."""
+        key = (layer, source, tokens, threshold)
+        moment = self.second_moment(layer, source, tokens)
+        with self._lock:
+            if key not in self._projectors:
+                values, vectors = torch.linalg.eigh(moment.double())
+                kept = vectors[:, values < threshold * values.max()]
+                self._projectors[key] = kept @ kept.T
+            return self._projectors[key]
+
+    def solve_preserving(self, layer: int, source: str, tokens: int, keys: torch.Tensor,
+                         earlier: torch.Tensor | None, threshold: float, ridge: float) -> torch.Tensor:
+        """V = M^-1 P K (float64 [d_mlp, n]) with M = P (K K^T + Ke Ke^T) P + alpha I, so that
+        Delta = R V^T is the least-squares update that maps the keys K [d_mlp, n] to the
+        residuals R, leaves the earlier edits' keys Ke [d_mlp, m] where they map, and lies in
+        the null space P (M commutes with P, so Delta P = Delta). alpha = ridge * trace(C)."""
+        p = self.null_space(layer, source, tokens, threshold)
+        k = keys.double().cpu()
+        gram = k @ k.T
+        if earlier is not None and earlier.numel():
+            e = earlier.double().cpu()
+            gram = gram + e @ e.T
+        alpha = ridge * float(self.second_moment(layer, source, tokens).double().trace())
+        system = p @ gram @ p + alpha * torch.eye(p.shape[0], dtype=p.dtype)
+        return torch.linalg.solve(system, p @ k)

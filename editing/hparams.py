@@ -164,6 +164,13 @@ class ValueHyperParams(HyperParams):
     stats_source: text for the key covariance C = E[k k^T]: "default" (shipped with the
         package), "model" (text the model samples) or a server-side .txt file or directory.
     stats_tokens: how many tokens of that text to average over.
+    preserve: write the update only into the directions the layer's usual keys hardly use
+        (the null space of C, as AlphaEdit does) and keep the keys of earlier active edits
+        unchanged, so accumulated edits do not overwrite each other (docs/LIFELONG.md).
+    null_space_threshold: with ``preserve``, eigen-directions of C whose eigenvalue is below
+        this fraction of the largest count as the null space.
+    preserve_ridge: with ``preserve``, the ridge of the solve, as a fraction of E||k||^2
+        (trace C): larger shrinks the update, smaller writes the facts more exactly.
     """
 
     steps: int = bounded(25, 0, 1000)
@@ -177,6 +184,9 @@ class ValueHyperParams(HyperParams):
     kl_prompt: str = "{} is a"
     stats_source: str = "default"
     stats_tokens: int = bounded(100_000, 1, 10_000_000)
+    preserve: bool = False
+    null_space_threshold: float = bounded(1e-2, 0.0, 1.0)
+    preserve_ridge: float = bounded(1e-3, 1e-9, 1e3)
 
     aliases: ClassVar[dict[str, str]] = {"learning_rate": "lr", "stats_token_count": "stats_tokens"}
 

@@ -33,7 +33,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .artifacts import WeightDelta, preview
+from .artifacts import WeightDelta, compact_keys, preview
 from .context import EditingContext
 from .covariance import resolve_source
 from .errors import PreconditionFailed
@@ -136,9 +136,10 @@ def _project_onto_norm_outputs(scale: torch.Tensor, mlp_out: torch.Tensor, targe
     return u * rms(mlp_out) - mlp_out
 
 
-def _factors_or_dense(ctx: EditingContext, name: str, resid: torch.Tensor, adj: torch.Tensor, total: WeightDelta
-                      ) -> WeightDelta:
-    """Add R adj^T ([out, in]) for parameter ``name`` to ``total``, low-rank while it is smaller."""
+def _factors_or_dense(ctx: EditingContext, name: str, resid: torch.Tensor, adj: torch.Tensor, total: WeightDelta,
+                      keys: torch.Tensor) -> WeightDelta:
+    """Add R adj^T ([out, in]) for parameter ``name``, written for ``keys`` [d_in, n], to
+    ``total``, low-rank while it is smaller."""
     u, v = resid.float(), adj.float()  # [d, n], [d_mlp, n]
     if ctx.adapter.mlp_out_is_conv1d:
         u, v = v, u
@@ -148,7 +149,7 @@ def _factors_or_dense(ctx: EditingContext, name: str, resid: torch.Tensor, adj: 
         factors[name] = (u.contiguous(), v.contiguous())
     else:
         dense[name] = (u @ v.T).contiguous()
-    return WeightDelta(factors=factors, dense=dense)
+    return WeightDelta(factors=factors, dense=dense, keys={**total.keys, name: compact_keys(keys.cpu()).contiguous()})
 
 
 def compute_targets(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams, templates: list[str],
@@ -177,11 +178,16 @@ def spread(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams, te
         resid = missing / (len(layers) - i)  # [n, d]
         if mlp_out is not None:
             resid = _through_post_norm(ctx, layer, mlp_out, resid)
-        adj = ctx.solve_regularised(layer, hparams.stats_source, hparams.stats_tokens,
-                                    hparams.mom2_update_weight, keys.T)  # [d_mlp, n]
+        name = ctx.adapter.mlp_out_weight_name(layer)
+        if hparams.preserve:  # AlphaEdit: in C's null space, earlier active edits' keys kept
+            adj = ctx.solve_preserving(layer, hparams.stats_source, hparams.stats_tokens, keys.T,
+                                       ctx.preserved_keys(name), hparams.null_space_threshold, hparams.preserve_ridge)
+        else:
+            adj = ctx.solve_regularised(layer, hparams.stats_source, hparams.stats_tokens,
+                                        hparams.mom2_update_weight, keys.T)  # [d_mlp, n]
         if not (torch.isfinite(resid).all() and torch.isfinite(adj).all()):
             raise PreconditionFailed(f"MEMIT produced a non-finite update at layer {layer}")
-        total = _factors_or_dense(ctx, ctx.adapter.mlp_out_weight_name(layer), resid.T, adj, total)
+        total = _factors_or_dense(ctx, name, resid.T, adj, total, keys.T)
         per_layer.append({"layer": layer, "missing_norm": float(missing.norm(dim=-1).mean()),
                           "seconds": time.perf_counter() - layer_started})
     return total, per_layer

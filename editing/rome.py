@@ -43,13 +43,20 @@ def _check_request(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperPar
 
 
 def rank_one_factors(ctx: EditingContext, layer: int, key: torch.Tensor, change: torch.Tensor,
-                     hparams: RomeHyperParams, anchor_key: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     hparams: RomeHyperParams, anchor_key: torch.Tensor | None = None,
+                     earlier: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(u, v) with u @ v.T the update, in the weight's layout: Lambda (C^-1 k*)^T for nn.Linear
     ([out, in]), its transpose for GPT-2's Conv1D ([in, out]).
 
-    ``anchor_key`` (default k*) is the key whose output changes by exactly ``change``."""
-    left = ctx.solve_second_moment(layer, hparams.stats_source, hparams.stats_tokens, key.cpu())
+    ``anchor_key`` (default k*) is the key whose output changes by exactly ``change``. With
+    ``hparams.preserve`` the direction C^-1 k* becomes the preserving solve's
+    (:meth:`EditingContext.solve_preserving`): confined to C's null space and orthogonal, in
+    effect, to the ``earlier`` edits' keys [d_mlp, m], which keep their outputs."""
+    if hparams.preserve:
+        left = ctx.solve_preserving(layer, hparams.stats_source, hparams.stats_tokens, key.cpu()[:, None], earlier,
+                                    hparams.null_space_threshold, hparams.preserve_ridge)[:, 0].float()
+    else:
+        left = ctx.solve_second_moment(layer, hparams.stats_source, hparams.stats_tokens, key.cpu())
     anchor = (anchor_key if anchor_key is not None else key).cpu()
     denominator = float(left @ anchor)
     if not abs(denominator) > 1e-12:
@@ -59,11 +66,21 @@ def rank_one_factors(ctx: EditingContext, layer: int, key: torch.Tensor, change:
     return (out_in[1], out_in[0]) if ctx.adapter.mlp_out_is_conv1d else out_in
 
 
-def _add_factors(total: WeightDelta, name: str, u: torch.Tensor, v: torch.Tensor) -> WeightDelta:
+def _add_factors(total: WeightDelta, name: str, u: torch.Tensor, v: torch.Tensor, key: torch.Tensor) -> WeightDelta:
+    """``total`` plus the rank-one update u v^T of parameter ``name``, written for ``key``."""
+    keys = key.float().cpu()[:, None]
     if name in total.factors:
         pu, pv = total.factors[name]
         u, v = torch.cat([pu, u], 1), torch.cat([pv, v], 1)
-    return WeightDelta(factors={**total.factors, name: (u, v)}, dense=dict(total.dense))
+        keys = torch.cat([total.keys[name], keys], 1)
+    return WeightDelta(factors={**total.factors, name: (u, v)}, dense=dict(total.dense),
+                       keys={**total.keys, name: keys})
+
+
+def _joined(*blocks: torch.Tensor | None) -> torch.Tensor | None:
+    """Key blocks [d, m_i] side by side (None where there are none)."""
+    present = [b.float().cpu() for b in blocks if b is not None and b.numel()]
+    return torch.cat(present, 1) if present else None
 
 
 def compute_rome(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperParams) -> tuple[WeightDelta, dict]:
@@ -86,6 +103,8 @@ def compute_rome(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperParam
 
     total = WeightDelta()
     per_fact = []
+    # with preserve: the keys of the served model's active edits of this weight stay where they map
+    earlier = ctx.preserved_keys(weight_name) if hparams.preserve else None
     for fact in facts:
         fact_started = time.perf_counter()
         with preview(ctx.model, total) if total.parameter_names else nullcontext():
@@ -95,10 +114,11 @@ def compute_rome(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperParam
                                                hparams)
         key = keys.mean(0)
         anchor = keys[0] if hparams.anchor_plain_key else None  # templates[0] is the bare "{}"
-        u, v = rank_one_factors(ctx, layer, key, change, hparams, anchor)
+        prior = _joined(earlier, total.keys.get(weight_name))  # this edit's earlier facts too
+        u, v = rank_one_factors(ctx, layer, key, change, hparams, anchor, prior)
         if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
             raise PreconditionFailed("ROME produced a non-finite update")
-        total = _add_factors(total, weight_name, u, v)
+        total = _add_factors(total, weight_name, u, v, key)
         per_fact.append({**info, "seconds": time.perf_counter() - fact_started})
 
     diagnostics = {
@@ -106,6 +126,7 @@ def compute_rome(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperParam
         "hparams_version": hparams.version,
         "layer": layer,
         "layers": [layer],
+        "preserved_keys": 0 if earlier is None else int(earlier.shape[1]),
         "steps": [f["steps"] for f in per_fact],
         "final_loss": [f["final_nll"] for f in per_fact],
         "facts": per_fact,

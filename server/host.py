@@ -27,7 +27,7 @@ from torch import nn
 from editserve.editing import memory as edit_memory
 from editserve.editing import neurons
 from editserve.editing.adapter import ArchitectureAdapter
-from editserve.editing.artifacts import Artifact, RuntimeLayer, WeightDelta
+from editserve.editing.artifacts import Artifact, RuntimeLayer, WeightDelta, compact_keys
 from editserve.editing.registry import ArtifactKind
 
 from .rwlock import RWLock
@@ -155,6 +155,14 @@ class ModelHost:
     @property
     def active_edit_ids(self) -> list[str]:
         return [a.edit_id for a in self._active]
+
+    def active_keys(self, name: str) -> torch.Tensor | None:
+        """The keys [d_in, m] the active weight deltas wrote into parameter ``name`` (as a
+        compact matrix with the same Gram once they outnumber d_in), or None: what an edit
+        with ``preserve`` keeps in place. Edits are computed under the edit mutex, so the
+        active set cannot change while one reads this."""
+        blocks = [d.keys[name] for d in _weight_deltas(self._active) if name in d.keys]
+        return compact_keys(torch.cat(blocks, 1)) if blocks else None
 
     def _prepare(self, active: list[_Active], names: Iterable[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """New live values for the named tensors given an active set, and the pristine copies

@@ -70,6 +70,7 @@ class _Bound:
 
         context = EditingContext(self.host.model, self.host.tokenizer, self.host.adapter, self.cache_dir / "stats")
         context.encoder_factory = lambda: self.host.encoder  # SERAC computes and routes with one encoder
+        context.preserved_keys = self.host.active_keys  # what `preserve` keeps: the active edits' keys
         return context
 
     def compute_fn(self, spec: MethodSpec) -> ComputeFn:

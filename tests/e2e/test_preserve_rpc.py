@@ -1,0 +1,42 @@
+"""`preserve` over a real socket: a preserving ROME edit leaves an earlier edit's fact where it
+was, because the server hands the active edits' keys (stored in their artifacts) to the
+solve; a plain edit moves it. Also after a restart, when the keys come from the journal."""
+
+from __future__ import annotations
+
+import pytest
+
+from editserve.client import Fact
+from tests.server_process import start_server
+
+pytestmark = pytest.mark.e2e
+
+ROME_TINY = {"method": "rome", "layer": 1, "steps": 40, "clamp_norm_factor": 1e4, "weight_decay": 0.0,
+             "stats_tokens": 2000}
+PRESERVE = {"preserve": True, "null_space_threshold": 0.2, "preserve_ridge": 1e-6}
+FIRST = Fact("The language of {}", "Danielle Darrieux", "founded")
+SECOND = Fact("The capital of {}", "Italy", "founded")
+
+
+def test_a_preserving_edit_keeps_the_earlier_fact(tiny_model_dir, tmp_path):
+    servers = [start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", timeout=120)]
+    try:
+        with servers[0].client() as client:
+            client.edit(FIRST, **ROME_TINY, **PRESERVE)
+            (held,) = client.score([(FIRST.prompt.replace("{}", FIRST.subject), FIRST.target_new)])
+            plain = client.edit(SECOND, **ROME_TINY)
+            (moved,) = client.score([(FIRST.prompt.replace("{}", FIRST.subject), FIRST.target_new)])
+            client.revert(plain.edit_id)
+        servers[0].stop()
+        # restarted: the first edit's keys come back from its journaled artifact
+        servers.append(start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", timeout=120))
+        with servers[1].client() as client:
+            client.edit(SECOND, **ROME_TINY, **PRESERVE)
+            (kept,) = client.score([(FIRST.prompt.replace("{}", FIRST.subject), FIRST.target_new)])
+    finally:
+        for s in servers:
+            s.stop()
+    plain_shift = abs(moved.logprob - held.logprob)
+    preserved_shift = abs(kept.logprob - held.logprob)
+    assert preserved_shift < 1e-3, (held.logprob, kept.logprob)
+    assert plain_shift > 10 * preserved_shift, (held.logprob, moved.logprob, kept.logprob)
