@@ -435,10 +435,13 @@ def _dataset_path(name: str, data_dir: str | None) -> Path:
 @SET_OPTION
 @click.option("--threads", type=int, default=0, help="torch threads in-process (0: default).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Per-case JSON; an existing file resumes.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="In-process: keep the journal here, so a stopped --sequential run resumes on its edits.")
 @click.option("--report", is_flag=True, help="Only print the tables of the existing --out file (loads no model).")
 def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model: str, connection: Connection,
              sequential: bool, batch: int, checkpoints: str, fluency: int, by_generation: bool, generation_tokens: int,
-             layer: int | None, settings: tuple[str, ...], threads: int, out: Path | None, report: bool) -> None:
+             layer: int | None, settings: tuple[str, ...], threads: int, out: Path | None, state_dir: Path | None,
+             report: bool) -> None:
     """Measure edit quality the way the papers do (ES/PS/NS, EasyEdit metrics, fluency, drift),
     and with --by-generation by what the model actually says (gES/gPS/gNS/gLoc)."""
     import time as _time
@@ -446,6 +449,7 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
     from editserve.editing.evaluation.datasets import load_cases
     from editserve.editing.evaluation.runner import (
         Progress,
+        ResumeError,
         curve_table,
         run_non_sequential,
         run_sequential,
@@ -480,13 +484,16 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
             torch.set_num_threads(threads)
         from editserve.server.eval_target import InProcessTarget
 
-        target = InProcessTarget(model, method=method, options=options)
+        target = InProcessTarget(model, method=method, options=options, state_dir=state_dir)
     progress = Progress(len(cases))
     final_drift = None  # sequential: drift of the model holding every edit (the curve's last point)
     if sequential:
         points = [int(x) for x in checkpoints.split(",") if x.strip()]
-        result = run_sequential(target, cases, batch=batch, checkpoints=points, out=out, progress=progress.update,
-                                generation_tokens=generation_tokens if by_generation else 0)
+        try:
+            result = run_sequential(target, cases, batch=batch, checkpoints=points, out=out, progress=progress.update,
+                                    generation_tokens=generation_tokens if by_generation else 0)
+        except ResumeError as error:
+            raise click.ClickException(str(error)) from None
         records = result["records"]
         click.echo(curve_table(result) + "\n")
         if result["curve"]:

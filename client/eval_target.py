@@ -26,6 +26,10 @@ class ServerTarget:
     def revert(self, edit_id: str) -> float:
         return self.client.revert(edit_id).revert_seconds
 
+    def active_edits(self) -> list[str]:
+        """The server's active edits, oldest first (a resumed sequential run checks them)."""
+        return [e.edit_id for e in sorted(self.client.list_edits(), key=lambda e: e.revision)]
+
     def score(self, pairs: Sequence[tuple[str, str]]) -> list[ContinuationScore]:
         out: list[ContinuationScore] = []
         for start in range(0, len(pairs), _SCORE_BATCH):

@@ -24,15 +24,19 @@ from .models import default_cache_dir, load_model
 
 
 class InProcessTarget:
+    """``state_dir``: keep the journal there (default: a temporary directory), so a
+    sequential run's accumulated edits survive the process and a rerun resumes on them."""
+
     def __init__(self, model: str, *, method: str = "rome", options: dict | None = None, dtype: str = "fp32",
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, state_dir: Path | None = None) -> None:
         cache = cache_dir or default_cache_dir()
         loaded, tokenizer, _ = load_model(model, dtype=dtype, cache_dir=cache)
         self.host = ModelHost(loaded, tokenizer, name=model, dtype=dtype, device="cpu")
-        self._tmp = tempfile.TemporaryDirectory(prefix="editserve-eval-")
-        journal = Journal(Path(self._tmp.name), self.host.fingerprint())
+        self._tmp = None if state_dir is not None else tempfile.TemporaryDirectory(prefix="editserve-eval-")
+        journal = Journal(Path(state_dir) if state_dir is not None else Path(self._tmp.name), self.host.fingerprint())
         table = build_methods(self.host, cache)
         self.manager = EditManager(self.host, journal, table.compute, table.score, Metrics())
+        self.manager.replay()
         self.method = method
         self.options = options or {}
         self.probes = load_probes()
@@ -70,5 +74,9 @@ class InProcessTarget:
         with stable_weights(self.manager):
             return next_token_logits(self.host.model, self.host.tokenizer, self.probes)
 
+    def active_edits(self) -> list[str]:
+        return list(self.host.active_edit_ids)
+
     def close(self) -> None:
-        self._tmp.cleanup()
+        if self._tmp is not None:
+            self._tmp.cleanup()

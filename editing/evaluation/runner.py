@@ -55,6 +55,9 @@ class EditTarget(Protocol):
     def probe_logits(self):
         """Next-token logits on the drift probe set, or None where unavailable."""
 
+    def active_edits(self) -> list[str]:
+        """The edits the target holds, oldest first (a resumed sequential run checks them)."""
+
 
 ROME_KEYS = ("es", "ps", "ns", "em", "pm", "nm")
 EASYEDIT_KEYS = ("reliability", "generalization", "locality", "portability")
@@ -209,18 +212,72 @@ def run_non_sequential(target: EditTarget, cases: Sequence[EvalCase], *, out: Pa
     return records
 
 
+class ResumeError(RuntimeError):
+    """A sequential run's output file does not match the target it would resume on."""
+
+
+def _load_sequential(out: Path | None, cases: Sequence[EvalCase], batch: int) -> dict | None:
+    if out is None or not out.exists():
+        return None
+    saved = json.loads(out.read_text())
+    state = saved.get("sequential")
+    if state is None:
+        raise ResumeError(f"{out} is not a sequential run's output; choose another --out")
+    if state["cases"] != [c.case_id for c in cases] or state["batch"] != batch:
+        raise ResumeError(f"{out} was written for other cases or another batch size; choose another --out")
+    return saved
+
+
+def _reference_path(out: Path) -> Path:
+    return out.with_suffix(out.suffix + ".reference.pt")
+
+
 def run_sequential(target: EditTarget, cases: Sequence[EvalCase], *, batch: int = 1,
                    checkpoints: Sequence[int] = (), out: Path | None = None, generation_tokens: int = 0,
-                   progress: Callable[[int, list[dict]], None] | None = None) -> dict:
+                   progress: Callable[[int, list[dict]], None] | None = None, keep_edits: bool = False) -> dict:
     """Accumulate edits (``batch`` facts per edit); measure every edited case at each
-    checkpoint and after the last edit, to draw the degradation curve."""
-    reference = target.probe_logits()
-    pre = {c.case_id: _measure(target, c, fluency_prompts=0, fluency_tokens=0, locality_before=None,
-                               generation_tokens=generation_tokens) for c in cases}
-    edits, timings, curve = [], [], []
-    applied = 0
-    wanted = sorted({c for c in checkpoints if c < len(cases)} | {len(cases)})
-    for start in range(0, len(cases), batch):
+    checkpoint and after the last edit, to draw the degradation curve; then revert them all
+    (unless ``keep_edits``).
+
+    Resumable: with ``out``, the run's state (pre-edit measurements, the edits applied so
+    far, the curve, the unedited model's probe logits beside it) is written after every
+    edit, and a rerun with the same ``out`` goes on from the next case, provided the target
+    still holds exactly those edits (a server, or an in-process target with a state
+    directory); otherwise :class:`ResumeError` says why."""
+    saved = _load_sequential(out, cases, batch)
+    if saved is not None and saved.get("finished"):
+        return {k: saved.get(k, []) for k in ("records", "curve", "timings", "revert_seconds")}
+    if saved is None:
+        reference = target.probe_logits()
+        pre = {c.case_id: _measure(target, c, fluency_prompts=0, fluency_tokens=0, locality_before=None,
+                                   generation_tokens=generation_tokens) for c in cases}
+        edits, timings, curve, post = [], [], [], []
+        if out is not None and reference is not None:
+            import torch
+
+            torch.save(reference, _reference_path(out))
+    else:
+        state = saved["sequential"]
+        pre, edits = state["pre"], state["edits"]
+        timings, curve, post = saved.get("timings", []), saved.get("curve", []), saved.get("records", [])
+        held = target.active_edits()
+        if held != edits:
+            raise ResumeError(f"{out} records {len(edits)} edits but the target holds {len(held)} other or "
+                              "differently ordered ones; resume against the same server or --state-dir")
+        reference = None
+        if _reference_path(out).exists():
+            import torch
+
+            reference = torch.load(_reference_path(out))
+
+    def save(extra: dict | None = None) -> None:
+        if out is not None:
+            state = {"cases": [c.case_id for c in cases], "batch": batch, "pre": pre, "edits": edits}
+            _write(out, post, extra={"curve": curve, "timings": timings, "sequential": state, **(extra or {})})
+
+    applied = len(edits) * batch
+    wanted = [c for c in sorted({c for c in checkpoints if c < len(cases)} | {len(cases)}) if c > applied]
+    for start in range(applied, len(cases), batch):
         chunk = cases[start : start + batch]
         edit_id, compute_s, apply_s = target.edit([c.fact for c in chunk])
         edits.append(edit_id)
@@ -228,22 +285,20 @@ def run_sequential(target: EditTarget, cases: Sequence[EvalCase], *, batch: int 
         applied += len(chunk)
         if wanted and applied >= wanted[0]:
             wanted.pop(0)
-            edited = cases[:applied]
             post = [{"case_id": c.case_id, "pre": pre[c.case_id],
                      "post": _measure(target, c, fluency_prompts=0, fluency_tokens=0,
                                       locality_before=pre[c.case_id]["locality_argmax"],
                                       generation_tokens=generation_tokens, before=pre[c.case_id])}
-                    for c in edited]
-            point = {"edits": applied, **_summary_of(post), **_drift(target, reference)}
-            curve.append(point)
+                    for c in cases[:applied]]
+            curve.append({"edits": applied, **_summary_of(post), **_drift(target, reference)})
             if progress:
                 progress(applied, post)
-            if out is not None:
-                _write(out, post, extra={"curve": curve, "timings": timings})
-    reverted = [target.revert(e) for e in reversed(edits)]
+        save()
+    reverted = [] if keep_edits else [target.revert(e) for e in reversed(edits)]
     result = {"records": post, "curve": curve, "timings": timings, "revert_seconds": reverted}
-    if out is not None:
-        _write(out, post, extra={"curve": curve, "timings": timings, "revert_seconds": reverted})
+    if not keep_edits:
+        edits = []  # nothing left to resume on
+    save({"revert_seconds": reverted, "finished": True})
     return result
 
 

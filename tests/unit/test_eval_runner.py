@@ -178,3 +178,52 @@ def test_by_generation_on_a_real_tiny_model(target, cases):
     assert all(p["gen_es"] is not None and p["gen_loc"] is not None for p in result["curve"])
     assert "gES" in curve_table(result)
     assert target.host.weights_digest() == digest
+
+
+class _StopsAfter:
+    """The real target, stopped (as a killed process would be) before its ``n``-th edit."""
+
+    def __init__(self, inner, n: int) -> None:
+        self.inner, self.left = inner, n
+
+    def edit(self, facts):
+        if self.left == 0:
+            raise KeyboardInterrupt("stopped")
+        self.left -= 1
+        return self.inner.edit(facts)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_stopped_sequential_run_resumes_on_its_edits(tiny_model_dir, cases, tmp_path):
+    from editserve.editing.evaluation.runner import ResumeError
+
+    def fresh(state: str):
+        return InProcessTarget(str(tiny_model_dir), method="ft_l", options=OPTIONS, cache_dir=tmp_path / "cache",
+                               state_dir=tmp_path / state)
+
+    whole_target = fresh("whole")
+    whole = run_sequential(whole_target, cases, checkpoints=[1, 2], out=tmp_path / "whole.json")
+    whole_target.close()
+
+    out = tmp_path / "split.json"
+    first = fresh("split")
+    with pytest.raises(KeyboardInterrupt):
+        run_sequential(_StopsAfter(first, 2), cases, checkpoints=[1, 2], out=out)
+    assert len(first.active_edits()) == 2  # the sitting ended with two edits applied
+    first.close()
+    assert len(json.loads(out.read_text())["sequential"]["edits"]) == 2
+
+    with pytest.raises(ResumeError, match="holds 0"):  # a target without those edits cannot resume
+        run_sequential(fresh("elsewhere"), cases, checkpoints=[1, 2], out=out)
+
+    second = fresh("split")  # a new process: the journal replays the two edits
+    assert len(second.active_edits()) == 2
+    resumed = run_sequential(second, cases, checkpoints=[1, 2], out=out)
+    assert [p["edits"] for p in resumed["curve"]] == [1, 2, 3]
+    for a, b in zip(resumed["curve"], whole["curve"], strict=True):
+        assert a["es"] == b["es"] and a["ns"] == b["ns"]
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-7)
+    assert second.active_edits() == []  # reverted at the end, as an unbroken run does
+    assert run_sequential(second, cases, checkpoints=[1, 2], out=out)["curve"] == resumed["curve"]  # finished
