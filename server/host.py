@@ -186,6 +186,10 @@ class ModelHost:
         unchanged = [i for i, _ in memory_layers] == [i for i, _ in _runtime_layers(self._active, edit_memory.LAYER_TYPE)]
         # a weight edit must not pay for rebuilding (or re-encoding) the SERAC index
         memory = self._memory if unchanged else self._build_memory(memory_layers)
+        # Record the pristine copies first: they are the current storages, so this is right
+        # whatever happens next, and a swap that fails half-way can still be undone from them
+        # (:meth:`restore`).
+        self._pristine.update(pristine)
         with self.lock.write():
             started = time.perf_counter()
             for name, value in values.items():
@@ -195,7 +199,6 @@ class ModelHost:
                     neurons.adder(lambda module=module: self._banks.get(module)))
             self._banks = banks
             self._memory = memory
-            self._pristine.update(pristine)
             self._active = active
             self.revision = revision
             return time.perf_counter() - started
@@ -237,6 +240,21 @@ class ModelHost:
         active = [a for a in self._active if a.edit_id != edit_id]
         prepared = self._prepare(active, target.delta.parameter_names)
         return self._commit(active, prepared, revision)
+
+    def restore(self, names: Iterable[str]) -> float:
+        """Recompute the named tensors (and the runtime layers) from the active set as it is
+        recorded, undoing whatever a failed apply or revert swapped in before it failed;
+        returns the write-lock pause."""
+        prepared = self._prepare(self._active, names)
+        return self._commit(list(self._active), prepared, self.revision)
+
+    def advance(self, revision: int) -> float:
+        """Set the revision without changing what is served (the revert of a quarantined edit,
+        which was never applied); returns the write-lock pause."""
+        with self.lock.write():
+            started = time.perf_counter()
+            self.revision = revision
+            return time.perf_counter() - started
 
     def load_state(self, edits: list[tuple[str, Artifact]], revision: int) -> None:
         """Replay: apply a whole active set at once (start-up), setting the revision."""
