@@ -241,13 +241,6 @@ class ModelHost:
         prepared = self._prepare(active, target.delta.parameter_names)
         return self._commit(active, prepared, revision)
 
-    def restore(self, names: Iterable[str]) -> float:
-        """Recompute the named tensors (and the runtime layers) from the active set as it is
-        recorded, undoing whatever a failed apply or revert swapped in before it failed;
-        returns the write-lock pause."""
-        prepared = self._prepare(self._active, names)
-        return self._commit(list(self._active), prepared, self.revision)
-
     def advance(self, revision: int) -> float:
         """Set the revision without changing what is served (the revert of a quarantined edit,
         which was never applied); returns the write-lock pause."""
@@ -256,10 +249,13 @@ class ModelHost:
             self.revision = revision
             return time.perf_counter() - started
 
-    def load_state(self, edits: list[tuple[str, Artifact]], revision: int) -> None:
-        """Replay: apply a whole active set at once (start-up), setting the revision."""
+    def load_state(self, edits: list[tuple[str, Artifact]], revision: int, also: Iterable[str] = ()) -> None:
+        """Replay: apply a whole active set at once (start-up), setting the revision. ``also``
+        names tensors to recompute although no edit of the set touches them: after a failed
+        apply or revert, the tensors it may have swapped half-way go back to base + deltas
+        (their pristine copies are recorded before any swap)."""
         active = [_Active(i, d) for i, d in edits]
-        names = sorted({n for _, d in edits for n in d.parameter_names})
+        names = sorted({n for _, d in edits for n in d.parameter_names} | set(also))
         prepared = self._prepare(active, names)
         self._commit(active, prepared, revision)
 
