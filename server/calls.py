@@ -17,6 +17,8 @@ import grpc
 
 from .rpc import ServiceError
 
+DEADLINE_SLACK_SECONDS = 0.25
+
 
 @dataclass(frozen=True)
 class CallWatch:
@@ -26,9 +28,9 @@ class CallWatch:
     context: grpc.ServicerContext
     stopping: threading.Event
 
-    def _expired(self) -> bool:
+    def _expired(self, slack: float = 0.0) -> bool:
         remaining = self.context.time_remaining()
-        return remaining is not None and remaining <= 0
+        return remaining is not None and remaining <= slack
 
     def gave_up(self) -> bool:
         """True once the deadline passed, the client cancelled, or the server is stopping.
@@ -38,7 +40,9 @@ class CallWatch:
     def error(self, detail: str) -> ServiceError:
         """The status for a call that stopped because :meth:`gave_up`: DEADLINE_EXCEEDED,
         UNAVAILABLE (the server is shutting down: retry elsewhere) or CANCELLED."""
-        if self._expired():
+        # gRPC ends a call at its deadline by its own clock, which may run a little ahead of
+        # time_remaining(): a call gone just short of its deadline ended by it
+        if self._expired(slack=DEADLINE_SLACK_SECONDS if not self.context.is_active() else 0.0):
             return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"the deadline passed: {detail}; nothing was journaled or applied")
         if self.stopping.is_set():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import grpc
@@ -16,6 +17,8 @@ from .edits import EditOutcome, MethodUnavailable, UnknownEdit, stable_weights
 from .journal import EditRecord
 from .rpc import ServiceError, invalid, rpc_handler
 from .runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 METHOD_NAMES = {pb.EditMethod.Value(spec.proto_enum): name for name, spec in METHODS.items()}
 METHOD_ENUMS = {v: k for k, v in METHOD_NAMES.items()}
@@ -112,6 +115,7 @@ class EditingServicer(pb_grpc.EditingServicer):
         except MethodUnavailable as error:
             raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, str(error.args[0])) from None
         except Cancelled as error:
+            log.info("Edit (%s, %d facts) abandoned, nothing journaled: %s", method, len(facts), error)
             raise watch.error(str(error)) from None
         response = pb.EditResponse(
             edit_id=outcome.edit_id,

@@ -227,7 +227,7 @@ class EditManager:
         waiting_for, queued = self.preparing, time.perf_counter()
         if waiting_for:
             log.warning("edit (%s) waits for %s", method, waiting_for)
-        with self._holding_mutex(should_stop, "edit"):
+        with self._holding_mutex(should_stop, "edit", method):
             self._refuse_if_diverged()
             if idempotency_key:  # authoritative: an attempt that held the mutex before may have committed
                 earlier = self._earlier(idempotency_key, digest)
@@ -324,13 +324,18 @@ class EditManager:
                            record, {}, notes, replayed=True)
 
     @contextmanager
-    def _holding_mutex(self, should_stop: StopCheck | None, what: str) -> Iterator[None]:
+    def _holding_mutex(self, should_stop: StopCheck | None, what: str, method: str = "") -> Iterator[None]:
         """Hold the edit mutex, waiting only while the caller is still there: a caller whose
         deadline passed (or who cancelled) while queued leaves with Cancelled instead of
         computing an edit nobody will read. Polls, since the lock itself cannot be woken."""
         while not self._mutex.acquire(timeout=MUTEX_POLL_SECONDS):
-            check_stop(should_stop, f"the wait for the edit mutex ({what} queued behind "
-                                    f"{self.preparing or 'another edit, revert or trace'})")
+            try:
+                check_stop(should_stop, f"the wait for the edit mutex ({what} queued behind "
+                                        f"{self.preparing or 'another edit, revert or trace'})")
+            except Cancelled:
+                if method:
+                    self.metrics.edits.labels(method, "abandoned").inc()
+                raise
         try:
             yield
         finally:
