@@ -132,14 +132,15 @@ def test_bad_artifacts_are_quarantined_and_the_rest_replays(tiny_servers, tmp_pa
 
 
 def test_sigterm_lets_a_stream_finish_and_refuses_new_calls(tiny_servers):
-    server = tiny_servers(NO_PREP, "--shutdown-grace", "30")
+    # a generous grace: the stream takes about 2 s alone, many times that on a loaded machine
+    server = tiny_servers(NO_PREP, "--shutdown-grace", "60")
     chunks, errors = [], []
     first = threading.Event()
 
     def read() -> None:
         with server.client() as client:
             try:
-                for chunk in client.stream("The capital of France is", max_new_tokens=1000, ignore_eos=True):
+                for chunk in client.stream("The capital of France is", max_new_tokens=600, ignore_eos=True):
                     chunks.append((time.monotonic(), chunk))
                     first.set()
             except Exception as error:  # noqa: BLE001 - reported below
@@ -159,9 +160,10 @@ def test_sigterm_lets_a_stream_finish_and_refuses_new_calls(tiny_servers):
     assert not errors, errors
     assert refused < chunks[-1][0]  # refused while the stream was still running
     last = chunks[-1][1]
-    assert last.finish_reason == "length" and last.generated_tokens == 1000
-    assert server.proc.wait(30) == 0
-    assert time.monotonic() - signalled < 30 + 10
+    assert last.finish_reason == "length" and last.generated_tokens == 600
+    assert server.proc.wait(60) == 0
+    exited = time.monotonic()
+    assert exited - signalled < 60 + 10 and exited - chunks[-1][0] < 15  # no waiting once nothing is in flight
 
 
 def test_sigterm_past_the_grace_period_abandons_an_edit(tiny_servers, tmp_path):
@@ -182,7 +184,7 @@ def test_sigterm_past_the_grace_period_abandons_an_edit(tiny_servers, tmp_path):
     signalled = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(30) == 0
-    assert time.monotonic() - signalled < 1 + 10
+    assert time.monotonic() - signalled < 1 + 15
     editor.join(30)
     assert outcome and outcome[0].code.name in ("UNAVAILABLE", "CANCELLED"), outcome
     db = sqlite3.connect(tmp_path / "state" / "journal.sqlite3")
