@@ -348,7 +348,7 @@ def edits(connection: Connection, include_reverted: bool, as_json: bool) -> None
         click.echo("no edits")
     for e in items:
         facts = "; ".join(f"{f.prompt.replace('{}', f.subject)} -> {f.target_new}" for f in e.facts)
-        click.echo(f"{e.edit_id}  {e.status:11s} {e.method:6s} layers {e.layers}  |delta| {e.delta_norm:.3g}  {facts}")
+        click.echo(f"{e.edit_id}  {e.status:8s} {e.method:6s} layers {e.layers}  |delta| {e.delta_norm:.3g}  {facts}")
         if e.status == "quarantined":
             click.echo(f"    not applied: {e.quarantine_reason}")
 
