@@ -67,9 +67,15 @@ def test_edits_stop_when_the_client_gives_up(tiny_servers):
         # not after the minutes the statistics estimate would take
         done = client.edit(_fact(3), timeout=30, **FAST)
         assert done.revision == 1 and [e.edit_id for e in client.list_edits(include_reverted=True)] == [done.edit_id]
-    _eventually(lambda: server.metric("editserve_edits_total", method="rome", status="abandoned") == 2)
+    # the CLI: a deadline leaves the outcome unknown to it, so it prints the key to retry with
+    result = CliRunner().invoke(cli, ["edit", "--server", server.target, "--prompt", "The mother tongue of {} is",
+                                      "--subject", "Steve Jobs", "--target", "French", "--layer", "1", "--set",
+                                      "stats_source=model", "--set", "stats_tokens=10000000", "--timeout", "1"])
+    assert result.exit_code == 2 and "DEADLINE_EXCEEDED" in result.output, result.output
+    assert "rerun with --idempotency-key " in result.output
+    _eventually(lambda: server.metric("editserve_edits_total", method="rome", status="abandoned") == 3)
     assert server.metric("editserve_edits_total", method="ft_l", status="abandoned") == 1
-    assert server.metric("editserve_requests_total", rpc="Edit", code="DEADLINE_EXCEEDED") == 2
+    assert server.metric("editserve_requests_total", rpc="Edit", code="DEADLINE_EXCEEDED") == 3
     assert server.metric("editserve_requests_total", rpc="Edit", code="CANCELLED") == 1
     assert "stopped during" in server.log()
 
