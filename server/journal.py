@@ -158,7 +158,10 @@ class Journal:
         self.dir = Path(state_dir)
         self.artifacts = self.dir / "artifacts"
         self.artifacts.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        # Held by every write transaction and every read: the connection is shared by threads,
+        # and a read on it during another thread's open transaction would see that thread's
+        # uncommitted rows (e.g. an edit whose commit check is about to roll it back).
+        self._lock = threading.RLock()
         self._db = sqlite3.connect(self.dir / "journal.sqlite3", check_same_thread=False, isolation_level=None)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -387,11 +390,15 @@ class Journal:
         (self.artifacts / name).unlink(missing_ok=True)
 
     # --- reads ---------------------------------------------------------------------------
+    def _read(self, query: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(query, args).fetchall()
+
     def revision(self) -> int:
-        return self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM events").fetchone()[0]
+        return self._read("SELECT COALESCE(MAX(revision), 0) FROM events")[0][0]
 
     def _records(self, where: str = "", args: tuple = ()) -> list[EditRecord]:
-        rows = self._db.execute(f"SELECT {_EDIT_COLUMNS} FROM edits {where} ORDER BY seq", args).fetchall()
+        rows = self._read(f"SELECT {_EDIT_COLUMNS} FROM edits {where} ORDER BY seq", args)
         out = []
         for row in rows:
             (edit_id, seq, method, facts, options, layers, parameters, norm, created, compute, description,
@@ -408,8 +415,7 @@ class Journal:
 
     def count_quarantined(self) -> int:
         """Edits active in the journal but not applied (their artifacts went bad)."""
-        return self._db.execute("SELECT COUNT(*) FROM edits WHERE status = 'active' AND quarantined != ''"
-                                ).fetchone()[0]
+        return self._read("SELECT COUNT(*) FROM edits WHERE status = 'active' AND quarantined != ''")[0][0]
 
     def by_key(self, idempotency_key: str) -> EditRecord | None:
         """The edit made under ``idempotency_key``, if any."""
@@ -423,9 +429,10 @@ class Journal:
     def load_artifact(self, record: EditRecord) -> Artifact:
         """The edit's artifact, checked against its sha256 and loaded as the kind its row records."""
         path = self.artifacts / record.artifact
-        data = path.read_bytes() if path.exists() else b""
-        if hashlib.sha256(data).hexdigest() != record.sha256:
-            raise JournalError(f"artifact {path} of edit {record.edit_id} is missing or corrupted (sha256 mismatch)")
+        if not path.exists():
+            raise JournalError(f"artifact {path} of edit {record.edit_id} is missing")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != record.sha256:
+            raise JournalError(f"artifact {path} of edit {record.edit_id} is corrupted (sha256 mismatch)")
         try:
             return load_artifact_file(path, expected=ArtifactKind(record.kind))
         except ValueError as exc:  # ArtifactError: another kind, unknown format or entries

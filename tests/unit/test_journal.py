@@ -369,3 +369,24 @@ def test_legacy_fingerprint_opens_a_v1_journal_then_any_dtype_does(tmp_path, tin
     journal = Journal(path, bf16_host.fingerprint(), legacy_fingerprints=(bf16_host.legacy_fingerprint(),))
     assert [r.edit_id for r in journal.list()] == ["a", "c"]
     journal.close()
+
+
+def test_a_reader_never_sees_a_commit_that_is_rolled_back(tmp_path):
+    """The connection is shared by threads: a read while another thread's transaction is open
+    would see its uncommitted row (a retry would then return an edit that never was)."""
+    import threading
+
+    journal = Journal(tmp_path, "fp")
+    seen = []
+    reader = threading.Thread(target=lambda: seen.append(journal.by_key("k")))
+
+    def gone():  # runs inside the transaction, its row inserted but not committed
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive()  # the read waits for the transaction
+        raise RuntimeError("the client gave up")
+
+    with pytest.raises(RuntimeError, match="gave up"):
+        _record(journal, "a", _delta(0), key="k", check=gone)
+    reader.join(5)
+    assert seen == [None]
