@@ -67,6 +67,7 @@ class EditserveServer:
         self.metrics_port = 0
         self._stopped = threading.Event()
         self._finished = threading.Event()  # stop() has returned: every worker thread is done
+        self._signalled = threading.Event()  # a shutdown signal arrived
         self._hurry = threading.Event()  # a second signal: stop waiting for calls in flight
 
     def _set_health(self, status: int) -> None:
@@ -164,9 +165,16 @@ class EditserveServer:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.critical("NOT_SERVING: %s", self.runtime.unavailable_reason)
 
-    def hurry(self) -> None:
-        """End the shutdown grace period now (a second SIGTERM/SIGINT)."""
-        self._hurry.set()
+    def on_signal(self, signum: int) -> None:
+        """SIGTERM/SIGINT: the first starts the drain (in a thread: a signal handler must
+        return at once); a second ends the grace period now."""
+        if self._signalled.is_set():
+            log.info("signal %d again: not waiting for calls in flight any longer", signum)
+            self._hurry.set()
+            return
+        self._signalled.set()
+        log.info("signal %d: shutting down (grace %.0f s)", signum, self.config.shutdown_grace_seconds)
+        threading.Thread(target=self.stop, name="shutdown", daemon=True).start()
 
     def _drain(self, grace: float) -> bool:
         """Wait up to ``grace`` seconds (or until :meth:`hurry`) for the calls in flight to end;
@@ -229,16 +237,8 @@ def serve(config: ServeConfig, port_file: Path | None = None) -> int:
         tmp.write_text(json.dumps({"grpc_port": server.port, "metrics_port": server.metrics_port}))
         tmp.rename(port_file)
 
-    def on_signal(signum, _frame) -> None:
-        if server._stopped.is_set():
-            log.info("signal %d again: not waiting for calls in flight any longer", signum)
-            server.hurry()
-            return
-        log.info("signal %d: shutting down (grace %.0f s)", signum, config.shutdown_grace_seconds)
-        threading.Thread(target=server.stop, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: server.on_signal(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: server.on_signal(signum))
     try:
         server.load()
     except Exception as error:  # noqa: BLE001 - report and exit non-zero for the orchestrator
