@@ -4,6 +4,7 @@ subprocess on a tiny random Llama; files are damaged on disk for real."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sqlite3
 import threading
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 
 from editserve.client import (
     AlreadyExists,
+    AsyncEditserveClient,
     DeadlineExceeded,
     Fact,
     InvalidArgument,
@@ -106,6 +108,13 @@ def test_idempotency_keys_over_the_wire_and_across_a_restart(tiny_servers):
     with restarted.client() as client:
         assert client.model_info().revision == 1
 
+    async def retry_async():
+        async with AsyncEditserveClient(restarted.target) as client:
+            return await client.edit(_fact(0), idempotency_key="deploy-42/fact-0", **FAST)
+
+    late = asyncio.run(retry_async())
+    assert late.replayed and late.edit_id == first.edit_id
+
 
 def test_bad_artifacts_are_quarantined_and_the_rest_replays(tiny_servers, tmp_path):
     server = tiny_servers(NO_PREP)
@@ -137,7 +146,7 @@ def test_bad_artifacts_are_quarantined_and_the_rest_replays(tiny_servers, tmp_pa
     assert restarted.log().count("QUARANTINED") == 2
 
 
-def test_sigterm_lets_a_stream_finish_and_refuses_new_calls(tiny_servers):
+def test_sigterm_lets_generations_finish_and_refuses_new_calls(tiny_servers):
     # a generous grace: the stream takes about 2 s alone, many times that on a loaded machine
     server = tiny_servers(NO_PREP, "--shutdown-grace", "60")
     chunks, errors = [], []
@@ -152,9 +161,19 @@ def test_sigterm_lets_a_stream_finish_and_refuses_new_calls(tiny_servers):
             except Exception as error:  # noqa: BLE001 - reported below
                 errors.append(error)
 
-    reader = threading.Thread(target=read)
+    def generate() -> None:
+        with server.client() as client:
+            try:
+                unary.append(client.generate("The capital of Italy is", max_new_tokens=600, ignore_eos=True))
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+    unary = []
+    reader, generator = threading.Thread(target=read), threading.Thread(target=generate)
     reader.start()
+    generator.start()
     assert first.wait(30)
+    _eventually(lambda: server.metric("editserve_requests_in_flight", rpc="Generate") == 1)
     signalled = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     with server.client() as client:
@@ -163,7 +182,9 @@ def test_sigterm_lets_a_stream_finish_and_refuses_new_calls(tiny_servers):
             client.generate("Hello", max_new_tokens=2)
         refused = time.monotonic()
     reader.join(60)
+    generator.join(60)
     assert not errors, errors
+    assert unary[0].finish_reason == "length" and unary[0].generated_tokens == 600
     assert refused < chunks[-1][0]  # refused while the stream was still running
     last = chunks[-1][1]
     assert last.finish_reason == "length" and last.generated_tokens == 600
