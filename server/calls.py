@@ -17,7 +17,10 @@ import grpc
 
 from .rpc import ServiceError
 
-DEADLINE_SLACK_SECONDS = 0.25
+# A call that ended at most this long before its deadline (by the server's clock) is reported
+# as DEADLINE_EXCEEDED: the client's own deadline fires first and cancels the call before the
+# server's copy of it (received a little later) runs out, by the network and queueing delay.
+DEADLINE_SLACK_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,7 @@ class CallWatch:
     def error(self, detail: str) -> ServiceError:
         """The status for a call that stopped because :meth:`gave_up`: DEADLINE_EXCEEDED,
         UNAVAILABLE (the server is shutting down: retry elsewhere) or CANCELLED."""
-        # gRPC ends a call at its deadline by its own clock, which may run a little ahead of
-        # time_remaining(): a call gone just short of its deadline ended by it
+        # a call gone just short of its deadline ended by it (see DEADLINE_SLACK_SECONDS)
         if self._expired(slack=DEADLINE_SLACK_SECONDS if not self.context.is_active() else 0.0):
             return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"the deadline passed: {detail}; nothing was journaled or applied")
