@@ -13,7 +13,7 @@ from editserve.editing.errors import Cancelled
 from editserve.editing.facts import Fact
 from editserve.editing.registry import METHODS
 
-from .edits import EditOutcome, MethodUnavailable, UnknownEdit, stable_weights
+from .edits import EditOutcome, MethodUnavailable, UnknownEdit
 from .journal import EditRecord
 from .rpc import ServiceError, invalid, rpc_handler
 from .runtime import Runtime
@@ -184,7 +184,7 @@ class EditingServicer(pb_grpc.EditingServicer):
         if any(k not in TRACE_KINDS for k in request.kinds):
             raise invalid(f"kinds contains an unknown value: {list(request.kinds)}")
         started = time.perf_counter()
-        with stable_weights(self.runtime.edits):
+        with self.runtime.stable_weights(context, "trace"):
             result = causal_trace(
                 host.model,
                 host.tokenizer,

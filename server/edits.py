@@ -341,6 +341,11 @@ class EditManager:
         finally:
             self._mutex.release()
 
+    def stable(self, should_stop: StopCheck | None, what: str):
+        """Hold the edit mutex for a long read (a trace, a score) that must see one revision,
+        waiting only while its caller is still there (Cancelled otherwise)."""
+        return self._holding_mutex(should_stop, what)
+
     def _refuse_if_diverged(self) -> None:
         if self.diverged:
             raise Diverged(f"the journal and the served weights may disagree ({self.diverged}); restart the server "

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from editserve.editing.errors import Cancelled
+
 from .calls import CallWatch
 from .config import ServeConfig
 from .metrics import Metrics
@@ -51,6 +53,18 @@ class Runtime:
     def watch(self, context: grpc.ServicerContext) -> CallWatch:
         """Whether this call's client is still there (deadline, cancel, shutdown)."""
         return CallWatch(context, self.stopping)
+
+    @contextmanager
+    def stable_weights(self, context: grpc.ServicerContext, what: str) -> Iterator[None]:
+        """Hold the edit mutex for a long read (trace, score) that must see one revision; the
+        wait ends when the caller gives up (DEADLINE_EXCEEDED / CANCELLED), so calls queued
+        behind a long edit do not outlive their clients."""
+        watch = self.watch(context)
+        try:
+            with self.edits.stable(watch.gave_up, what):
+                yield
+        except Cancelled as error:
+            raise watch.error(str(error)) from None
 
     def in_flight(self) -> int:
         """Generation, Score, Edit and Trace calls running or waiting."""

@@ -62,7 +62,9 @@ def test_edits_stop_when_the_client_gives_up(tiny_servers):
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded):
             client.edit(_fact(2), timeout=1.0, **FAST)  # queued behind it: the wait is bounded too
-        assert time.monotonic() - started < 3
+        with pytest.raises(DeadlineExceeded):
+            client.score([("The capital of France is", " Paris")], timeout=1.0)  # so are score and trace
+        assert time.monotonic() - started < 5
         running.cancel()
         channel.close()
         # the cancelled computation really stopped: the next edit gets the mutex in seconds,
@@ -79,6 +81,7 @@ def test_edits_stop_when_the_client_gives_up(tiny_servers):
     assert server.metric("editserve_edits_total", method="ft_l", status="abandoned") == 1
     assert server.metric("editserve_requests_total", rpc="Edit", code="DEADLINE_EXCEEDED") == 3
     assert server.metric("editserve_requests_total", rpc="Edit", code="CANCELLED") == 1
+    _eventually(lambda: server.metric("editserve_requests_total", rpc="Score", code="DEADLINE_EXCEEDED") == 1)
     assert "stopped during" in server.log()
 
 
