@@ -33,6 +33,7 @@ FAST = {"method": "ft_l", "layer": 1, "steps": 10, "learning_rate": 1e-2, "norm_
 # compute on the tiny model, checked for cancellation between two batches of the estimate
 LONG = {"method": "rome", "layer": 1, "stats_source": "model", "stats_tokens": 10_000_000}
 NO_PREP = "--no-prepare-statistics"  # the background preparation would hold the edit mutex
+TOKENS = 1500  # generated during a shutdown: about 4 s on the tiny model
 
 
 def _fact(i: int) -> Fact:
@@ -149,16 +150,19 @@ def test_bad_artifacts_are_quarantined_and_the_rest_replays(tiny_servers, tmp_pa
     assert restarted.log().count("QUARANTINED") == 2
 
 
-def test_sigterm_lets_generations_finish_and_refuses_new_calls(tiny_servers):
-    # a generous grace: the stream takes about 2 s alone, many times that on a loaded machine
-    server = tiny_servers(NO_PREP, "--shutdown-grace", "60")
+def test_sigterm_lets_generations_finish_and_refuses_new_calls(tiny_servers, tmp_path):
+    # Generations long enough (about 4 s alone) to still run while the refusal is checked, and
+    # a generous grace, many times that, for a loaded machine.
+    config = tmp_path / "serve.toml"
+    config.write_text("version = 1\n[serve]\nmax_new_tokens_limit = 2000\n")
+    server = tiny_servers(NO_PREP, "--shutdown-grace", "60", "--config", str(config))
     chunks, errors = [], []
     first = threading.Event()
 
     def read() -> None:
         with server.client() as client:
             try:
-                for chunk in client.stream("The capital of France is", max_new_tokens=600, ignore_eos=True):
+                for chunk in client.stream("The capital of France is", max_new_tokens=TOKENS, ignore_eos=True):
                     chunks.append((time.monotonic(), chunk))
                     first.set()
             except Exception as error:  # noqa: BLE001 - reported below
@@ -167,7 +171,7 @@ def test_sigterm_lets_generations_finish_and_refuses_new_calls(tiny_servers):
     def generate() -> None:
         with server.client() as client:
             try:
-                unary.append(client.generate("The capital of Italy is", max_new_tokens=600, ignore_eos=True))
+                unary.append(client.generate("The capital of Italy is", max_new_tokens=TOKENS, ignore_eos=True))
             except Exception as error:  # noqa: BLE001 - reported below
                 errors.append(error)
 
@@ -179,6 +183,7 @@ def test_sigterm_lets_generations_finish_and_refuses_new_calls(tiny_servers):
     _eventually(lambda: server.metric("editserve_requests_in_flight", rpc="Generate") == 1)
     signalled = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
+    assert chunks[-1][1].finish_reason is None  # the stream runs when the signal arrives
     with server.client() as client:
         _eventually(lambda: client.health() == "NOT_SERVING", timeout=5)
         with pytest.raises(Unavailable, match="shutting down"):
@@ -187,10 +192,10 @@ def test_sigterm_lets_generations_finish_and_refuses_new_calls(tiny_servers):
     reader.join(60)
     generator.join(60)
     assert not errors, errors
-    assert unary[0].finish_reason == "length" and unary[0].generated_tokens == 600
+    assert unary[0].finish_reason == "length" and unary[0].generated_tokens == TOKENS
     assert refused < chunks[-1][0]  # refused while the stream was still running
     last = chunks[-1][1]
-    assert last.finish_reason == "length" and last.generated_tokens == 600
+    assert last.finish_reason == "length" and last.generated_tokens == TOKENS
     assert server.proc.wait(60) == 0
     exited = time.monotonic()
     assert exited - signalled < 60 + 10 and exited - chunks[-1][0] < 15  # no waiting once nothing is in flight
