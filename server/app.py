@@ -176,10 +176,9 @@ class EditserveServer:
         log.info("signal %d: shutting down (grace %.0f s)", signum, self.config.shutdown_grace_seconds)
         threading.Thread(target=self.stop, name="shutdown", daemon=True).start()
 
-    def _drain(self, grace: float) -> bool:
-        """Wait up to ``grace`` seconds (or until :meth:`hurry`) for the calls in flight to end;
-        returns whether they all did."""
-        deadline = time.monotonic() + grace
+    def _drain(self, deadline: float) -> bool:
+        """Wait until ``deadline`` (monotonic; or a second signal) for the calls in flight to
+        end; returns whether they all did."""
         while not self.runtime.wait_idle(timeout=max(0.0, min(0.1, deadline - time.monotonic()))):
             if self._hurry.is_set() or time.monotonic() >= deadline:
                 return False
@@ -199,11 +198,16 @@ class EditserveServer:
         waiting = self.runtime.in_flight()
         if waiting:
             log.info("shutting down: %d call(s) in flight get up to %.0f s to finish", waiting, grace)
-        if not self._drain(grace):
+        deadline = time.monotonic() + grace
+        drained = self._drain(deadline)
+        if not drained:
             log.warning("shutting down: %d call(s) still in flight after the grace period; cancelling them "
                         "(edits still computing journal nothing)", self.runtime.in_flight())
         self.runtime.stopping.set()  # edits still computing stop at their next step
-        stopped = self.grpc.stop(0)  # cancels what is left; new connections are refused
+        # Drained: what is left are replies on their way out (a handler releases its place just
+        # before gRPC sends its last message and status), so they get the rest of the grace, at
+        # least a second. Otherwise cancel what is left now. New connections are refused.
+        stopped = self.grpc.stop(max(deadline - time.monotonic(), 1.0) if drained else 0)
         if self.runtime.backend is not None:
             self.runtime.backend.stop()
         if getattr(self, "drift", None) is not None:
