@@ -2,7 +2,9 @@
 so a production service can depend on the client alone."""
 
 from .aio import AsyncEditserveClient
+from .convert import new_idempotency_key
 from .errors import (
+    AlreadyExists,
     Cancelled,
     DeadlineExceeded,
     EditserveError,
@@ -32,8 +34,8 @@ from .types import (
 )
 
 __all__ = [
-    "AsyncEditserveClient", "Cancelled", "ContinuationScore", "DeadlineExceeded", "EditInfo", "EditResult", "EditserveClient",
+    "AlreadyExists", "AsyncEditserveClient", "Cancelled", "ContinuationScore", "DeadlineExceeded", "EditInfo", "EditResult", "EditserveClient",
     "EditserveError", "Fact", "FactReport", "FailedPrecondition", "Generation", "GenerationStream",
     "InvalidArgument", "ModelInfo", "NotFound", "PermissionDenied", "PromptScore", "ResourceExhausted",
-    "RevertResult", "Route", "StreamChunk", "TraceResult", "Unauthenticated", "Unavailable", "Unimplemented",
+    "RevertResult", "Route", "StreamChunk", "TraceResult", "Unauthenticated", "Unavailable", "Unimplemented", "new_idempotency_key",
 ]

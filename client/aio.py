@@ -89,8 +89,14 @@ class AsyncEditserveClient:
         return convert.scores(await self._call(self._inference.Score, convert.score_request(pairs), timeout))
 
     async def edit(self, facts: Fact | Sequence[Fact], *, method: str = "rome", dry_run: bool = False,
-                   description: str = "", timeout: float | None = None, **options) -> EditResult:
-        request = convert.edit_request(facts, method=method, dry_run=dry_run, description=description, **options)
+                   description: str = "", timeout: float | None = None, idempotency_key: str | None = None,
+                   **options) -> EditResult:
+        """Compute and apply an edit (``options``: the method's fields). This client never
+        retries on its own; to retry an Edit safely, make a key with
+        :func:`~editserve.client.new_idempotency_key` and send it with every attempt: a retry
+        of an edit the server already journaled returns its original reply (``replayed``)."""
+        request = convert.edit_request(facts, method=method, dry_run=dry_run, description=description,
+                                       idempotency_key=idempotency_key, **options)
         return convert.edit_result(await self._call(self._editing.Edit, request, timeout))
 
     async def revert(self, edit_id: str, *, timeout: float | None = None) -> RevertResult:

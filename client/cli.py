@@ -13,6 +13,7 @@ import click
 
 from editserve.editing.registry import METHODS
 
+from .convert import new_idempotency_key
 from .errors import EditserveError
 from .security import read_token_file
 from .sync import EditserveClient
@@ -136,6 +137,9 @@ def _facts_from_file(path: Path) -> list[Fact]:
         raise click.BadParameter(f"{path}: {error!r}", param_hint="--facts") from None
 
 
+# statuses after which an Edit may have been applied without the reply arriving
+OUTCOME_UNKNOWN = frozenset({"DEADLINE_EXCEEDED", "UNAVAILABLE", "CANCELLED", "INTERNAL", "UNKNOWN"})
+
 SET_OPTION = click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
                           help="Method option for every edit, e.g. steps=40 (repeatable; see the proto's options).")
 
@@ -170,6 +174,9 @@ def main() -> None:
 @click.option("--max-concurrent-scores", type=int, default=None, help="Score calls at once (default 4).")
 @click.option("--prepare-statistics/--no-prepare-statistics", default=None,
               help="Estimate the default edit layers' key statistics in the background after start-up (default on).")
+@click.option("--shutdown-grace", "shutdown_grace_seconds", type=float, default=None,
+              help="Seconds calls in flight get to finish after SIGTERM, in [0, 600] (default 20); a second "
+                   "signal ends the wait at once.")
 @click.option("--port-file", type=click.Path(path_type=Path), default=None,
               help="Write the bound ports as JSON here once listening (for scripts and tests).")
 @click.option("--tls-cert", "tls_cert_file", default=None, help="PEM server certificate (chain); with --tls-key turns TLS on.")
@@ -262,10 +269,16 @@ def generate(prompt: str, connection: Connection, chat: bool, no_stream: bool, a
 @SET_OPTION
 @click.option("--dry-run", is_flag=True, help="Compute and report; apply nothing.")
 @click.option("--description", default="")
+@click.option("--idempotency-key", default=None, metavar="KEY",
+              help="Up to 128 visible ASCII characters naming this edit: rerunning the command with the same key "
+                   "returns the first run's edit instead of editing twice. Default: a fresh key, printed when the "
+                   "outcome is unknown (deadline, unavailable, cancelled) so the retry can reuse it.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Deadline in seconds; past it the server abandons the edit (nothing journaled or applied).")
 @click.option("--json", "as_json", is_flag=True)
 def edit(connection: Connection, prompt: str | None, subject: str | None, target_new: str | None, facts_file: Path | None,
          target_true: str, paraphrase, neighborhood, method: str, layer: int | None, settings: tuple[str, ...],
-         dry_run: bool, description: str, as_json: bool) -> None:
+         dry_run: bool, description: str, idempotency_key: str | None, timeout: float | None, as_json: bool) -> None:
     """Write a fact (or a file of facts, as one edit) into the served model."""
     if facts_file is not None:
         if prompt or subject or target_new:
@@ -276,15 +289,23 @@ def edit(connection: Connection, prompt: str | None, subject: str | None, target
     else:
         raise click.UsageError("--prompt, --subject and --target are required (or --facts FILE)")
     options = _edit_options(method, layer, settings)
+    if idempotency_key is None and not dry_run:
+        idempotency_key = new_idempotency_key()
     with connection.client() as client:
         try:
-            result = client.edit(facts, method=method, dry_run=dry_run, description=description, **options)
+            result = client.edit(facts, method=method, dry_run=dry_run, description=description, timeout=timeout,
+                                 idempotency_key=idempotency_key, **options)
         except EditserveError as error:
+            if idempotency_key and error.code.name in OUTCOME_UNKNOWN:
+                click.echo(f"the edit may or may not have been applied; rerun with --idempotency-key {idempotency_key} "
+                           "to find out without editing twice", err=True)
             _fail(error)
     if as_json:
         _emit_json(result)
         return
     head = "dry run (nothing applied)" if not result.applied else f"edit {result.edit_id} applied, revision {result.revision}"
+    if result.replayed:
+        head = f"edit {result.edit_id} was already made under this idempotency key (revision {result.revision})"
     click.echo(f"{head}; computed in {result.compute_seconds:.1f}s")
     for note in result.notes:
         click.echo(f"  note: {note}")
@@ -328,6 +349,8 @@ def edits(connection: Connection, include_reverted: bool, as_json: bool) -> None
     for e in items:
         facts = "; ".join(f"{f.prompt.replace('{}', f.subject)} -> {f.target_new}" for f in e.facts)
         click.echo(f"{e.edit_id}  {e.status:8s} {e.method:6s} layers {e.layers}  |delta| {e.delta_norm:.3g}  {facts}")
+        if e.status == "quarantined":
+            click.echo(f"    not applied: {e.quarantine_reason}")
 
 
 @main.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Sequence
 
 from editserve.editing.registry import METHODS as REGISTRY
@@ -33,6 +34,8 @@ METHOD_NAMES = {v: k for k, v in METHODS.items()}
 OPTION_FIELDS = {name: spec.options_field for name, spec in REGISTRY.items()}
 KINDS = {"hidden": epb.TRACE_KIND_HIDDEN, "mlp": epb.TRACE_KIND_MLP, "attn": epb.TRACE_KIND_ATTENTION}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
+EDIT_STATUS = {epb.EDIT_STATUS_ACTIVE: "active", epb.EDIT_STATUS_REVERTED: "reverted",
+               epb.EDIT_STATUS_QUARANTINED: "quarantined"}
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -129,15 +132,23 @@ def option_names(method: str) -> list[str]:
     return sorted(getattr(epb.EditRequest(), OPTION_FIELDS[method]).DESCRIPTOR.fields_by_name)
 
 
+def new_idempotency_key() -> str:
+    """A fresh idempotency key (32 hex digits): make one per edit, before the first attempt,
+    and send the same one with every retry of that edit."""
+    return uuid.uuid4().hex
+
+
 def edit_request(
-    facts: Fact | Sequence[Fact], *, method: str = "rome", dry_run: bool = False, description: str = "", **options
+    facts: Fact | Sequence[Fact], *, method: str = "rome", dry_run: bool = False, description: str = "",
+    idempotency_key: str | None = None, **options
 ) -> epb.EditRequest:
-    """``options`` are the method's fields (e.g. layer=5, steps=20 for ROME)."""
+    """``options`` are the method's fields (e.g. layer=5, steps=20 for ROME). ``idempotency_key``
+    makes a retry safe: the server answers it with the first attempt's reply (docs/RELIABILITY.md)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     facts = [facts] if isinstance(facts, Fact) else list(facts)
     request = epb.EditRequest(method=METHODS[method], facts=[_fact_pb(f) for f in facts], dry_run=dry_run,
-                              description=description)
+                              description=description, idempotency_key=idempotency_key or "")
     if options:
         target = getattr(request, OPTION_FIELDS[method])
         for key, value in options.items():
@@ -163,10 +174,11 @@ def edit_info(message: epb.EditInfo) -> EditInfo:
         edit_id=message.edit_id, method=METHOD_NAMES.get(message.method, "unspecified"),
         facts=[_fact(f) for f in message.facts], layers=list(message.layers), delta_norm=message.delta_norm,
         created_unix_seconds=message.created_unix_seconds,
-        status="active" if message.status == epb.EDIT_STATUS_ACTIVE else "reverted",
+        status=EDIT_STATUS.get(message.status, "unspecified"),
         applied_revision=message.applied_revision, reverted_revision=message.reverted_revision,
         parameters=list(message.parameters), description=message.description,
-        compute_seconds=message.compute_seconds,
+        compute_seconds=message.compute_seconds, quarantine_reason=message.quarantine_reason,
+        idempotency_key=message.idempotency_key,
     )
 
 
@@ -180,7 +192,7 @@ def edit_result(reply: epb.EditResponse) -> EditResult:
         ],
         compute_seconds=reply.compute_seconds, apply_seconds=reply.apply_seconds,
         edit=edit_info(reply.edit) if reply.HasField("edit") else None,
-        notes=list(reply.notes),
+        notes=list(reply.notes), replayed=reply.replayed,
     )
 
 

@@ -56,6 +56,12 @@ class PermissionDenied(EditserveError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class AlreadyExists(EditserveError):
+    """E.g. an Edit whose idempotency key already names an edit made from another request."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class Cancelled(EditserveError):
     code = grpc.StatusCode.CANCELLED
 
@@ -67,7 +73,7 @@ class DeadlineExceeded(EditserveError):
 _BY_CODE = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable, Unimplemented,
-                Unauthenticated, PermissionDenied, Cancelled, DeadlineExceeded)
+                Unauthenticated, PermissionDenied, AlreadyExists, Cancelled, DeadlineExceeded)
 }
 
 

@@ -97,12 +97,14 @@ class EditInfo:
     layers: list[int]
     delta_norm: float
     created_unix_seconds: float
-    status: str  # "active" or "reverted"
+    status: str  # "active", "reverted" or "quarantined" (journaled, not applied: its artifact went bad)
     applied_revision: int
     reverted_revision: int
     parameters: list[str]
     description: str
     compute_seconds: float
+    quarantine_reason: str = ""
+    idempotency_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ class EditResult:
     apply_seconds: float
     edit: EditInfo | None
     notes: list[str] = field(default_factory=list)
+    # the original reply of an earlier Edit with the same idempotency key (nothing done now)
+    replayed: bool = False
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 from .adapter import ArchitectureAdapter
 from .contexts import generate_context_templates
 from .covariance import load_or_estimate_layers
+from .errors import StopCheck
 
 
 class EditingContext:
@@ -71,9 +72,12 @@ class EditingContext:
                 self._templates[key] = generate_context_templates(self.model, self.tokenizer, count, length, seed)
             return list(self._templates[key])
 
-    def second_moments(self, layers: list[int], source: str, tokens: int) -> dict[int, torch.Tensor]:
+    def second_moments(self, layers: list[int], source: str, tokens: int, *,
+                       should_stop: StopCheck | None = None) -> dict[int, torch.Tensor]:
         """C = E[k k^T] of each layer's MLP output projection inputs (fp32, on CPU); layers not
-        in memory or on disk are estimated together in one pass over the text."""
+        in memory or on disk are estimated together in one pass over the text. An estimate
+        stops between two batches once ``should_stop()`` (the caller gave up: Cancelled) or
+        :attr:`stop` (shutdown: PreconditionFailed) says so; nothing partial is cached."""
         for layer in layers:
             self.adapter.check_layer(layer)
         with self._lock:
@@ -84,7 +88,7 @@ class EditingContext:
                 loaded = load_or_estimate_layers(
                     self.model, self.tokenizer, self.adapter, fingerprint=self.fingerprint,
                     cache_dir=self.cache_dir, layers=missing, source=source, tokens=tokens,
-                    progress=self.progress, stop=self.stop)
+                    progress=self.progress, stop=self.stop, should_stop=should_stop)
                 for layer, (moment, info) in loaded.items():
                     self._moments[(layer, source, tokens)] = moment
                     self.last_stats_info = info

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .adapter import ArchitectureAdapter
-from .errors import PreconditionFailed
+from .errors import PreconditionFailed, StopCheck, check_stop
 from .keys import capture_projection_inputs
 
 DEFAULT_SOURCE = "default"
@@ -146,13 +146,14 @@ def sample_rows(model, tokenizer, seq_len: int, batch_size: int = 32, seed: int 
 @torch.no_grad()
 def estimate_second_moments(model, tokenizer, adapter: ArchitectureAdapter, layers: list[int],
                             source: TextSource, tokens: int, *, seq_len: int = 256, batch_size: int = 8,
-                            progress: bool = True, stop: threading.Event | None = None
-                            ) -> dict[int, tuple[torch.Tensor, int]]:
+                            progress: bool = True, stop: threading.Event | None = None,
+                            should_stop: StopCheck | None = None) -> dict[int, tuple[torch.Tensor, int]]:
     """{layer: (C = mean of k k^T in fp32 [d_mlp, d_mlp], number of keys)} over ``tokens`` keys.
 
     Accumulates in float64. Stops reading text once ``tokens`` keys were seen; fewer tokens
     than asked (a short source) is fine, as long as there are some. Setting ``stop`` abandons
-    the estimate between two batches (PreconditionFailed), e.g. when the server shuts down.
+    the estimate between two batches (PreconditionFailed), e.g. when the server shuts down;
+    ``should_stop()`` turning true does the same with Cancelled (the caller gave up).
     """
     from tqdm.auto import tqdm
 
@@ -170,6 +171,7 @@ def estimate_second_moments(model, tokenizer, adapter: ArchitectureAdapter, laye
         while seen < tokens:
             if stop is not None and stop.is_set():
                 raise PreconditionFailed("key statistics estimate abandoned (shutting down)")
+            check_stop(should_stop, "the key statistics estimate")
             batch = []
             for row in rows:
                 batch.append(row)
@@ -209,7 +211,8 @@ def cache_path(cache_dir: Path, fingerprint: str, layer: int, source: TextSource
 
 def load_or_estimate_layers(model, tokenizer, adapter: ArchitectureAdapter, *, fingerprint: str, cache_dir: Path,
                            layers: list[int], source: str, tokens: int, progress: bool = True,
-                           stop: threading.Event | None = None) -> dict[int, tuple[torch.Tensor, dict]]:
+                           stop: threading.Event | None = None, should_stop: StopCheck | None = None
+                           ) -> dict[int, tuple[torch.Tensor, dict]]:
     """{layer: (C, info)} from the disk cache; every layer missing there is estimated in ONE
     pass over the text (MEMIT needs five or six layers: one pass costs about what the deepest
     layer alone would), then cached. info = {"cached", "tokens", "seconds", "path"}.
@@ -229,7 +232,7 @@ def load_or_estimate_layers(model, tokenizer, adapter: ArchitectureAdapter, *, f
     missing = sorted(set(layers) - set(found))
     if missing:
         estimated = estimate_second_moments(model, tokenizer, adapter, missing, src, tokens, progress=progress,
-                                            stop=stop)
+                                            stop=stop, should_stop=should_stop)
         seconds = time.perf_counter() - started
         for layer, (moment, count) in estimated.items():
             path = cache_path(cache_dir, fingerprint, layer, src, tokens)

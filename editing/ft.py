@@ -17,15 +17,17 @@ import torch
 
 from .artifacts import WeightDelta
 from .context import EditingContext
-from .errors import InvalidRequest, PreconditionFailed
+from .errors import InvalidRequest, PreconditionFailed, StopCheck, check_stop
 from .evaluation.teacher_forcing import continuation_ids
 from .facts import Fact, validate_facts
 from .hooks import Trace
 from .hparams import FtHyperParams
 
 
-def compute_ft(ctx: EditingContext, facts: list[Fact], hparams: FtHyperParams) -> tuple[WeightDelta, dict]:
-    """The FT-L change of ``hparams.layer``'s MLP output weight for ``facts`` (dense)."""
+def compute_ft(ctx: EditingContext, facts: list[Fact], hparams: FtHyperParams, *,
+               should_stop: StopCheck | None = None) -> tuple[WeightDelta, dict]:
+    """The FT-L change of ``hparams.layer``'s MLP output weight for ``facts`` (dense); Cancelled
+    once ``should_stop()`` is true (checked before every step)."""
     model, tokenizer, adapter = ctx.model, ctx.tokenizer, ctx.adapter
     hparams = hparams.fitted(adapter.num_layers)
     validate_facts(facts)
@@ -58,6 +60,7 @@ def compute_ft(ctx: EditingContext, facts: list[Fact], hparams: FtHyperParams) -
     losses = []
     with trace, torch.enable_grad():
         for _ in range(hparams.steps):
+            check_stop(should_stop, "FT-L")
             optimizer.zero_grad()
             logits = model(input_ids=ids, attention_mask=mask).logits
             picked = logits[batch_index, seq_index].float().log_softmax(-1)

@@ -36,7 +36,7 @@ import torch
 from .artifacts import WeightDelta, compact_keys, preview
 from .context import EditingContext
 from .covariance import resolve_source
-from .errors import PreconditionFailed
+from .errors import PreconditionFailed, StopCheck, check_stop
 from .facts import Fact
 from .hparams import MemitHyperParams
 from .keys import batch_rows, capture_io, locate_subject, pad_id_of
@@ -153,17 +153,17 @@ def _factors_or_dense(ctx: EditingContext, name: str, resid: torch.Tensor, adj: 
 
 
 def compute_targets(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams, templates: list[str],
-                    checkpoint: ValueCheckpoint | None = None):
+                    checkpoint: ValueCheckpoint | None = None, should_stop: StopCheck | None = None):
     """Step 1: per fact, the change of the residual stream after the last layer of the range
     that makes the model say the new object (a :class:`~editserve.editing.values.ValueResult`;
     z_i = unedited_i + deltas_i). ``checkpoint`` keeps finished chunks (a resumable run)."""
     return compute_value_deltas(ctx.model, ctx.tokenizer, ctx.adapter.layer(max(hparams.layers)),
                                 ctx.adapter.hidden_size, facts, templates, hparams, batch_facts=hparams.batch_facts,
-                                label="MEMIT target optimisation", checkpoint=checkpoint)
+                                label="MEMIT target optimisation", checkpoint=checkpoint, should_stop=should_stop)
 
 
 def spread(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams, templates: list[str],
-           targets: torch.Tensor) -> tuple[WeightDelta, list[dict]]:
+           targets: torch.Tensor, should_stop: StopCheck | None = None) -> tuple[WeightDelta, list[dict]]:
     """Step 2: write the targets z [n, d] into the layers of the range, lowest first, each layer
     taking an even share of what is still missing at the last one."""
     layers = sorted(hparams.layers)
@@ -171,6 +171,7 @@ def spread(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams, te
     total = WeightDelta()
     per_layer = []
     for i, layer in enumerate(layers):
+        check_stop(should_stop, "MEMIT spreading")
         layer_started = time.perf_counter()
         with preview(ctx.model, total) if total.parameter_names else nullcontext():
             keys, states, mlp_out = _keys_and_states(ctx, facts, templates, layer, z_layer)
@@ -194,26 +195,28 @@ def spread(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams, te
 
 
 def compute_memit(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams, *,
-                  checkpoint: ValueCheckpoint | None = None) -> tuple[WeightDelta, dict]:
+                  checkpoint: ValueCheckpoint | None = None, should_stop: StopCheck | None = None
+                  ) -> tuple[WeightDelta, dict]:
     """The MEMIT edit of ``facts`` as a WeightDelta over ``hparams.layers``, plus diagnostics.
 
     With a ``checkpoint`` the target optimisation resumes from the chunks it holds and
     saves every chunk it finishes (for runs longer than one sitting: bench/memit_bench.py).
 
     Raises InvalidRequest for a malformed request (before any compute) and PreconditionFailed
-    for an unusable statistics source or a diverged optimisation.
+    for an unusable statistics source or a diverged optimisation, and Cancelled once
+    ``should_stop()`` is true (checked between statistics batches, steps and layers).
     """
     started = time.perf_counter()
     hparams = _check_request(ctx, facts, hparams)
     layers = sorted(hparams.layers)
-    ctx.second_moments(layers, hparams.stats_source, hparams.stats_tokens)
+    ctx.second_moments(layers, hparams.stats_source, hparams.stats_tokens, should_stop=should_stop)
     stats_seconds = time.perf_counter() - started
     templates = ctx.context_templates(hparams.context_count, hparams.context_length)
     context_seconds = time.perf_counter() - started - stats_seconds
 
-    values = compute_targets(ctx, facts, hparams, templates, checkpoint)
+    values = compute_targets(ctx, facts, hparams, templates, checkpoint, should_stop)
     values_seconds = time.perf_counter() - started - stats_seconds - context_seconds
-    total, per_layer = spread(ctx, facts, hparams, templates, values.unedited + values.deltas)
+    total, per_layer = spread(ctx, facts, hparams, templates, values.unedited + values.deltas, should_stop)
 
     diagnostics = {
         "method": "memit",

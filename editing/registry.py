@@ -37,8 +37,9 @@ class MethodSpec:
     proto_enum: its ``EditMethod`` value name in protos/editserve/v1/editing.proto.
     options_field: the ``EditRequest.options`` oneof field holding its options.
     hparams_table: the table in ``editing/hparams/<family>.toml`` with its defaults.
-    compute: ``"module:function"`` taking (EditingContext, facts, hyperparameters) and returning
-        (artifact, diagnostics); None while the method is only declared.
+    compute: ``"module:function"`` taking (EditingContext, facts, hyperparameters, *,
+        should_stop) and returning (artifact, diagnostics); None while the method is only
+        declared.
     artifact: the kind of artifact ``compute`` returns.
     requires: backend capabilities needed to host it (artifact kinds, plus e.g. "ffn_neurons").
     max_facts: the most facts one Edit may carry (bounded input, checked before compute).
@@ -66,13 +67,14 @@ class MethodSpec:
         module, _, function = self.compute.partition(":")
         return getattr(importlib.import_module(module), function)
 
-    def run(self, ctx, facts: list, options: dict) -> tuple:
+    def run(self, ctx, facts: list, options: dict, should_stop: Callable[[], bool] | None = None) -> tuple:
         """Compute an edit: the model family's shipped hyperparameters (``hparams_table``),
-        scaled to its depth, with the request's ``options`` (checked against their bounds)."""
+        scaled to its depth, with the request's ``options`` (checked against their bounds).
+        ``should_stop`` is checked between steps (``editing.errors.check_stop``)."""
         from .hparams import hyperparams_class
 
         family = hyperparams_class(self.hparams_table).load(ctx.adapter.model_type, ctx.adapter.num_layers)
-        return self.load_compute()(ctx, facts, family.with_overrides(**options))
+        return self.load_compute()(ctx, facts, family.with_overrides(**options), should_stop=should_stop)
 
 
 def _weight_method(name: str, enum: str, field: str, compute: str | None, max_facts: int, summary: str) -> MethodSpec:

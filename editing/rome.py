@@ -27,7 +27,7 @@ import torch
 from .artifacts import WeightDelta, preview
 from .context import EditingContext
 from .covariance import resolve_source
-from .errors import PreconditionFailed
+from .errors import PreconditionFailed, StopCheck, check_stop
 from .facts import Fact
 from .hparams import RomeHyperParams
 from .keys import compute_keys, locate_subject
@@ -83,20 +83,22 @@ def _joined(*blocks: torch.Tensor | None) -> torch.Tensor | None:
     return torch.cat(present, 1) if present else None
 
 
-def compute_rome(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperParams) -> tuple[WeightDelta, dict]:
+def compute_rome(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperParams, *,
+                 should_stop: StopCheck | None = None) -> tuple[WeightDelta, dict]:
     """The ROME edit for ``facts`` as a WeightDelta, plus diagnostics.
 
     Several facts are composed sequentially: each is computed against the model as changed by
     the previous ones (through a thread-scoped preview), and their rank-one updates are
     summed (factors of rank len(facts)). Raises InvalidRequest for a malformed request and
-    PreconditionFailed for an unusable statistics source or a diverged optimisation.
+    PreconditionFailed for an unusable statistics source or a diverged optimisation, and
+    Cancelled once ``should_stop()`` is true (checked between statistics batches and steps).
     """
     started = time.perf_counter()
     hparams = _check_request(ctx, facts, hparams)
     layer = hparams.layer
     weight_name = ctx.adapter.mlp_out_weight_name(layer)
 
-    ctx.second_moment(layer, hparams.stats_source, hparams.stats_tokens)
+    ctx.second_moments([layer], hparams.stats_source, hparams.stats_tokens, should_stop=should_stop)
     stats_seconds = time.perf_counter() - started
     templates = ctx.context_templates(hparams.context_count, hparams.context_length)
     context_seconds = time.perf_counter() - started - stats_seconds
@@ -106,12 +108,13 @@ def compute_rome(ctx: EditingContext, facts: list[Fact], hparams: RomeHyperParam
     # with preserve: the keys of the served model's active edits of this weight stay where they map
     earlier = ctx.preserved_keys(weight_name) if hparams.preserve else None
     for fact in facts:
+        check_stop(should_stop, "ROME")
         fact_started = time.perf_counter()
         with preview(ctx.model, total) if total.parameter_names else nullcontext():
             prompts = [locate_subject(ctx.tokenizer, t, fact.prompt, fact.subject) for t in templates]
             keys = compute_keys(ctx.model, ctx.tokenizer, ctx.adapter, layer, prompts)
             change, info = compute_value_delta(ctx.model, ctx.tokenizer, ctx.adapter, layer, fact, templates,
-                                               hparams)
+                                               hparams, should_stop)
         key = keys.mean(0)
         anchor = keys[0] if hparams.anchor_plain_key else None  # templates[0] is the bare "{}"
         prior = _joined(earlier, total.keys.get(weight_name))  # this edit's earlier facts too

@@ -11,6 +11,7 @@ import time
 
 from .artifacts import RuntimeLayer
 from .context import EditingContext
+from .errors import StopCheck, check_stop
 from .facts import Fact
 from .hparams import SeracHyperParams
 from .memory import Encoder, memory_layer
@@ -22,9 +23,11 @@ def encoder_of(ctx: EditingContext) -> Encoder:
     return ctx.memo(("serac_encoder",), ctx.encoder_factory or Encoder)
 
 
-def compute_serac(ctx: EditingContext, facts: list[Fact], hparams: SeracHyperParams) -> tuple[RuntimeLayer, dict]:
+def compute_serac(ctx: EditingContext, facts: list[Fact], hparams: SeracHyperParams, *,
+                  should_stop: StopCheck | None = None) -> tuple[RuntimeLayer, dict]:
     started = time.perf_counter()
     check_facts(ctx.tokenizer, facts)
+    check_stop(should_stop, "SERAC encoding")  # one encoder call: milliseconds, checked once
     encoder = encoder_of(ctx)
     keys = [f.text for f in facts]
     layer = memory_layer(keys, [f.subject for f in facts], [f.target_new for f in facts], encoder,

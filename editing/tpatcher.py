@@ -36,7 +36,7 @@ import torch
 
 from .artifacts import RuntimeLayer
 from .context import EditingContext
-from .errors import PreconditionFailed
+from .errors import PreconditionFailed, StopCheck, check_stop
 from .facts import Fact
 from .hooks import Trace
 from .hparams import TPatcherHyperParams
@@ -129,8 +129,8 @@ def _initial_bank(edit_x: torch.Tensor, memory: torch.Tensor, hparams: TPatcherH
 
 
 def _train_fact(ctx: EditingContext, module: str, fact: Fact, templates: list[str], memory: torch.Tensor,
-                hparams: TPatcherHyperParams, made: list[NeuronBank], generator: torch.Generator
-                ) -> tuple[NeuronBank, dict]:
+                hparams: TPatcherHyperParams, made: list[NeuronBank], generator: torch.Generator,
+                should_stop: StopCheck | None = None) -> tuple[NeuronBank, dict]:
     started = time.perf_counter()
     memory = torch.cat([memory, _negative_inputs(ctx, module, fact, hparams.negatives, generator)])
     spec = fact_rows(ctx.tokenizer, fact, templates, kl_prompt=None)
@@ -168,6 +168,7 @@ def _train_fact(ctx: EditingContext, module: str, fact: Fact, templates: list[st
     taken = 0
     with torch.enable_grad(), preview_neurons(ctx.model, fixed), trace:
         for step in range(1, hparams.steps + 1):
+            check_stop(should_stop, "T-Patcher")
             taken = step
             # The edit loss trains the value only: if it could move the key and bias too, it
             # would widen where the neuron fires (more firing, more effect) against the memory
@@ -197,10 +198,11 @@ def _train_fact(ctx: EditingContext, module: str, fact: Fact, templates: list[st
                     "seconds": time.perf_counter() - started}
 
 
-def compute_tpatcher(ctx: EditingContext, facts: list[Fact], hparams: TPatcherHyperParams
-                     ) -> tuple[RuntimeLayer, dict]:
+def compute_tpatcher(ctx: EditingContext, facts: list[Fact], hparams: TPatcherHyperParams, *,
+                     should_stop: StopCheck | None = None) -> tuple[RuntimeLayer, dict]:
     """The T-Patcher edit of ``facts``: one runtime layer of neurons in ``hparams.layer``'s FFN,
-    plus diagnostics. Raises InvalidRequest for a malformed request (before any compute)."""
+    plus diagnostics. Raises InvalidRequest for a malformed request (before any compute), and
+    Cancelled once ``should_stop()`` is true (checked before every step)."""
     started = time.perf_counter()
     hparams = _check_request(ctx, facts, hparams)
     module = ctx.adapter.mlp(hparams.layer)
@@ -211,7 +213,7 @@ def compute_tpatcher(ctx: EditingContext, facts: list[Fact], hparams: TPatcherHy
     made: list[NeuronBank] = []
     infos = []
     for fact in facts:
-        bank, info = _train_fact(ctx, module, fact, templates, memory, hparams, made, generator)
+        bank, info = _train_fact(ctx, module, fact, templates, memory, hparams, made, generator, should_stop)
         made.append(bank)
         infos.append(info)
     total = NeuronBank.concat(made)

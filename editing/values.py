@@ -38,7 +38,7 @@ import torch
 from transformers import DynamicCache
 
 from .adapter import ArchitectureAdapter
-from .errors import InvalidRequest, PreconditionFailed
+from .errors import InvalidRequest, PreconditionFailed, StopCheck, check_stop
 from .evaluation.teacher_forcing import continuation_ids
 from .facts import Fact, validate_facts
 from .hooks import Trace
@@ -275,13 +275,15 @@ class ValueResult:
 
 def compute_value_deltas(model, tokenizer, module_name: str, hidden_size: int, facts: list[Fact],
                          templates: list[str], hparams, *, batch_facts: int = 1, label: str = "value optimisation",
-                         checkpoint: ValueCheckpoint | None = None) -> ValueResult:
+                         checkpoint: ValueCheckpoint | None = None, should_stop: StopCheck | None = None
+                         ) -> ValueResult:
     """Optimise one delta per fact at ``module_name``'s output (see the module docstring).
 
     ``templates`` are context templates ("{}" first); facts are optimised ``batch_facts`` at a
     time. With a ``checkpoint``, facts it already holds are taken from it and every finished
     chunk is written to it, so a stopped run resumes where it stopped. Raises
-    PreconditionFailed naming the fact when its optimisation diverges.
+    PreconditionFailed naming the fact when its optimisation diverges, and Cancelled once
+    ``should_stop()`` is true (checked before every step).
     """
     has_kl = hparams.kl_factor > 0
     specs = [fact_rows(tokenizer, f, templates, hparams.kl_prompt if has_kl else None) for f in facts]
@@ -302,7 +304,7 @@ def compute_value_deltas(model, tokenizer, module_name: str, hidden_size: int, f
     for start in range(0, len(order), batch_facts):
         chunk = order[start:start + batch_facts]
         d, u, i = _optimise_chunk(model, tokenizer, module_name, hidden_size, [specs[f] for f in chunk], hparams,
-                                  chunk, label)
+                                  chunk, label, should_stop)
         if checkpoint is not None:
             checkpoint.save([keys[f] for f in chunk], d, u, i)
         for local, f in enumerate(chunk):
@@ -311,7 +313,8 @@ def compute_value_deltas(model, tokenizer, module_name: str, hidden_size: int, f
 
 
 def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, specs: list[FactRows], hparams,
-                    indices: list[int], label: str) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+                    indices: list[int], label: str, should_stop: StopCheck | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """Optimise the deltas of one chunk of facts (``indices``: their places in the request).
 
     Each step runs one forward per bucket of rows of similar suffix length (see
@@ -335,6 +338,7 @@ def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, specs:
                for entries in _buckets(specs, active)]
     prepared = time.perf_counter()
     for step in range(hparams.steps + 1):
+        check_stop(should_stop, label)
         stacked = torch.stack(params)
         nll = torch.zeros(n, device=device)
         kl = torch.zeros(n, device=device)
@@ -417,11 +421,11 @@ def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, specs:
 
 
 def compute_value_delta(model, tokenizer, adapter: ArchitectureAdapter, layer: int, fact: Fact,
-                        templates: list[str], hparams) -> tuple[torch.Tensor, dict]:
+                        templates: list[str], hparams, should_stop: StopCheck | None = None) -> tuple[torch.Tensor, dict]:
     """ROME's delta = v* - W k*: the change of ``layer``'s MLP output at the subject (fp32,
     [d_model]). Returns (delta, diagnostics)."""
     result = compute_value_deltas(model, tokenizer, adapter.mlp_out(layer), adapter.hidden_size, [fact], templates, hparams,
-                                  label="ROME value optimisation")
+                                  label="ROME value optimisation", should_stop=should_stop)
     info = dict(result.info[0])
     info["mlp_out_norm"] = info["output_norm"]
     return result.deltas[0], info

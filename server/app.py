@@ -3,6 +3,11 @@
 Start-up order matters for orchestrators: the gRPC port opens first with health
 NOT_SERVING, then the model loads and the journal is replayed, and only then does health
 turn SERVING. A failure to load (or a journal from another model) exits non-zero.
+
+Shutdown (SIGTERM or SIGINT) drains: health turns NOT_SERVING and new calls answer
+UNAVAILABLE at once, calls in flight get ``shutdown_grace_seconds`` to finish (a second
+signal ends the wait), then edits still computing abandon before their journal commit, the
+remaining calls are cancelled, the engine stops, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,6 +67,8 @@ class EditserveServer:
         self.metrics_port = 0
         self._stopped = threading.Event()
         self._finished = threading.Event()  # stop() has returned: every worker thread is done
+        self._signalled = threading.Event()  # a shutdown signal arrived
+        self._hurry = threading.Event()  # a second signal: stop waiting for calls in flight
 
     def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -109,6 +117,7 @@ class EditserveServer:
         drift = DriftMonitor(host, metrics, stable_weights(manager))  # reference = unedited weights
         replayed = manager.replay()
         manager.on_change = drift.request_refresh
+        manager.on_divergence = self._diverged
         drift.start()
         self.drift = drift
         if config.backend != "hf":
@@ -144,12 +153,61 @@ class EditserveServer:
         else:
             log.error("preparing key statistics failed: %s", error, exc_info=error)
 
-    def stop(self, grace: float = 5.0) -> None:
+    def _diverged(self, reason: str) -> None:
+        """Journal and weights may disagree: stop serving anything (health NOT_SERVING, every
+        RPC UNAVAILABLE with the reason), so an orchestrator restarts the server and the
+        replay makes them agree again. Answering from weights the journal does not describe
+        would be worse than answering nothing."""
+        self.runtime.unavailable_reason = (f"journal and weights may disagree ({reason}); the server must be "
+                                           "restarted to replay the journal")
+        self.runtime.ready.clear()
+        self.runtime.metrics.ready.set(0)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.critical("NOT_SERVING: %s", self.runtime.unavailable_reason)
+
+    def on_signal(self, signum: int) -> None:
+        """SIGTERM/SIGINT: the first starts the drain (in a thread: a signal handler must
+        return at once); a second ends the grace period now."""
+        if self._signalled.is_set():
+            log.info("signal %d again: not waiting for calls in flight any longer", signum)
+            self._hurry.set()
+            return
+        self._signalled.set()
+        log.info("signal %d: shutting down (grace %.0f s)", signum, self.config.shutdown_grace_seconds)
+        threading.Thread(target=self.stop, name="shutdown", daemon=True).start()
+
+    def _drain(self, deadline: float) -> bool:
+        """Wait until ``deadline`` (monotonic; or a second signal) for the calls in flight to
+        end; returns whether they all did."""
+        while not self.runtime.wait_idle(timeout=max(0.0, min(0.1, deadline - time.monotonic()))):
+            if self._hurry.is_set() or time.monotonic() >= deadline:
+                return False
+        return True
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain, then stop (see the module docstring). ``grace``: seconds calls in flight get
+        to finish (default ``shutdown_grace_seconds``)."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        grace = self.config.shutdown_grace_seconds if grace is None else grace
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.runtime.unavailable_reason = "the server is shutting down; retry on another replica or after the restart"
         self.runtime.ready.clear()
+        self.runtime.metrics.ready.set(0)
+        waiting = self.runtime.in_flight()
+        if waiting:
+            log.info("shutting down: %d call(s) in flight get up to %.0f s to finish", waiting, grace)
+        deadline = time.monotonic() + grace
+        drained = self._drain(deadline)
+        if not drained:
+            log.warning("shutting down: %d call(s) still in flight after the grace period; cancelling them "
+                        "(edits still computing journal nothing)", self.runtime.in_flight())
+        self.runtime.stopping.set()  # edits still computing stop at their next step
+        # Drained: what is left are replies on their way out (a handler releases its place just
+        # before gRPC sends its last message and status), so they get the rest of the grace, at
+        # least a second. Otherwise cancel what is left now. New connections are refused.
+        stopped = self.grpc.stop(max(deadline - time.monotonic(), 1.0) if drained else 0)
         if self.runtime.backend is not None:
             self.runtime.backend.stop()
         if getattr(self, "drift", None) is not None:
@@ -158,7 +216,7 @@ class EditserveServer:
             self.methods.stop()  # abandon a statistics estimate: no torch work left running at exit
         if getattr(self, "preparer", None) is not None:
             self.preparer.join(timeout=30)
-        self.grpc.stop(grace).wait()
+        stopped.wait()
         self._finished.set()
 
     def wait(self) -> None:
@@ -183,12 +241,8 @@ def serve(config: ServeConfig, port_file: Path | None = None) -> int:
         tmp.write_text(json.dumps({"grpc_port": server.port, "metrics_port": server.metrics_port}))
         tmp.rename(port_file)
 
-    def on_signal(signum, _frame) -> None:
-        log.info("signal %d: shutting down", signum)
-        threading.Thread(target=server.stop, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: server.on_signal(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: server.on_signal(signum))
     try:
         server.load()
     except Exception as error:  # noqa: BLE001 - report and exit non-zero for the orchestrator

@@ -11,6 +11,7 @@ from .tokens import read_token
 CONFIG_VERSION = 1
 MAX_EDITOR_IDENTITIES = 1000
 MAX_IDENTITY_CHARS = 256
+MAX_SHUTDOWN_GRACE_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,11 @@ class ServeConfig:
     serac_encoder: str = "all-MiniLM-L6-v2"
     # estimate the key statistics of the default edit layers in the background after start-up
     prepare_statistics: bool = True
+    # On SIGTERM: seconds calls in flight (generations, streams, edits) get to finish while
+    # health says NOT_SERVING and new calls are refused; then what is left is cancelled (an
+    # edit still computing journals nothing). Keep it under the orchestrator's own grace
+    # period (Kubernetes: terminationGracePeriodSeconds, 30 by default).
+    shutdown_grace_seconds: float = 20.0
     # torch intra-op threads; 0 keeps torch's default (all cores).
     torch_threads: int = 0
     grpc_workers: int = 96
@@ -67,6 +73,11 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.max_edit_facts <= 100_000:
             raise ValueError(f"max_edit_facts must be in [1, 100000], got {self.max_edit_facts}")
+        grace = self.shutdown_grace_seconds
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) \
+                or not 0 <= grace <= MAX_SHUTDOWN_GRACE_SECONDS:  # NaN fails the range too
+            raise ValueError(f"shutdown_grace_seconds must be in [0, {MAX_SHUTDOWN_GRACE_SECONDS}], "
+                             f"got {self.shutdown_grace_seconds}")
         for name in ("max_queued_edits", "max_concurrent_scores"):
             if not 1 <= getattr(self, name) <= 64:
                 raise ValueError(f"{name} must be in [1, 64], got {getattr(self, name)}")

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import grpc
 
 from editserve.client._pb import editing_pb2 as pb
 from editserve.client._pb import editing_pb2_grpc as pb_grpc
+from editserve.editing.errors import Cancelled
 from editserve.editing.facts import Fact
 from editserve.editing.registry import METHODS
 
-from .edits import EditOutcome, MethodUnavailable, UnknownEdit, stable_weights
+from .edits import EditOutcome, MethodUnavailable, UnknownEdit
 from .journal import EditRecord
 from .rpc import ServiceError, invalid, rpc_handler
 from .runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 METHOD_NAMES = {pb.EditMethod.Value(spec.proto_enum): name for name, spec in METHODS.items()}
 METHOD_ENUMS = {v: k for k, v in METHOD_NAMES.items()}
@@ -46,6 +50,10 @@ def _fact_pb(fact: dict) -> pb.Fact:
     )
 
 
+_STATUS = {"active": pb.EDIT_STATUS_ACTIVE, "reverted": pb.EDIT_STATUS_REVERTED,
+           "quarantined": pb.EDIT_STATUS_QUARANTINED}
+
+
 def edit_info(record: EditRecord) -> pb.EditInfo:
     return pb.EditInfo(
         edit_id=record.edit_id,
@@ -54,12 +62,14 @@ def edit_info(record: EditRecord) -> pb.EditInfo:
         layers=record.layers,
         delta_norm=record.delta_norm,
         created_unix_seconds=record.created,
-        status=pb.EDIT_STATUS_ACTIVE if record.status == "active" else pb.EDIT_STATUS_REVERTED,
+        status=_STATUS[record.state],
         applied_revision=record.applied_revision,
         reverted_revision=record.reverted_revision,
         parameters=record.parameters,
         description=record.description,
         compute_seconds=record.compute_seconds,
+        quarantine_reason=record.quarantined,
+        idempotency_key=record.idempotency_key,
     )
 
 
@@ -96,12 +106,17 @@ class EditingServicer(pb_grpc.EditingServicer):
                  paraphrase_prompts=tuple(f.paraphrase_prompts), neighborhood_prompts=tuple(f.neighborhood_prompts))
             for f in request.facts
         ]
+        watch = self.runtime.watch(context)
         try:
             outcome: EditOutcome = self.runtime.edits.edit(
-                method, facts, options, dry_run=request.dry_run, description=request.description
+                method, facts, options, dry_run=request.dry_run, description=request.description,
+                should_stop=watch.gave_up, idempotency_key=request.idempotency_key,
             )
         except MethodUnavailable as error:
             raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, str(error.args[0])) from None
+        except Cancelled as error:
+            log.info("Edit (%s, %d facts) abandoned, nothing journaled: %s", method, len(facts), error)
+            raise watch.error(str(error)) from None
         response = pb.EditResponse(
             edit_id=outcome.edit_id,
             revision=outcome.revision,
@@ -109,6 +124,7 @@ class EditingServicer(pb_grpc.EditingServicer):
             compute_seconds=outcome.compute_seconds,
             apply_seconds=outcome.apply_seconds,
             notes=outcome.notes,
+            replayed=outcome.replayed,
         )
         for report in outcome.reports:
             response.facts.append(
@@ -128,10 +144,13 @@ class EditingServicer(pb_grpc.EditingServicer):
         self.runtime.require_ready()
         if not request.edit_id:
             raise invalid("edit_id is required")
+        watch = self.runtime.watch(context)
         try:
-            revision, seconds = self.runtime.edits.revert(request.edit_id)
+            revision, seconds = self.runtime.edits.revert(request.edit_id, should_stop=watch.gave_up)
         except UnknownEdit as error:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, error.args[0]) from None
+        except Cancelled as error:
+            raise watch.error(str(error)) from None
         return pb.RevertResponse(edit_id=request.edit_id, revision=revision, revert_seconds=seconds)
 
     @rpc_handler(_metrics, "ListEdits")
@@ -165,7 +184,7 @@ class EditingServicer(pb_grpc.EditingServicer):
         if any(k not in TRACE_KINDS for k in request.kinds):
             raise invalid(f"kinds contains an unknown value: {list(request.kinds)}")
         started = time.perf_counter()
-        with stable_weights(self.runtime.edits):
+        with self.runtime.stable_weights(context, "trace"):
             result = causal_trace(
                 host.model,
                 host.tokenizer,

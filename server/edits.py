@@ -3,6 +3,18 @@
 One edit at a time (``_mutex``): computing reads the served weights, and the only writers
 (apply/revert) go through here too, so a computation never sees a half-applied edit while
 generation keeps running in the engine thread (hooks used by the methods are thread-scoped).
+
+Trust rules kept here (docs/RELIABILITY.md, "Guarantees"):
+
+- A caller that gave up (``should_stop``) stops the wait for the mutex and the computation
+  between two steps, and is checked once more inside the journal transaction, right before
+  its commit: nothing is journaled or applied for a caller that is gone.
+- An idempotency key already journaled answers with that edit's original reply.
+- Journal and weights never disagree: an apply or revert that fails after its commit is
+  taken back in the journal; if that fails too, ``on_divergence`` is called (the server turns
+  NOT_SERVING) and every later edit is refused.
+- At start-up an edit whose artifact is missing or corrupt is quarantined, not replayed; the
+  others replay and the server starts.
 """
 
 from __future__ import annotations
@@ -10,23 +22,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from editserve.editing.artifacts import RuntimeLayer, WeightDelta, preview
-from editserve.editing.errors import InvalidRequest, PreconditionFailed
+from editserve.editing.errors import Cancelled, InvalidRequest, PreconditionFailed, StopCheck, check_stop
 from editserve.editing.facts import Fact, validate_facts
 from editserve.editing.memory import LAYER_TYPE as MEMORY_LAYER
 from editserve.editing.registry import METHODS
 
+from .errors import Diverged
 from .host import ModelHost
+from .idempotency import KeyConflict, request_digest, validate_key
 from .journal import EditRecord, Journal
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# (facts, options) -> (delta, diagnostics with at least "layers": list[int])
-ComputeFn = Callable[[list[Fact], dict], tuple[WeightDelta, dict]]
+# (facts, options, should_stop) -> (delta, diagnostics with at least "layers": list[int])
+ComputeFn = Callable[[list[Fact], dict, StopCheck | None], tuple[WeightDelta, dict]]
+MUTEX_POLL_SECONDS = 0.05  # how often a caller waiting for the edit mutex checks it is still there
 # (prompts, targets) -> probabilities of each target after its prompt
 ScoreFn = Callable[[list[str], list[str]], list[float]]
 
@@ -68,6 +84,16 @@ class EditOutcome:
     diagnostics: dict
     # what the operator should know about this edit's cost (e.g. it waited for statistics)
     notes: list[str] = field(default_factory=list)
+    # the reply of an earlier Edit with the same idempotency key: nothing computed or applied now
+    replayed: bool = False
+
+
+def _report_from_json(data: dict) -> FactReport:
+    fact = data["fact"]
+    fact = Fact(**{**fact, "paraphrase_prompts": tuple(fact.get("paraphrase_prompts", ())),
+                   "neighborhood_prompts": tuple(fact.get("neighborhood_prompts", ()))})
+    return FactReport(fact, PromptScore(**data["rewrite"]), [PromptScore(**s) for s in data.get("paraphrase", [])],
+                      [PromptScore(**s) for s in data.get("neighborhood", [])])
 
 
 class EditManager:
@@ -89,6 +115,9 @@ class EditManager:
         self._mutex = threading.Lock()
         self.preparing = ""  # what a background preparation holding the mutex is doing
         self.on_change: Callable[[], None] = lambda: None  # e.g. the drift monitor's refresh
+        # journal and weights may disagree (compensation failed): the server turns NOT_SERVING
+        self.on_divergence: Callable[[str], None] = lambda reason: None
+        self.diverged = ""  # why, once it happened: every later edit or revert is refused
 
     # --- start-up ----------------------------------------------------------------------
     def replay(self) -> int:
@@ -96,15 +125,35 @@ class EditManager:
         removed = self.journal.remove_orphans()
         if removed:
             log.warning("removed %d artifact(s) of edits that were never committed: %s", len(removed), removed)
-        records = self.journal.list()
-        edits = [(r.edit_id, self.journal.load_artifact(r)) for r in records]
+        edits = []
+        for record in self.journal.list():
+            if record.quarantined:
+                log.warning("edit %s stays quarantined (%s); revert it to acknowledge", record.edit_id,
+                            record.quarantined)
+                continue
+            try:
+                artifact = self.journal.load_artifact(record)
+                self.host.check_delta(artifact)
+            except Exception as error:  # noqa: BLE001 - one bad file must not stop the others or the server
+                self._quarantine(record, f"{type(error).__name__}: {error}")
+                continue
+            edits.append((record.edit_id, artifact))
         self.host.load_state(edits, self.journal.revision())
         self._publish()
         return len(edits)
 
+    def _quarantine(self, record: EditRecord, reason: str) -> None:
+        moved = self.journal.quarantine(record.edit_id, reason)
+        self.metrics.quarantines.inc()
+        log.error("edit %s (%s, applied at revision %d) QUARANTINED, not replayed: %s; %s. The other edits replay "
+                  "without it; revert it to acknowledge, re-Edit its facts to have them again",
+                  record.edit_id, record.method, record.applied_revision, reason,
+                  f"its file is kept at {moved}" if moved else "its file is missing")
+
     def _publish(self) -> None:
         self.metrics.revision.set(self.host.revision)
         self.metrics.active_edits.set(len(self.host.active_edit_ids))
+        self.metrics.quarantined_edits.set(self.journal.count_quarantined())
         self.on_change()
 
     # --- scoring -------------------------------------------------------------------------
@@ -152,30 +201,50 @@ class EditManager:
     # --- operations ----------------------------------------------------------------------
     def edit(
         self, method: str, facts: list[Fact], options: dict, *, dry_run: bool = False, description: str = "",
-        report: bool = True,
+        report: bool = True, should_stop: StopCheck | None = None, idempotency_key: str = "",
     ) -> EditOutcome:
-        """Compute, score (unless ``report`` is off), journal and apply one edit."""
+        """Compute, score (unless ``report`` is off), journal and apply one edit.
+
+        ``should_stop`` (the caller gave up) is checked while waiting for the mutex, between
+        compute steps, before scoring and inside the journal transaction right before its
+        commit: Cancelled, with nothing journaled or applied. ``idempotency_key``: see
+        :mod:`.idempotency`.
+        """
         if method not in self.methods:
             from .methods import unavailable_reason
 
             raise MethodUnavailable(unavailable_reason(method, self.host.capabilities) or method)
         validate_facts(facts)
+        validate_key(idempotency_key, dry_run=dry_run)
         limit = min(METHODS[method].max_facts, self.max_facts)
         if len(facts) > limit:
             raise InvalidRequest(f"facts: {len(facts)} facts in one edit, the limit for {method} is {limit}")
+        digest = request_digest(method, facts, options, description) if idempotency_key else ""
+        if idempotency_key:  # a retry of a finished edit need not wait behind the next one
+            earlier = self._earlier(idempotency_key, digest)
+            if earlier is not None:
+                return earlier
         waiting_for, queued = self.preparing, time.perf_counter()
         if waiting_for:
             log.warning("edit (%s) waits for %s", method, waiting_for)
-        with self._mutex:
+        with self._holding_mutex(should_stop, "edit", method):
+            self._refuse_if_diverged()
+            if idempotency_key:  # authoritative: an attempt that held the mutex before may have committed
+                earlier = self._earlier(idempotency_key, digest)
+                if earlier is not None:
+                    return earlier
             started = time.perf_counter()
             notes = []
             if waiting_for and started - queued > 0.1:
                 notes.append(f"waited {started - queued:.1f} s for {waiting_for} (done once per model; cached on disk)")
             try:
-                delta, diagnostics = self.methods[method](facts, options)
+                delta, diagnostics = self.methods[method](facts, options, should_stop)
                 if not delta.is_finite():
                     raise PreconditionFailed("the optimisation produced NaN or inf; the model is unchanged")
                 self.host.check_delta(delta)
+            except Cancelled:
+                self.metrics.edits.labels(method, "abandoned").inc()
+                raise
             except Exception:
                 self.metrics.edits.labels(method, "failed").inc()
                 raise
@@ -185,7 +254,12 @@ class EditManager:
                 notes.append(f"spent {stats_seconds:.1f} s estimating key statistics for layers "
                              f"{diagnostics.get('layers')} (first use of these options; cached on disk)")
             self.metrics.edit_compute.labels(method).observe(compute_seconds)
-            reports = self._scores(facts, delta) if report else []
+            try:
+                check_stop(should_stop, "the edit, before scoring it")
+                reports = self._scores(facts, delta) if report else []
+            except Cancelled:
+                self.metrics.edits.labels(method, "abandoned").inc()
+                raise
             if dry_run:
                 self.metrics.edits.labels(method, "dry_run").inc()
                 return EditOutcome("", self.host.revision, False, reports, compute_seconds, 0.0, None, diagnostics,
@@ -206,12 +280,24 @@ class EditManager:
                     description=description,
                     artifact=artifact,
                     sha256=sha,
+                    idempotency_key=idempotency_key,
+                    request_sha256=digest,
+                    outcome={"reports": [asdict(r) for r in reports], "notes": notes},
+                    # the last look: inside the transaction, right before the commit
+                    check=lambda: check_stop(should_stop, "the edit, before it was journaled"),
                 )
-            except BaseException:
+            except BaseException as error:
                 self.journal.discard_artifact(artifact)
+                if isinstance(error, Cancelled):
+                    self.metrics.edits.labels(method, "abandoned").inc()
                 raise
             applied_at = time.perf_counter()
-            pause = self.host.apply(edit_id, delta, revision)
+            try:
+                pause = self.host.apply(edit_id, delta, revision)
+            except Exception as error:
+                self._compensate_apply(edit_id, artifact, revision, delta, error)
+                self.metrics.edits.labels(method, "failed").inc()
+                raise
             apply_seconds = time.perf_counter() - applied_at
             self.metrics.edit_apply.labels("apply").observe(apply_seconds)
             self.metrics.weight_swap_pause.labels("apply").observe(pause)
@@ -220,6 +306,87 @@ class EditManager:
             diagnostics = {**diagnostics, "write_lock_seconds": pause}
             return EditOutcome(edit_id, revision, True, reports, compute_seconds, apply_seconds,
                                self.journal.get(edit_id), diagnostics, notes)
+
+    def _earlier(self, idempotency_key: str, digest: str) -> EditOutcome | None:
+        """The original reply of the edit journaled under this key (None: no such edit yet)."""
+        record = self.journal.by_key(idempotency_key)
+        if record is None:
+            return None
+        if record.request_sha256 != digest:
+            raise KeyConflict(f"idempotency_key {idempotency_key!r} already names edit {record.edit_id}, made from a "
+                              "different request (method, facts, options or description); use a new key for a new edit")
+        self.metrics.edits.labels(record.method, "replayed").inc()
+        outcome = record.outcome
+        notes = [*outcome.get("notes", []), f"a retry: edit {record.edit_id} was journaled under this idempotency key "
+                 f"at revision {record.applied_revision} and is now {record.state}; nothing was recomputed or applied"]
+        return EditOutcome(record.edit_id, record.applied_revision, True,
+                           [_report_from_json(r) for r in outcome.get("reports", [])], record.compute_seconds, 0.0,
+                           record, {}, notes, replayed=True)
+
+    @contextmanager
+    def _holding_mutex(self, should_stop: StopCheck | None, what: str, method: str = "") -> Iterator[None]:
+        """Hold the edit mutex, waiting only while the caller is still there: a caller whose
+        deadline passed (or who cancelled) while queued leaves with Cancelled instead of
+        computing an edit nobody will read. Polls, since the lock itself cannot be woken."""
+        while not self._mutex.acquire(timeout=MUTEX_POLL_SECONDS):
+            try:
+                check_stop(should_stop, f"the wait for the edit mutex ({what} queued behind "
+                                        f"{self.preparing or 'another edit, revert or trace'})")
+            except Cancelled:
+                if method:
+                    self.metrics.edits.labels(method, "abandoned").inc()
+                raise
+        try:
+            yield
+        finally:
+            self._mutex.release()
+
+    def stable(self, should_stop: StopCheck | None, what: str):
+        """Hold the edit mutex for a long read (a trace, a score) that must see one revision,
+        waiting only while its caller is still there (Cancelled otherwise)."""
+        return self._holding_mutex(should_stop, what)
+
+    def _refuse_if_diverged(self) -> None:
+        if self.diverged:
+            raise Diverged(f"the journal and the served weights may disagree ({self.diverged}); restart the server "
+                           "to replay the journal")
+
+    def _diverge(self, reason: str) -> None:
+        self.diverged = reason
+        log.critical("journal and weights may disagree: %s; refusing edits until a restart replays the journal",
+                     reason)
+        self.on_divergence(reason)
+
+    def _resync(self, names: list[str]) -> None:
+        """Serve exactly what the journal says (its active edits, read back from their checked
+        files), whatever a failed apply or revert left in memory: ``names`` are the tensors it
+        may have touched. Costs a replay (about 0.4 s per 1000 edits), on a failure path only."""
+        edits = [(r.edit_id, self.journal.load_artifact(r)) for r in self.journal.list() if not r.quarantined]
+        self.host.load_state(edits, self.journal.revision(), also=names)
+        self._publish()
+
+    def _compensate_apply(self, edit_id: str, artifact: str, revision: int, delta, error: Exception) -> None:
+        """The apply failed after its commit: take the commit back (and the weights the swap
+        may have half changed), so the journal says exactly what is served."""
+        log.error("applying edit %s failed after its journal commit (%s: %s); taking the commit back", edit_id,
+                  type(error).__name__, error)
+        try:
+            self.journal.undo_apply(edit_id, revision)
+            self.journal.discard_artifact(artifact)
+            self._resync(delta.parameter_names)
+        except Exception as undo_error:  # noqa: BLE001 - the caller raises the original error
+            self._diverge(f"applying edit {edit_id} failed ({error}) and taking its commit back failed too "
+                          f"({type(undo_error).__name__}: {undo_error})")
+
+    def _compensate_revert(self, record: EditRecord, revision: int, error: Exception) -> None:
+        log.error("reverting edit %s failed after its journal commit (%s: %s); taking the commit back",
+                  record.edit_id, type(error).__name__, error)
+        try:
+            self.journal.undo_revert(record.edit_id, revision)
+            self._resync(record.parameters)
+        except Exception as undo_error:  # noqa: BLE001
+            self._diverge(f"reverting edit {record.edit_id} failed ({error}) and taking its commit back failed too "
+                          f"({type(undo_error).__name__}: {undo_error})")
 
     def prepare_in_background(self, label: str, work: Callable[[], object],
                               on_error: Callable[[BaseException], None]) -> threading.Thread:
@@ -243,8 +410,10 @@ class EditManager:
         thread.start()
         return thread
 
-    def revert(self, edit_id: str) -> tuple[int, float]:
-        with self._mutex:
+    def revert(self, edit_id: str, should_stop: StopCheck | None = None) -> tuple[int, float]:
+        """Remove an edit (a quarantined one too: its revert only changes the journal)."""
+        with self._holding_mutex(should_stop, "revert"):
+            self._refuse_if_diverged()
             record = self.journal.get(edit_id)
             if record is None or record.status != "active":
                 self.metrics.reverts.labels("not_found").inc()
@@ -252,7 +421,15 @@ class EditManager:
                 raise UnknownEdit(f"edit {edit_id!r} {state}")
             started = time.perf_counter()
             revision = self.journal.record_revert(edit_id)
-            pause = self.host.revert(edit_id, revision)
+            try:
+                if record.quarantined:  # never applied since its artifact went bad: nothing to remove
+                    pause = self.host.advance(revision)
+                else:
+                    pause = self.host.revert(edit_id, revision)
+            except Exception as error:
+                self._compensate_revert(record, revision, error)
+                self.metrics.reverts.labels("failed").inc()
+                raise
             seconds = time.perf_counter() - started
             self.metrics.edit_apply.labels("revert").observe(seconds)
             self.metrics.weight_swap_pause.labels("revert").observe(pause)

@@ -194,6 +194,10 @@ class ModelHost:
         unchanged = [i for i, _ in memory_layers] == [i for i, _ in _runtime_layers(self._active, edit_memory.LAYER_TYPE)]
         # a weight edit must not pay for rebuilding (or re-encoding) the SERAC index
         memory = self._memory if unchanged else self._build_memory(memory_layers)
+        # Record the pristine copies first: they are the current storages, so this is right
+        # whatever happens next, and a swap that fails half-way can still be undone from them
+        # (:meth:`restore`).
+        self._pristine.update(pristine)
         with self.lock.write():
             started = time.perf_counter()
             for name, value in values.items():
@@ -203,7 +207,6 @@ class ModelHost:
                     neurons.adder(lambda module=module: self._banks.get(module)))
             self._banks = banks
             self._memory = memory
-            self._pristine.update(pristine)
             self._active = active
             self.revision = revision
             return time.perf_counter() - started
@@ -246,10 +249,21 @@ class ModelHost:
         prepared = self._prepare(active, target.delta.parameter_names)
         return self._commit(active, prepared, revision)
 
-    def load_state(self, edits: list[tuple[str, Artifact]], revision: int) -> None:
-        """Replay: apply a whole active set at once (start-up), setting the revision."""
+    def advance(self, revision: int) -> float:
+        """Set the revision without changing what is served (the revert of a quarantined edit,
+        which was never applied); returns the write-lock pause."""
+        with self.lock.write():
+            started = time.perf_counter()
+            self.revision = revision
+            return time.perf_counter() - started
+
+    def load_state(self, edits: list[tuple[str, Artifact]], revision: int, also: Iterable[str] = ()) -> None:
+        """Replay: apply a whole active set at once (start-up), setting the revision. ``also``
+        names tensors to recompute although no edit of the set touches them: after a failed
+        apply or revert, the tensors it may have swapped half-way go back to base + deltas
+        (their pristine copies are recorded before any swap)."""
         active = [_Active(i, d) for i, d in edits]
-        names = sorted({n for _, d in edits for n in d.parameter_names})
+        names = sorted({n for _, d in edits for n in d.parameter_names} | set(also))
         prepared = self._prepare(active, names)
         self._commit(active, prepared, revision)
 

@@ -12,7 +12,6 @@ from editserve.client._pb import inference_pb2_grpc as pb_grpc
 from editserve.editing.memory import Match, counterfactual_input
 
 from .backends.base import Failed, Finished, FinishReason, GenerationParams, RequestHandle, Started, Tokens
-from .edits import stable_weights
 from .rpc import invalid, rpc_handler
 from .runtime import Runtime
 
@@ -224,7 +223,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if not item.continuation.strip():
                 raise invalid(f"items[{i}].continuation is empty")
         host = self.runtime.host
-        with stable_weights(self.runtime.edits):
+        with self.runtime.stable_weights(context, "score"):
             prompts, matches = host.routed_prompts([i.prompt for i in request.items])
             scores = score_continuations(host.model, host.tokenizer, prompts, [i.continuation for i in request.items])
             revision = host.revision

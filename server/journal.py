@@ -10,10 +10,18 @@ artifact file without a row (a crash between 1 and 2) is deleted. The revision i
 of apply/revert events, so it survives restarts and never goes backwards.
 
 Schema 2 records each edit's artifact kind (weight delta or runtime layer), and replay loads
-the file as exactly that kind, so a file is never applied as something it is not. A schema-1
-journal (every edit a weight delta) is migrated in place on open, in one transaction, so a
-crash leaves either the old or the new schema. The meta table also holds the base model's
-fingerprint; a journal of another model is refused rather than replayed onto wrong weights.
+the file as exactly that kind, so a file is never applied as something it is not. Schema 3
+adds each edit's idempotency key (unique; with the digest of the request it was made from and
+the reply's reports, so a retry gets the original reply) and its quarantine reason (an
+artifact found missing or corrupt at start-up: the edit stays in the journal, is not
+replayed, and the file is moved to ``artifacts/quarantine/``). Older journals are migrated in
+place on open, in one transaction, so a crash leaves either the old or the new schema. The
+meta table also holds the base model's fingerprint; a journal of another model is refused
+rather than replayed onto wrong weights.
+
+A failed apply or revert after its commit is compensated (:meth:`Journal.undo_apply`,
+:meth:`Journal.undo_revert`: the last event and its row change are taken back in one
+transaction), so the journal never claims a state the weights do not have.
 """
 
 from __future__ import annotations
@@ -26,8 +34,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from editserve.editing.artifacts import Artifact, read_header, save_artifact
@@ -36,14 +44,25 @@ from editserve.editing.registry import ArtifactKind
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+QUARANTINE_DIR = "quarantine"  # under artifacts/: files of quarantined edits, kept for inspection
 
-# One column definition for new journals and for the v1 -> v2 ALTER, so both layouts match.
-# The default only fills rows that predate the column: every v1 edit was a weight delta.
+# One column definition for new journals and for the ALTERs of a migration, so both layouts
+# match (columns a migration adds go last, in this order). Defaults only fill rows that
+# predate a column: every v1 edit was a weight delta; no v1/v2 edit had a key or a quarantine.
 _KIND_COLUMN = (
     "kind TEXT NOT NULL DEFAULT 'weight_delta' "
     f"CHECK (kind IN ({', '.join(repr(k.value) for k in ArtifactKind)}))"
 )
+_V3_COLUMNS = (
+    ("idempotency_key", "idempotency_key TEXT"),  # NULL: none (the unique index skips NULLs)
+    ("request_sha256", "request_sha256 TEXT NOT NULL DEFAULT ''"),
+    ("outcome", "outcome TEXT NOT NULL DEFAULT '{}'"),  # the reply's reports and notes (JSON)
+    ("quarantined", "quarantined TEXT NOT NULL DEFAULT ''"),  # why; empty: not quarantined
+)
+_COLUMN_DEFS = (("kind", _KIND_COLUMN), *_V3_COLUMNS)
+_KEY_INDEX = ("CREATE UNIQUE INDEX IF NOT EXISTS edits_idempotency_key ON edits(idempotency_key) "
+              "WHERE idempotency_key IS NOT NULL")
 
 _TABLES = (
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -64,7 +83,7 @@ _TABLES = (
     status TEXT NOT NULL CHECK (status IN ('active', 'reverted')),
     applied_revision INTEGER NOT NULL,
     reverted_revision INTEGER NOT NULL DEFAULT 0,
-    {_KIND_COLUMN}
+    {", ".join(definition for _name, definition in _COLUMN_DEFS)}
 )""",
     """CREATE TABLE IF NOT EXISTS events(
     revision INTEGER PRIMARY KEY,
@@ -77,7 +96,8 @@ _TABLES = (
 # Named, not positional: a migrated table and a new one need not agree on column order.
 _EDIT_COLUMNS = (
     "edit_id, seq, method, facts, options, layers, parameters, delta_norm, created, compute_seconds, "
-    "description, artifact, sha256, status, applied_revision, reverted_revision, kind"
+    "description, artifact, sha256, status, applied_revision, reverted_revision, kind, "
+    "idempotency_key, request_sha256, outcome, quarantined"
 )
 
 
@@ -104,6 +124,15 @@ class EditRecord:
     applied_revision: int
     reverted_revision: int
     kind: str  # an ArtifactKind value: what the artifact file must hold
+    idempotency_key: str = ""
+    request_sha256: str = ""
+    outcome: dict = field(default_factory=dict)  # the original reply's reports and notes
+    quarantined: str = ""  # why the edit's artifact could not be replayed; empty: it can
+
+    @property
+    def state(self) -> str:
+        """"active", "reverted" or "quarantined" (active in the journal, not applied)."""
+        return "quarantined" if self.status == "active" and self.quarantined else self.status
 
 
 def _fsync_dir(path: Path) -> None:
@@ -129,7 +158,10 @@ class Journal:
         self.dir = Path(state_dir)
         self.artifacts = self.dir / "artifacts"
         self.artifacts.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        # Held by every write transaction and every read: the connection is shared by threads,
+        # and a read on it during another thread's open transaction would see that thread's
+        # uncommitted rows (e.g. an edit whose commit check is about to roll it back).
+        self._lock = threading.RLock()
         self._db = sqlite3.connect(self.dir / "journal.sqlite3", check_same_thread=False, isolation_level=None)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -156,10 +188,9 @@ class Journal:
                 self._db.execute(statement)
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
             if not meta:
-                # A new journal, or a v1 one whose creation stopped before its meta rows (so
-                # it holds no edits yet): give its edits table the v2 column too.
-                if "kind" not in self._columns("edits"):
-                    self._db.execute(f"ALTER TABLE edits ADD COLUMN {_KIND_COLUMN}")
+                # A new journal, or an old one whose creation stopped before its meta rows (so
+                # it holds no edits yet): give its edits table the newer columns too.
+                self._add_missing_columns()
                 self._set_meta("schema_version", str(SCHEMA_VERSION))
                 self._set_meta("model_fingerprint", fingerprint)
                 return
@@ -167,9 +198,14 @@ class Journal:
             stored = meta.get("model_fingerprint")
             if version == "1":
                 self._migrate_v1(stored, fingerprint, legacy)
+                self._migrate_v2()
+            elif version == "2":
+                if stored != fingerprint:
+                    raise self._other_model(stored, fingerprint)
+                self._migrate_v2()
             elif version != str(SCHEMA_VERSION):
                 raise JournalError(
-                    f"journal in {self.dir} has schema {version!r}; this version reads schemas 1 and "
+                    f"journal in {self.dir} has schema {version!r}; this version reads schemas 1 to "
                     f"{SCHEMA_VERSION} (a newer editserve wrote it?)"
                 )
             elif stored != fingerprint:
@@ -194,10 +230,27 @@ class Journal:
         if "kind" not in self._columns("edits"):
             self._db.execute(f"ALTER TABLE edits ADD COLUMN {_KIND_COLUMN}")
         self._set_meta("model_fingerprint", fingerprint)
+        self._set_meta("schema_version", "2")
+        edits = self._db.execute("SELECT COUNT(*) FROM edits").fetchone()[0]
+        log.info("journal %s: migrated schema 1 -> 2 (%d edits recorded as weight deltas%s)", self.dir,
+                 edits, "" if stored == fingerprint else f"; fingerprint {stored} -> {fingerprint}")
+
+    def _add_missing_columns(self) -> None:
+        present = self._columns("edits")
+        for name, definition in _COLUMN_DEFS:
+            if name not in present:
+                self._db.execute(f"ALTER TABLE edits ADD COLUMN {definition}")
+        self._db.execute(_KEY_INDEX)
+
+    def _migrate_v2(self) -> None:
+        """Schema 2 -> 3 inside the caller's transaction: idempotency key (unique), request
+        digest, reply outcome and quarantine columns; old edits have no key and are not
+        quarantined. Replay is unchanged for them."""
+        self._add_missing_columns()
         self._set_meta("schema_version", str(SCHEMA_VERSION))
         edits = self._db.execute("SELECT COUNT(*) FROM edits").fetchone()[0]
-        log.info("journal %s: migrated schema 1 -> %d (%d edits recorded as weight deltas%s)", self.dir,
-                 SCHEMA_VERSION, edits, "" if stored == fingerprint else f"; fingerprint {stored} -> {fingerprint}")
+        log.info("journal %s: migrated schema 2 -> %d (%d edits, no idempotency keys)", self.dir, SCHEMA_VERSION,
+                 edits)
 
     def schema_version(self) -> int:
         return int(self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
@@ -242,11 +295,18 @@ class Journal:
         description: str,
         artifact: str,
         sha256: str,
+        idempotency_key: str = "",
+        request_sha256: str = "",
+        outcome: dict | None = None,
+        check: Callable[[], None] | None = None,
     ) -> int:
         """Commit the edit row and its apply event in one transaction; returns the new revision.
 
         ``kind`` is required (no default) and must match the artifact file's header: a row
         that disagrees with its file would only fail at the next start-up's replay.
+        ``check`` runs inside the transaction, holding the journal's write lock, right before
+        the commit: raising there (the client gave up) commits nothing. A key already held
+        raises sqlite3.IntegrityError (the caller looks the key up first, under its mutex).
         """
         kind = ArtifactKind(kind).value
         written = read_header(self.artifacts / artifact).get("kind", ArtifactKind.WEIGHT_DELTA.value)
@@ -257,13 +317,61 @@ class Journal:
             revision = self._db.execute("SELECT COALESCE(MAX(revision), 0) + 1 FROM events").fetchone()[0]
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM edits").fetchone()[0]
             self._db.execute(
-                f"INSERT INTO edits ({_EDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'active',?,0,?)",
+                f"INSERT INTO edits ({_EDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'active',?,0,?,?,?,?,'')",
                 (edit_id, seq, method, json.dumps(facts), json.dumps(options), json.dumps(layers),
                  json.dumps(parameters), delta_norm, time.time(), compute_seconds, description,
-                 artifact, sha256, revision, kind),
+                 artifact, sha256, revision, kind, idempotency_key or None, request_sha256,
+                 json.dumps(outcome or {})),
             )
             self._db.execute("INSERT INTO events VALUES (?, 'apply', ?, ?)", (revision, edit_id, time.time()))
+            if check is not None:
+                check()
         return revision
+
+    def undo_apply(self, edit_id: str, revision: int) -> None:
+        """Take back a committed apply whose in-memory apply failed: its event (which must be
+        the last one) and its row, in one transaction. The artifact file is left to the caller."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._require_last_event(revision, "apply", edit_id)
+            self._db.execute("DELETE FROM events WHERE revision = ?", (revision,))
+            self._db.execute("DELETE FROM edits WHERE edit_id = ?", (edit_id,))
+
+    def undo_revert(self, edit_id: str, revision: int) -> None:
+        """Take back a committed revert whose in-memory revert failed: the edit is active again."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._require_last_event(revision, "revert", edit_id)
+            self._db.execute("DELETE FROM events WHERE revision = ?", (revision,))
+            self._db.execute("UPDATE edits SET status = 'active', reverted_revision = 0 WHERE edit_id = ?",
+                             (edit_id,))
+
+    def _require_last_event(self, revision: int, kind: str, edit_id: str) -> None:
+        last = self._db.execute("SELECT revision, kind, edit_id FROM events ORDER BY revision DESC LIMIT 1").fetchone()
+        if last is None or tuple(last) != (revision, kind, edit_id):
+            raise JournalError(f"cannot undo the {kind} of edit {edit_id} at revision {revision}: the last event "
+                               f"is {last}")
+
+    def quarantine(self, edit_id: str, reason: str) -> str | None:
+        """Mark an edit whose artifact cannot be replayed, with the reason, and move its file (if
+        any) to ``artifacts/quarantine/`` for inspection; returns where it went. The edit stays
+        in the journal (its revision and key too); replay skips it from now on."""
+        record = self.get(edit_id)
+        if record is None:
+            raise KeyError(edit_id)
+        moved = None
+        source = self.artifacts / record.artifact
+        if source.exists():
+            aside = self.artifacts / QUARANTINE_DIR
+            aside.mkdir(exist_ok=True)
+            target = aside / record.artifact
+            os.replace(source, target)
+            _fsync_dir(self.artifacts)
+            moved = str(target)
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("UPDATE edits SET quarantined = ? WHERE edit_id = ?", (reason or "quarantined", edit_id))
+        return moved
 
     def record_revert(self, edit_id: str) -> int:
         with self._lock, self._db:
@@ -282,33 +390,49 @@ class Journal:
         (self.artifacts / name).unlink(missing_ok=True)
 
     # --- reads ---------------------------------------------------------------------------
+    def _read(self, query: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(query, args).fetchall()
+
     def revision(self) -> int:
-        return self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM events").fetchone()[0]
+        return self._read("SELECT COALESCE(MAX(revision), 0) FROM events")[0][0]
 
     def _records(self, where: str = "", args: tuple = ()) -> list[EditRecord]:
-        rows = self._db.execute(f"SELECT {_EDIT_COLUMNS} FROM edits {where} ORDER BY seq", args).fetchall()
+        rows = self._read(f"SELECT {_EDIT_COLUMNS} FROM edits {where} ORDER BY seq", args)
         out = []
         for row in rows:
             (edit_id, seq, method, facts, options, layers, parameters, norm, created, compute, description,
-             artifact, sha, status, applied, reverted, kind) = row
+             artifact, sha, status, applied, reverted, kind, key, request_sha, outcome, quarantined) = row
             out.append(EditRecord(edit_id, seq, method, json.loads(facts), json.loads(options), json.loads(layers),
                                   json.loads(parameters), norm, created, compute, description, artifact, sha,
-                                  status, applied, reverted, kind))
+                                  status, applied, reverted, kind, key or "", request_sha, json.loads(outcome),
+                                  quarantined))
         return out
 
     def get(self, edit_id: str) -> EditRecord | None:
         found = self._records("WHERE edit_id = ?", (edit_id,))
         return found[0] if found else None
 
+    def count_quarantined(self) -> int:
+        """Edits active in the journal but not applied (their artifacts went bad)."""
+        return self._read("SELECT COUNT(*) FROM edits WHERE status = 'active' AND quarantined != ''")[0][0]
+
+    def by_key(self, idempotency_key: str) -> EditRecord | None:
+        """The edit made under ``idempotency_key``, if any."""
+        found = self._records("WHERE idempotency_key = ?", (idempotency_key,))
+        return found[0] if found else None
+
     def list(self, include_reverted: bool = False) -> list[EditRecord]:
+        """Edits in journal order: active ones (quarantined included), or all."""
         return self._records("" if include_reverted else "WHERE status = 'active'")
 
     def load_artifact(self, record: EditRecord) -> Artifact:
         """The edit's artifact, checked against its sha256 and loaded as the kind its row records."""
         path = self.artifacts / record.artifact
-        data = path.read_bytes() if path.exists() else b""
-        if hashlib.sha256(data).hexdigest() != record.sha256:
-            raise JournalError(f"artifact {path} of edit {record.edit_id} is missing or corrupted (sha256 mismatch)")
+        if not path.exists():
+            raise JournalError(f"artifact {path} of edit {record.edit_id} is missing")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != record.sha256:
+            raise JournalError(f"artifact {path} of edit {record.edit_id} is corrupted (sha256 mismatch)")
         try:
             return load_artifact_file(path, expected=ArtifactKind(record.kind))
         except ValueError as exc:  # ArtifactError: another kind, unknown format or entries
@@ -319,7 +443,7 @@ class Journal:
         known = {r.artifact for r in self._records()}
         removed = []
         for path in self.artifacts.iterdir():
-            if path.name not in known:
+            if path.name not in known and path.is_file():  # quarantine/ is a directory
                 path.unlink()
                 removed.append(path.name)
         return removed

@@ -18,6 +18,7 @@ from functools import cached_property
 from pathlib import Path
 
 from editserve.editing.artifacts import Artifact
+from editserve.editing.errors import StopCheck
 from editserve.editing.facts import Fact
 from editserve.editing.registry import METHODS, MethodSpec
 
@@ -74,8 +75,9 @@ class _Bound:
         return context
 
     def compute_fn(self, spec: MethodSpec) -> ComputeFn:
-        def compute(facts: list[Fact], options: dict) -> tuple[Artifact, dict]:
-            return spec.run(self.context, facts, resolve_statistics_source(options, self.sources))
+        def compute(facts: list[Fact], options: dict, should_stop: StopCheck | None = None
+                    ) -> tuple[Artifact, dict]:
+            return spec.run(self.context, facts, resolve_statistics_source(options, self.sources), should_stop)
 
         return compute
 

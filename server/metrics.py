@@ -44,6 +44,10 @@ class Metrics(EngineObserver):
         self.revision = Gauge("editserve_model_revision", "Edit revision of the served weights", registry=r)
         self.active_edits = Gauge("editserve_active_edits", "Edits currently applied", registry=r)
         self.edits = Counter("editserve_edits", "Edit requests by method and outcome", ["method", "status"], registry=r)
+        self.quarantined_edits = Gauge(
+            "editserve_quarantined_edits", "Edits active in the journal but not applied: their artifact was missing "
+            "or corrupt at start-up (revert them to acknowledge)", registry=r)
+        self.quarantines = Counter("editserve_edit_quarantines", "Edits quarantined at start-up", registry=r)
         self.reverts = Counter("editserve_reverts", "Reverts by outcome", ["status"], registry=r)
         self.edit_compute = Histogram(
             "editserve_edit_compute_seconds", "Time to compute an edit", ["method"], buckets=_EDIT_BUCKETS, registry=r

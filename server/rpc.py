@@ -18,9 +18,11 @@ from typing import Any
 
 import grpc
 
-from editserve.editing.errors import InvalidRequest, PreconditionFailed
+from editserve.editing.errors import Cancelled, InvalidRequest, PreconditionFailed
 
 from .backends.base import LimitExceeded
+from .errors import Diverged
+from .idempotency import KeyConflict
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,12 @@ def invalid(message: str) -> ServiceError:
 def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, ServiceError):
         return error.code, error.message
+    if isinstance(error, KeyConflict):
+        return grpc.StatusCode.ALREADY_EXISTS, str(error)
+    if isinstance(error, Diverged):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
+    if isinstance(error, Cancelled):  # a servicer that knows the call maps it more precisely (calls.py)
+        return grpc.StatusCode.CANCELLED, str(error)
     if isinstance(error, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, PreconditionFailed):

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from editserve.editing.errors import Cancelled
+
+from .calls import CallWatch
 from .config import ServeConfig
 from .metrics import Metrics
 from .rpc import ServiceError
@@ -31,13 +34,48 @@ class Runtime:
     host: ModelHost | None = None
     backend: GenerationBackend | None = None
     edits: EditManager | None = None
-    startup_error: str = ""
+    # why RPCs answer UNAVAILABLE while ``ready`` is clear after start-up (shutting down, or
+    # journal and weights diverged); empty while loading
+    unavailable_reason: str = ""
+    # set once the server stops waiting for calls in flight: edits still computing abandon
+    stopping: threading.Event = field(default_factory=threading.Event)
     # in-flight generation RPCs, bounded by config.max_concurrent_requests
     _inflight: int = 0
     _inflight_lock: threading.Lock = field(default_factory=threading.Lock)
     _noise_scale: float | None = None
     # running or waiting calls per heavy pool ("edit": Edit and Trace, "score": Score)
     _pools: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # notified whenever a generation or heavy call ends (a shutdown waits for none left)
+        self._idle = threading.Condition(self._inflight_lock)
+
+    def watch(self, context: grpc.ServicerContext) -> CallWatch:
+        """Whether this call's client is still there (deadline, cancel, shutdown)."""
+        return CallWatch(context, self.stopping)
+
+    @contextmanager
+    def stable_weights(self, context: grpc.ServicerContext, what: str) -> Iterator[None]:
+        """Hold the edit mutex for a long read (trace, score) that must see one revision; the
+        wait ends when the caller gives up (DEADLINE_EXCEEDED / CANCELLED), so calls queued
+        behind a long edit do not outlive their clients."""
+        watch = self.watch(context)
+        try:
+            with self.edits.stable(watch.gave_up, what):
+                yield
+        except Cancelled as error:
+            raise watch.error(str(error)) from None
+
+    def in_flight(self) -> int:
+        """Generation, Score, Edit and Trace calls running or waiting."""
+        with self._inflight_lock:
+            return self._inflight + sum(self._pools.values())
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no generation or heavy call is in flight;
+        returns whether none is."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight + sum(self._pools.values()) == 0, timeout)
 
     def noise_scale(self) -> float:
         """Default trace noise (3x the embeddings' std), computed once per served model."""
@@ -49,8 +87,8 @@ class Runtime:
 
     def require_ready(self) -> None:
         if not self.ready.is_set():
-            detail = f": {self.startup_error}" if self.startup_error else ""
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"model is not ready yet (loading or replaying the journal){detail}")
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, self.unavailable_reason
+                               or "model is not ready yet (loading or replaying the journal)")
 
     def acquire_slot(self) -> None:
         with self._inflight_lock:
@@ -64,6 +102,7 @@ class Runtime:
     def release_slot(self) -> None:
         with self._inflight_lock:
             self._inflight -= 1
+            self._idle.notify_all()
 
     @contextmanager
     def heavy_slot(self, pool: str) -> Iterator[None]:
@@ -82,3 +121,4 @@ class Runtime:
         finally:
             with self._inflight_lock:
                 self._pools[pool] -= 1
+                self._idle.notify_all()

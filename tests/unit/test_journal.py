@@ -14,6 +14,8 @@ from tests.tiny import tiny_model
 
 V1_FIXTURE = Path(__file__).resolve().parent.parent / "data" / "journal_v1"
 V1_FINGERPRINT = "f1f1f1f1f1f1f1f1"  # stored in the fixture (tests/data/journal_v1/README.md)
+V2_FIXTURE = V1_FIXTURE.parent / "journal_v2"
+V2_FINGERPRINT = "f2f2f2f2f2f2f2f2"  # stored in the fixture (tests/data/journal_v2/README.md)
 DOWN0 = "model.layers.0.mlp.down_proj.weight"
 DOWN1 = "model.layers.1.mlp.down_proj.weight"
 
@@ -23,13 +25,14 @@ def _delta(seed=0):
     return WeightDelta(factors={"m.weight": (torch.randn(4, 1, generator=g), torch.randn(3, 1, generator=g))})
 
 
-def _record(journal, edit_id, artifact):
+def _record(journal, edit_id, artifact, key="", outcome=None, check=None):
     name, sha = journal.write_artifact(edit_id, artifact)
     return journal.record_apply(
         edit_id=edit_id, method="rome", kind=artifact.kind.value,
         facts=[{"prompt": "{} is", "subject": "x", "target_new": "y"}], options={},
         layers=[1], parameters=artifact.parameter_names, delta_norm=artifact.norm(), compute_seconds=1.0,
-        description="", artifact=name, sha256=sha,
+        description="", artifact=name, sha256=sha, idempotency_key=key, request_sha256="digest" if key else "",
+        outcome=outcome, check=check,
     )
 
 
@@ -70,7 +73,7 @@ def test_apply_revert_and_reopen(tmp_path):
         journal.record_revert("a")
     journal.close()
     reopened = Journal(tmp_path, "fp")
-    assert reopened.revision() == 3 and reopened.schema_version() == 2
+    assert reopened.revision() == 3 and reopened.schema_version() == 3
     assert [r.edit_id for r in reopened.list()] == ["b"]
     assert [r.status for r in reopened.list(include_reverted=True)] == ["reverted", "active"]
     record = reopened.get("b")
@@ -133,8 +136,8 @@ def test_v1_journal_migrates_in_place(tmp_path, caplog):
                         "ORDER BY seq")
     with caplog.at_level(logging.INFO, logger="editserve.server.journal"):
         journal = Journal(path, "new-fingerprint", legacy_fingerprints=("other", V1_FINGERPRINT))
-    assert "migrated schema 1 -> 2" in caplog.text
-    assert journal.schema_version() == 2 and journal.model_fingerprint() == "new-fingerprint"
+    assert "migrated schema 1 -> 2" in caplog.text and "migrated schema 2 -> 3" in caplog.text
+    assert journal.schema_version() == 3 and journal.model_fingerprint() == "new-fingerprint"
     assert journal.revision() == 4
     records = journal.list(include_reverted=True)
     assert [(r.edit_id, r.seq, r.status, r.applied_revision, r.reverted_revision, r.sha256)
@@ -167,10 +170,121 @@ def test_v1_journal_migrates_in_place(tmp_path, caplog):
 
 def test_migrated_and_new_journals_have_the_same_layout(tmp_path):
     Journal(_v1_copy(tmp_path), V1_FINGERPRINT).close()  # the stored value itself also migrates
+    Journal(_v2_copy(tmp_path), V2_FINGERPRINT).close()
     Journal(tmp_path / "new", "fp").close()
     for table in ("edits", "events", "meta"):
-        migrated = _sql(tmp_path / "journal", f"PRAGMA table_info({table})")
-        assert migrated == _sql(tmp_path / "new", f"PRAGMA table_info({table})")
+        new = _sql(tmp_path / "new", f"PRAGMA table_info({table})")
+        assert _sql(tmp_path / "journal", f"PRAGMA table_info({table})") == new
+        assert _sql(tmp_path / "journal2", f"PRAGMA table_info({table})") == new
+    index = "SELECT sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+    assert _sql(tmp_path / "journal", index) == _sql(tmp_path / "journal2", index) == _sql(tmp_path / "new", index)
+    assert "idempotency_key" in _sql(tmp_path / "new", index)[0][0]
+
+
+def _v2_copy(tmp_path: Path) -> Path:
+    target = tmp_path / "journal2"
+    shutil.copytree(V2_FIXTURE, target, ignore=shutil.ignore_patterns("README.md"))
+    return target
+
+
+def test_v2_journal_migrates_in_place(tmp_path, caplog):
+    """A journal the schema-2 code wrote (tests/data/journal_v2) opens, every edit as it was,
+    without idempotency keys or quarantines, and takes keyed edits afterwards."""
+    path = _v2_copy(tmp_path)
+    assert _meta(path) == {"schema_version": "2", "model_fingerprint": V2_FINGERPRINT}
+    columns = "edit_id, seq, method, status, applied_revision, reverted_revision, sha256, kind"
+    before = _sql(path, f"SELECT {columns} FROM edits ORDER BY seq")
+    with caplog.at_level(logging.INFO, logger="editserve.server.journal"):
+        journal = Journal(path, V2_FINGERPRINT)
+    assert "migrated schema 2 -> 3" in caplog.text
+    assert journal.schema_version() == 3 and journal.revision() == 4
+    records = journal.list(include_reverted=True)
+    assert [(r.edit_id, r.seq, r.method, r.status, r.applied_revision, r.reverted_revision, r.sha256, r.kind)
+            for r in records] == before
+    assert [r.state for r in records] == ["active", "reverted", "active"]
+    assert all(r.idempotency_key == "" and r.quarantined == "" and r.outcome == {} for r in records)
+    neurons = journal.load_artifact(records[1])  # the runtime layer, as the v2 code wrote it
+    assert isinstance(neurons, RuntimeLayer) and neurons.info == {"module": "model.layers.1.mlp", "layer": 1}
+    assert torch.equal(neurons.tensors["biases"], torch.tensor([0.5, -0.25]))
+    assert torch.equal(neurons.tensors["values"], (torch.arange(8.0).reshape(2, 4) - 2) / 4)
+    for seed in (0, 2):
+        loaded = journal.load_artifact(records[seed])
+        assert torch.equal(loaded.factors[DOWN0][0], (torch.arange(16.0).reshape(8, 2) - 8 + seed) / 8)
+    assert journal.count_quarantined() == 0 and journal.remove_orphans() == []
+    _record(journal, "d", _delta(3), key="retry-me")
+    assert journal.by_key("retry-me").edit_id == "d" and journal.revision() == 5
+    journal.close()
+    dump = list(sqlite3.connect(path / "journal.sqlite3").iterdump())
+    Journal(path, V2_FINGERPRINT).close()  # reopening migrates nothing
+    assert list(sqlite3.connect(path / "journal.sqlite3").iterdump()) == dump
+
+
+def test_v2_journal_of_another_model_is_refused_untouched(tmp_path):
+    path = _v2_copy(tmp_path)
+    original = (path / "journal.sqlite3").read_bytes()
+    with pytest.raises(JournalError, match="another model"):
+        Journal(path, "other", legacy_fingerprints=(V2_FINGERPRINT,))  # legacy values are for schema 1 only
+    assert (path / "journal.sqlite3").read_bytes() == original
+
+
+def test_idempotency_keys_are_unique_and_survive_reopening(tmp_path):
+    journal = Journal(tmp_path, "fp")
+    _record(journal, "a", _delta(0), key="k-1", outcome={"notes": ["n"], "reports": []})
+    with pytest.raises(sqlite3.IntegrityError):
+        _record(journal, "b", _delta(1), key="k-1")
+    assert journal.get("b") is None and journal.revision() == 1
+    _record(journal, "c", _delta(2))  # no key: any number of those
+    _record(journal, "d", _delta(3))
+    journal.close()
+    reopened = Journal(tmp_path, "fp")
+    found = reopened.by_key("k-1")
+    assert found.edit_id == "a" and found.request_sha256 == "digest" and found.outcome == {"notes": ["n"], "reports": []}
+    assert reopened.by_key("k-2") is None and reopened.get("c").idempotency_key == ""
+
+
+def test_a_failing_check_inside_the_commit_journals_nothing(tmp_path):
+    journal = Journal(tmp_path, "fp")
+
+    def gone():
+        raise RuntimeError("the client gave up")
+
+    with pytest.raises(RuntimeError, match="gave up"):
+        _record(journal, "a", _delta(0), key="k", check=gone)
+    assert journal.get("a") is None and journal.by_key("k") is None and journal.revision() == 0
+    assert _record(journal, "a", _delta(0), key="k") == 1  # the same edit, committed this time
+
+
+def test_undo_takes_back_only_the_last_event(tmp_path):
+    journal = Journal(tmp_path, "fp")
+    _record(journal, "a", _delta(0))
+    _record(journal, "b", _delta(1), key="kb")
+    with pytest.raises(JournalError, match="last event"):
+        journal.undo_apply("a", 1)
+    journal.undo_apply("b", 2)
+    assert journal.get("b") is None and journal.by_key("kb") is None and journal.revision() == 1
+    revision = journal.record_revert("a")
+    journal.undo_revert("a", revision)
+    assert journal.get("a").status == "active" and journal.get("a").reverted_revision == 0
+    assert journal.revision() == 1 and _record(journal, "b", _delta(1), key="kb") == 2
+
+
+def test_quarantine_moves_the_file_aside_and_keeps_the_edit(tmp_path):
+    journal = Journal(tmp_path, "fp")
+    _record(journal, "a", _delta(0))
+    _record(journal, "b", _delta(1))
+    moved = journal.quarantine("a", "sha256 mismatch")
+    assert moved == str(tmp_path / "artifacts" / "quarantine" / "a.safetensors") and Path(moved).exists()
+    assert not (tmp_path / "artifacts" / "a.safetensors").exists()
+    (tmp_path / "artifacts" / "b.safetensors").unlink()
+    assert journal.quarantine("b", "missing") is None
+    assert journal.remove_orphans() == []  # the quarantine folder is not an orphan
+    journal.close()
+    reopened = Journal(tmp_path, "fp")
+    assert [(r.edit_id, r.state, r.quarantined) for r in reopened.list()] == [
+        ("a", "quarantined", "sha256 mismatch"), ("b", "quarantined", "missing")]
+    assert reopened.count_quarantined() == 2
+    reopened.record_revert("a")
+    assert reopened.get("a").state == "reverted" and reopened.count_quarantined() == 1
 
 
 def test_v1_journal_of_another_model_is_refused_untouched(tmp_path):
@@ -199,11 +313,11 @@ def test_a_crash_mid_migration_leaves_schema_1(tmp_path, monkeypatch):
     assert "kind" not in {row[1] for row in _sql(path, "PRAGMA table_info(edits)")}
     monkeypatch.undo()
     journal = Journal(path, "new-fingerprint", legacy_fingerprints=(V1_FINGERPRINT,))
-    assert journal.schema_version() == 2 and journal.revision() == 4
+    assert journal.schema_version() == 3 and journal.revision() == 4
     journal.close()
 
 
-@pytest.mark.parametrize("version", ["3", "banana"])
+@pytest.mark.parametrize("version", ["4", "banana"])
 def test_unknown_schema_is_refused(tmp_path, version):
     Journal(tmp_path, "fp").close()
     _sql(tmp_path, "UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
@@ -250,8 +364,29 @@ def test_legacy_fingerprint_opens_a_v1_journal_then_any_dtype_does(tmp_path, tin
     # as if this model's server had written the fixture with the old code
     _sql(path, "UPDATE meta SET value = ? WHERE key = 'model_fingerprint'", (host.legacy_fingerprint(),))
     Journal(path, host.fingerprint(), legacy_fingerprints=(host.legacy_fingerprint(),)).close()
-    assert _meta(path) == {"schema_version": "2", "model_fingerprint": host.fingerprint()}
+    assert _meta(path) == {"schema_version": "3", "model_fingerprint": host.fingerprint()}
     bf16_host = _host(copy.deepcopy(model).to(torch.bfloat16), tok)
     journal = Journal(path, bf16_host.fingerprint(), legacy_fingerprints=(bf16_host.legacy_fingerprint(),))
     assert [r.edit_id for r in journal.list()] == ["a", "c"]
     journal.close()
+
+
+def test_a_reader_never_sees_a_commit_that_is_rolled_back(tmp_path):
+    """The connection is shared by threads: a read while another thread's transaction is open
+    would see its uncommitted row (a retry would then return an edit that never was)."""
+    import threading
+
+    journal = Journal(tmp_path, "fp")
+    seen = []
+    reader = threading.Thread(target=lambda: seen.append(journal.by_key("k")))
+
+    def gone():  # runs inside the transaction, its row inserted but not committed
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive()  # the read waits for the transaction
+        raise RuntimeError("the client gave up")
+
+    with pytest.raises(RuntimeError, match="gave up"):
+        _record(journal, "a", _delta(0), key="k", check=gone)
+    reader.join(5)
+    assert seen == [None]

@@ -42,3 +42,35 @@ def test_heavy_calls_take_bounded_places():
         pass
     with pytest.raises(ValueError, match="max_queued_edits"):
         ServeConfig(max_queued_edits=0)
+
+
+def test_trust_errors_keep_their_codes():
+    from editserve.editing.errors import Cancelled
+    from editserve.server.errors import Diverged
+    from editserve.server.idempotency import KeyConflict
+
+    assert _status_of(KeyConflict("key k names edit e"))[0] == grpc.StatusCode.ALREADY_EXISTS
+    assert _status_of(Diverged("restart"))[0] == grpc.StatusCode.UNAVAILABLE
+    assert _status_of(Cancelled("stopped during FT-L"))[0] == grpc.StatusCode.CANCELLED
+
+
+def test_shutdown_grace_is_bounded_and_the_drain_waits_for_calls():
+    import threading
+    import time
+
+    import pytest
+
+    from editserve.server.config import ServeConfig
+    from editserve.server.runtime import Runtime
+
+    for bad in (-1, 601, float("nan"), "20", True):
+        with pytest.raises(ValueError, match=r"shutdown_grace_seconds must be in \[0, 600"):
+            ServeConfig(shutdown_grace_seconds=bad)
+    assert ServeConfig(shutdown_grace_seconds=0).shutdown_grace_seconds == 0
+    runtime = Runtime(ServeConfig())
+    assert runtime.wait_idle(0)
+    runtime.acquire_slot()
+    assert not runtime.wait_idle(0.05) and runtime.in_flight() == 1
+    threading.Timer(0.2, runtime.release_slot).start()
+    started = time.monotonic()
+    assert runtime.wait_idle(5) and time.monotonic() - started < 2  # woken by the release, not the timeout
