@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--value-speed", type=int, default=0, help="facts for the batched-vs-single value timing")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-quality", action="store_true", help="skip ES/PS/NS (timing only)")
+    parser.add_argument("--skip-unedited", action="store_true",
+                        help="do not score the unedited model first (its row is the same for every method)")
     parser.add_argument("--checkpoint", default="",
                         help="MEMIT: keep finished target chunks in this directory; a rerun resumes from them "
                              "(stop a long run with `timeout`, rerun the same command to go on)")
@@ -156,8 +158,8 @@ def main() -> None:
     print(f"# {datetime.datetime.now().isoformat(timespec='minutes')} {args.model} {args.method} "
           f"facts {args.start}..{args.start + len(facts) - 1} threads {args.threads} overrides {overrides}")
     reference = next_token_logits(model, tokenizer, load_probes())
-    if not args.no_quality:
-        print(f"unedited: {quality(model, tokenizer, cases)}")
+    if not (args.no_quality or args.skip_unedited):
+        print(f"unedited: {quality(model, tokenizer, cases)}", flush=True)
     ranges = [_layers(r) for r in args.sweep.split(",") if r] or [None]
     for layers in ranges:
         hp = base if layers is None else base.with_overrides(**({"layers": layers} if args.method == "memit"
