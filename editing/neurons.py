@@ -51,9 +51,26 @@ class NeuronBank:
         """k . x + b for every neuron (before the ReLU), in fp32: [..., n]."""
         return x.float() @ self.keys.T + self.biases
 
+    def contribution(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What the bank adds to the MLP output for input ``x`` [..., d] (in x's dtype), or
+        None when no neuron fires on any position of ``x``.
+
+        Only the neurons that fire somewhere in this call read their values: patches are
+        made to stay silent off their edits, so on ordinary traffic the value product (half
+        the bank's cost) is skipped, and with it the addition to the MLP output."""
+        act = torch.relu(self.activations(x))
+        live = act.reshape(-1, act.shape[-1]).amax(0) > 0
+        count = int(live.sum())
+        if count == 0:
+            return None
+        if count == act.shape[-1]:
+            return (act @ self.values).to(x.dtype)
+        return (act[..., live] @ self.values[live]).to(x.dtype)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """What the bank adds to the MLP output for input ``x`` [..., d] (in x's dtype)."""
-        return (torch.relu(self.activations(x)) @ self.values).to(x.dtype)
+        added = self.contribution(x)
+        return torch.zeros_like(x) if added is None else added
 
     @classmethod
     def concat(cls, banks: Iterable[NeuronBank]) -> NeuronBank | None:
@@ -123,7 +140,9 @@ def adder(bank_for: callable) -> callable:
         bank = bank_for()
         if bank is None or not inputs:
             return None
-        added = bank(inputs[0])
+        added = bank.contribution(inputs[0])
+        if added is None:  # no patch fires on these tokens: the FFN's output as it was
+            return None
         if isinstance(output, tuple):
             return (output[0] + added, *output[1:])
         return output + added

@@ -124,3 +124,24 @@ def test_bad_options_are_refused_before_compute(overrides, message, tiny_tokeniz
     ctx = EditingContext(model, tiny_tokenizer, adapter, tmp_path, progress=False)
     with pytest.raises(InvalidRequest, match=message):
         compute_tpatcher(ctx, FACTS, tiny_tpatcher(model, **overrides))
+
+
+def test_bank_reads_only_the_neurons_that_fire():
+    from editserve.editing.neurons import NeuronBank
+
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(6, 8, generator=generator), torch.randn(6, 8, generator=generator)
+    biases = torch.full((6,), -100.0)
+    biases[[1, 4]] = 0.0  # two neurons can fire; four never do
+    bank = NeuronBank(keys, biases, values)
+    x = torch.randn(2, 3, 8, generator=generator)
+    dense = torch.relu(x @ keys.T + biases) @ values
+    torch.testing.assert_close(bank.contribution(x), dense)
+    torch.testing.assert_close(bank(x), dense)
+    silent = NeuronBank(keys, torch.full((6,), -100.0), values)
+    assert silent.contribution(x) is None
+    assert torch.equal(silent(x), torch.zeros_like(x))
+    # gradients reach exactly the values of neurons that fired
+    trained = values.clone().requires_grad_(True)
+    NeuronBank(keys, biases, trained)(x).sum().backward()
+    assert trained.grad[[0, 2, 3, 5]].abs().sum() == 0 and trained.grad[[1, 4]].abs().sum() > 0
