@@ -1,0 +1,143 @@
+"""The cost of being there: Generate throughput over gRPC with 0, 100 and 10,000 active
+runtime edits, for traffic no edit is about (the drift probe prompts).
+
+    .venv/bin/python bench/runtime_edit_cost.py --model smollm2-135m --counts 0,100,10000
+
+For each count a fresh server is started on its own state directory holding:
+- ``serac``: one SERAC edit of N facts, made through the Edit RPC (N memory entries; each
+  Generate is routed: embedded, searched in the FAISS index, scored against the scope gate);
+- ``neurons``: N T-Patcher neurons in the last layer's FFN, journaled before start-up as one
+  ffn_neurons artifact (training 10,000 real patches takes days here). Their biases keep them
+  silent, as trained patches are on inputs they were not made for (T-Patcher's memory loss),
+  so this times the bank's key product on every token, the part no input can skip.
+Throughput is measured with 1 client (sequential requests) and with --clients concurrent
+streams, greedy, --new-tokens each, medians of --runs; ratios are against count 0 measured in
+the same run (servers of the same build, one after the other, nothing else running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def synthetic_facts(n: int):
+    """N distinct facts no probe prompt is about (invented subjects)."""
+    from editserve.client import Fact
+
+    return [Fact("The favourite colour of {} is", f"Zorbex Quillane {i}", "teal") for i in range(n)]
+
+
+def write_neurons(model_name: str, state_dir: Path, n: int) -> None:
+    """Journal one ffn_neurons artifact of ``n`` silent neurons for the server to replay."""
+    import torch
+
+    from editserve.editing.artifacts import RuntimeLayer
+    from editserve.editing.neurons import LAYER_TYPE
+    from editserve.server.host import ModelHost
+    from editserve.server.journal import Journal
+    from editserve.server.models import default_cache_dir, load_model
+
+    model, tokenizer, _ = load_model(model_name, cache_dir=default_cache_dir())
+    host = ModelHost(model, tokenizer, name=model_name, dtype="fp32", device="cpu")
+    layer = host.adapter.num_layers - 1
+    module = host.adapter.mlp(layer)
+    d = host.adapter.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=-1)
+    artifact = RuntimeLayer(LAYER_TYPE, {"keys": keys, "biases": torch.full((n,), -1e4),
+                                         "values": torch.randn(n, d, generator=generator) * 0.01},
+                            {"module": module, "layer": layer})
+    journal = Journal(state_dir, host.fingerprint())
+    edit_id = journal.new_id()
+    name, sha = journal.write_artifact(edit_id, artifact)
+    journal.record_apply(edit_id=edit_id, method="t_patcher", kind=artifact.kind.value, facts=[], options={},
+                         layers=[layer], parameters=[], delta_norm=0.0, compute_seconds=0.0,
+                         description=f"bench: {n} silent neurons", artifact=name, sha256=sha)
+
+
+def throughput(client_of, prompts: list[str], clients: int, new_tokens: int) -> float:
+    """Generated tokens per second with ``clients`` concurrent streams over ``prompts``."""
+    tokens = [0] * clients
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            with client_of() as client:
+                for prompt in prompts[k::clients]:
+                    reply = client.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)
+                    tokens[k] += reply.generated_tokens
+                    if reply.route is not None:
+                        raise AssertionError(f"an out-of-scope prompt was routed: {prompt!r} -> {reply.route}")
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return sum(tokens) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--counts", default="0,100,10000")
+    parser.add_argument("--kinds", default="serac,neurons")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    from editserve.editing.evaluation.probes import load_probes
+    from tests.server_process import start_server
+
+    prompts = load_probes()[: args.prompts]
+    counts = [int(c) for c in args.counts.split(",")]
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {args.model}, {args.threads} threads, {len(prompts)} out-of-scope "
+          f"prompts x {args.new_tokens} tokens, medians of {args.runs}")
+    results: dict[tuple[str, int], tuple[float, float]] = {}
+    for kind in args.kinds.split(","):
+        for n in counts:
+            with tempfile.TemporaryDirectory() as tmp:
+                state = Path(tmp) / "state"
+                if kind == "neurons" and n:
+                    write_neurons(args.model, state, n)
+                server = start_server(args.model, state, Path(tmp) / "logs", "--threads", str(args.threads),
+                                      "--max-batch-size", str(args.clients), "--no-prepare-statistics",
+                                      "--max-edit-facts", str(max(counts + [1])), timeout=600)
+                try:
+                    if kind == "serac" and n:
+                        with server.client() as client:
+                            started = time.perf_counter()
+                            client.edit(synthetic_facts(n), method="serac", timeout=3600)
+                            print(f"  serac: {n} entries written in {time.perf_counter() - started:.1f} s")
+                    throughput(server.client, prompts[:2], 1, 4)  # warm-up
+                    single = statistics.median(throughput(server.client, prompts, 1, args.new_tokens)
+                                               for _ in range(args.runs))
+                    many = statistics.median(throughput(server.client, prompts, args.clients, args.new_tokens)
+                                             for _ in range(args.runs))
+                finally:
+                    server.stop()
+            results[(kind, n)] = (single, many)
+            base = results.get((kind, counts[0]), (single, many))
+            print(f"{kind:8s} {n:6d} active: 1 client {single:6.1f} tok/s ({single / base[0]:.3f}x), "
+                  f"{args.clients} clients {many:6.1f} tok/s ({many / base[1]:.3f}x)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
