@@ -30,6 +30,17 @@ ComputeFn = Callable[[list[Fact], dict], tuple[WeightDelta, dict]]
 # (prompts, targets) -> probabilities of each target after its prompt
 ScoreFn = Callable[[list[str], list[str]], list[float]]
 
+# Bounds on what one Edit may carry besides its fact count. Why: every string of a fact is
+# tokenized and run through the model (the value optimisation, the before/after scores), so
+# a 1 MB prompt made one edit hold the edit mutex for minutes and allocate without limit
+# (found by the fuzzer, docs/RELIABILITY.md). Facts are short statements: real CounterFact
+# and zsRE prompts are under 64 tokens.
+MAX_FACT_TOKENS = 256  # each prompt (subject filled in), paraphrase, neighbourhood prompt and target
+MAX_FACT_PROMPTS = 64  # paraphrase_prompts and neighborhood_prompts, each, per fact
+MAX_DESCRIPTION_CHARS = 4096  # kept in the journal and returned by every ListEdits
+# no token is longer than this many characters, so a longer string is refused untokenized
+_MAX_CHARS_PER_TOKEN = 64
+
 
 class UnknownEdit(KeyError):
     pass
@@ -163,6 +174,10 @@ class EditManager:
         limit = min(METHODS[method].max_facts, self.max_facts)
         if len(facts) > limit:
             raise InvalidRequest(f"facts: {len(facts)} facts in one edit, the limit for {method} is {limit}")
+        if len(description) > MAX_DESCRIPTION_CHARS:
+            raise InvalidRequest(f"description is {len(description)} characters, over the limit of "
+                                 f"{MAX_DESCRIPTION_CHARS}")
+        self._check_sizes(facts)
         waiting_for, queued = self.preparing, time.perf_counter()
         if waiting_for:
             log.warning("edit (%s) waits for %s", method, waiting_for)
@@ -220,6 +235,26 @@ class EditManager:
             diagnostics = {**diagnostics, "write_lock_seconds": pause}
             return EditOutcome(edit_id, revision, True, reports, compute_seconds, apply_seconds,
                                self.journal.get(edit_id), diagnostics, notes)
+
+    def _check_sizes(self, facts: list[Fact]) -> None:
+        """Every string of every fact within :data:`MAX_FACT_TOKENS` tokens, every prompt list
+        within :data:`MAX_FACT_PROMPTS` (InvalidRequest naming the field otherwise)."""
+        tokenizer = self.host.tokenizer
+        for i, fact in enumerate(facts):
+            for name in ("paraphrase_prompts", "neighborhood_prompts"):
+                count = len(getattr(fact, name))
+                if count > MAX_FACT_PROMPTS:
+                    raise InvalidRequest(f"facts[{i}].{name} has {count} prompts, over the limit of {MAX_FACT_PROMPTS}")
+            fields = [("prompt", fact.text), ("target_new", fact.target_new), ("target_true", fact.target_true)]
+            fields += [(f"paraphrase_prompts[{j}]", p) for j, p in enumerate(fact.paraphrase_prompts)]
+            fields += [(f"neighborhood_prompts[{j}]", p) for j, p in enumerate(fact.neighborhood_prompts)]
+            for name, text in fields:
+                if len(text) > MAX_FACT_TOKENS * _MAX_CHARS_PER_TOKEN:
+                    raise InvalidRequest(f"facts[{i}].{name} is {len(text)} characters, over the limit of "
+                                         f"{MAX_FACT_TOKENS} tokens")
+                tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
+                if tokens > MAX_FACT_TOKENS:
+                    raise InvalidRequest(f"facts[{i}].{name} is {tokens} tokens, over the limit of {MAX_FACT_TOKENS}")
 
     def prepare_in_background(self, label: str, work: Callable[[], object],
                               on_error: Callable[[BaseException], None]) -> threading.Thread:

@@ -8,16 +8,23 @@ lists the invariants and the long run's figures.
 
 from __future__ import annotations
 
+import time
+
+import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from editserve.client._pb import editing_pb2 as epb
+from editserve.client._pb import inference_pb2 as ipb
 from tests.proofs.fuzz import (
     BackgroundStream,
     FuzzSession,
     declared_rpcs,
+    metadata_for,
     request_strategy,
     start_fuzz_server,
 )
+from tests.proofs.messages import invalid_utf8
 
 pytestmark = pytest.mark.e2e
 
@@ -64,3 +71,60 @@ def test_hostile_requests_break_no_invariant(fuzz_server):
     assert stream.errors == [], stream.errors[:5]
     assert len(stream.completed) >= 3 and stream.longest_gap() < 30, (len(stream.completed), stream.longest_gap())
     assert fuzz_server.proc.poll() is None
+
+
+# --- regressions of what the fuzzer found (docs/RELIABILITY.md, "Fuzzing") ---------------
+
+def test_undecodable_bytes_are_invalid_argument_after_auth(fuzz_server):
+    """grpcio answered bytes that do not parse with INTERNAL ("Exception deserializing
+    request!"); now INVALID_ARGUMENT, and a caller without a credential still hears
+    UNAUTHENTICATED first."""
+    session = FuzzSession(fuzz_server)
+    try:
+        for rpc in declared_rpcs():
+            bad_utf8 = invalid_utf8(rpc.input)  # None: the message has no string field
+            for payload in (b"\x00", b"\x08\x80", *([bad_utf8] if bad_utf8 else [])):  # bad tag, cut varint
+                outcome = session.send(rpc, payload, "editor")
+                assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (rpc.name, payload, outcome)
+                assert "does not parse" in outcome.details
+            assert session.send(rpc, b"\x00", "none").code == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        session.close()
+
+
+def test_oversized_score_items_and_facts_are_refused_at_once(fuzz_server):
+    """A Score item or a fact of tens of thousands of tokens used to run for minutes (and
+    allocate without bound) before answering; now refused before any model work."""
+    session = FuzzSession(fuzz_server)
+    rpcs = {rpc.name: rpc for rpc in declared_rpcs()}
+    long_text = "ab " * 30_000
+    fact = epb.Fact(prompt="The capital of {} is", subject="France", target_new="Rome")
+    edits = {
+        "prompt": epb.Fact(prompt="The capital of {} is" + long_text, subject="France", target_new="Rome"),
+        "target_new": epb.Fact(prompt=fact.prompt, subject="France", target_new="Rome" + " x" * 300),
+        "paraphrase_prompts": epb.Fact(prompt=fact.prompt, subject="France", target_new="Rome",
+                                       paraphrase_prompts=["France's capital is"] * 65),
+        "neighborhood_prompts[0]": epb.Fact(prompt=fact.prompt, subject="France", target_new="Rome",
+                                            neighborhood_prompts=[long_text]),
+    }
+    try:
+        started = time.monotonic()
+        score = ipb.ScoreRequest(items=[ipb.ScoreItem(prompt="The capital of France is", continuation="Paris"),
+                                        ipb.ScoreItem(prompt=long_text, continuation="Paris")])
+        outcome = session.send(rpcs["Score"], score.SerializeToString(), "editor")
+        assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT and "items[1]" in outcome.details, outcome
+        medium = ipb.ScoreRequest(items=[ipb.ScoreItem(prompt="ab " * 1500, continuation="Paris")])
+        outcome = session.send(rpcs["Score"], medium.SerializeToString(), "editor")
+        assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT and "tokens" in outcome.details, outcome
+        for field, bad in edits.items():
+            request = epb.EditRequest(method=epb.EDIT_METHOD_FT_L, facts=[bad], ft=epb.FtOptions(layer=1, steps=2))
+            outcome = session.send(rpcs["Edit"], request.SerializeToString(), "editor")
+            assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT and f"facts[0].{field}" in outcome.details, outcome
+        request = epb.EditRequest(method=epb.EDIT_METHOD_FT_L, facts=[fact], description="x" * 4097)
+        outcome = session.send(rpcs["Edit"], request.SerializeToString(), "editor")
+        assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT and "description" in outcome.details, outcome
+        assert time.monotonic() - started < 10
+        assert session.inference.GetModelInfo(ipb.GetModelInfoRequest(include_weights_digest=True),
+                                              metadata=metadata_for("editor")).weights_digest == session.baseline_digest
+    finally:
+        session.close()

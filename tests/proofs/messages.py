@@ -205,7 +205,7 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _invalid_utf8(descriptor: Descriptor) -> bytes | None:
+def invalid_utf8(descriptor: Descriptor) -> bytes | None:
     """A length-delimited record putting invalid UTF-8 into the message's first string field
     (proto3 requires valid UTF-8 there; parsers must refuse it)."""
     for field in descriptor.fields:
@@ -220,7 +220,7 @@ def wire_payloads(message: st.SearchStrategy[Message], descriptor: Descriptor) -
     truncated, followed by garbage or an unknown field, replaced by random bytes, or carrying
     invalid UTF-8 in a string field."""
     serialized = message.map(lambda m: m.SerializeToString())
-    bad_utf8 = _invalid_utf8(descriptor)
+    bad_utf8 = invalid_utf8(descriptor)
     damaged = [
         serialized.flatmap(lambda b: st.integers(0, max(0, len(b) - 1)).map(lambda n, b=b: ("truncated", b[:n]))),
         st.tuples(serialized, st.binary(min_size=1, max_size=16)).map(lambda t: ("garbage_tail", t[0] + t[1])),
