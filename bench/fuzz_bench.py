@@ -33,6 +33,7 @@ def main() -> int:
     parser.add_argument("--model", default="tiny", help="'tiny' (the tests' random Llama) or a model name")
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--server-log", type=Path, default=None, help="keep a copy of the server's log here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -63,6 +64,8 @@ def main() -> int:
             session.close()
             alive = server.proc.poll() is None
             code = server.stop()
+            if args.server_log:
+                args.server_log.write_text(server.log())
         elapsed = time.monotonic() - started
     print(f"## fuzz: {session.requests} requests in {elapsed:.0f} s on {args.model} ({date.today()}), seed {args.seed}")
     print(session.report())

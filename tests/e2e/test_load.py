@@ -1,5 +1,5 @@
 """Load on loopback (short version of bench/load_bench.py): 8 concurrent GenerateStream clients
-and an edit every 5 s for 20 s on the tiny model; no errors, every stream whole, the server's
+and an edit every 4 s for 15 s on the tiny model; no errors, every stream whole, the server's
 resident memory within 5 % of its post-warm-up baseline (docs/RELIABILITY.md, "Load")."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.e2e
 
 def test_streams_and_edits_under_load(tiny_servers):
     server = tiny_servers("--no-prepare-statistics")
-    result = run_load(server, streams=8, duration_s=20, max_new_tokens=16, edit_every_s=5)
+    result = run_load(server, streams=8, duration_s=15, max_new_tokens=16, edit_every_s=4)
     summary = result.summary()
     print(summary)
     assert result.errors == [], result.errors[:5]
