@@ -74,7 +74,9 @@ def hostile_float(field: FieldDescriptor) -> st.SearchStrategy[float]:
 
 
 def hostile_string() -> st.SearchStrategy[str]:
-    huge = st.builds(lambda unit, n: unit * n, st.sampled_from(_HUGE_UNITS), st.sampled_from(_HUGE_COUNTS))
+    # n characters in all, whatever the unit's length
+    huge = st.builds(lambda unit, n: unit * max(1, n // len(unit)), st.sampled_from(_HUGE_UNITS),
+                     st.sampled_from(_HUGE_COUNTS))
     # st.text never yields lone surrogates, which the Python library cannot serialize anyway;
     # invalid UTF-8 on the wire is wire_payloads' job
     return st.one_of(st.sampled_from(_STRING_EDGES), st.text(max_size=40), huge)
@@ -145,9 +147,13 @@ def _build(descriptor: Descriptor, values: dict[str, Any], template: Message | N
     message = message_factory.GetMessageClass(descriptor)()
     if template is not None:
         message.CopyFrom(template)
+    budget = 2 * MAX_REQUEST_BYTES  # fields past it are left unset: bounded memory per example
     for name, value in values.items():
         if value is KEEP:
             continue
+        budget -= sum(_size(v) for v in value) if isinstance(value, list) else _size(value)
+        if budget < 0:
+            break
         field = descriptor.fields_by_name[name]
         if field.is_repeated:
             message.ClearField(name)
