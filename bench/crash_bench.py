@@ -33,6 +33,8 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=200)
     parser.add_argument("--max-kill-after", type=float, default=2.0, help="seconds; kills land in [0.05, this]")
     parser.add_argument("--seed", type=int, default=15)
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="start no new kill point after this long (and report what was done)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     started = time.monotonic()
@@ -47,6 +49,9 @@ def main() -> int:
         signal.signal(signal.SIGTERM, stop)  # a SIGTERM still prints the rounds done so far
         try:
             for i in range(args.kills):
+                if args.max_seconds and time.monotonic() - started > args.max_seconds:
+                    print(f"stopped at --max-seconds after {len(results)} kill points", file=sys.stderr)
+                    break
                 results.append(campaign.run_round(args.max_kill_after))
                 if results[-1].violations:
                     print(f"round {i}: {results[-1].violations}", file=sys.stderr, flush=True)

@@ -33,6 +33,8 @@ def main() -> int:
     parser.add_argument("--model", default="tiny", help="'tiny' (the tests' random Llama) or a model name")
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop early (and report what was done) after this long")
     parser.add_argument("--server-log", type=Path, default=None, help="keep a copy of the server's log here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,6 +45,9 @@ def main() -> int:
         started = time.monotonic()
         stream.start()
 
+        class OutOfTime(Exception):
+            """Raised to end the run at --max-seconds (generation only, so nothing is shrunk)."""
+
         @settings(max_examples=args.requests, deadline=None, database=None, phases=[Phase.generate],
                   suppress_health_check=list(HealthCheck))
         @given(request_strategy())
@@ -50,6 +55,8 @@ def main() -> int:
             rpc, kind, payload, credential = request
             if session.requests >= args.requests or server.proc.poll() is not None:
                 return
+            if args.max_seconds and time.monotonic() - started > args.max_seconds:
+                raise OutOfTime
             session.run_one(rpc, kind, payload, credential)
             if session.requests % 500 == 0:
                 print(f"{session.requests} requests, {len(session.violations)} violations, "
@@ -59,6 +66,8 @@ def main() -> int:
             from hypothesis import seed
 
             seed(args.seed)(fuzz)()
+        except OutOfTime:
+            print(f"stopped at --max-seconds after {session.requests} requests", file=sys.stderr)
         finally:
             stream.stop()
             session.close()
