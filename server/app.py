@@ -31,6 +31,7 @@ from .auth import AccessPolicy, AuthInterceptor, server_credentials, startup_war
 from .config import ServeConfig
 from .editing_service import EditingServicer
 from .inference_service import InferenceServicer
+from .rpc import MalformedRequestInterceptor
 from .runtime import Runtime
 
 log = logging.getLogger("editserve")
@@ -49,12 +50,16 @@ class EditserveServer:
         self.runtime = Runtime(config)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         metrics = self.runtime.metrics
-        auth = AuthInterceptor(AccessPolicy.from_config(config),
-                               on_denied=lambda rpc, code: metrics.requests.labels(rpc, code.name).inc())
+        def count(rpc: str, code: grpc.StatusCode) -> None:
+            metrics.requests.labels(rpc, code.name).inc()
+
+        auth = AuthInterceptor(AccessPolicy.from_config(config), on_denied=count)
+        # the auth check wraps the parse check: no credential is UNAUTHENTICATED whatever the bytes
+        malformed = MalformedRequestInterceptor(SERVICE_NAMES, on_refused=count)
         self.grpc = grpc.server(
             ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="editserve-rpc"),
             options=[("grpc.so_reuseport", 0)],
-            interceptors=[auth],
+            interceptors=[auth, malformed],
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.runtime), self.grpc)
         editing_pb2_grpc.add_EditingServicer_to_server(EditingServicer(self.runtime), self.grpc)

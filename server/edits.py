@@ -46,6 +46,17 @@ MUTEX_POLL_SECONDS = 0.05  # how often a caller waiting for the edit mutex check
 # (prompts, targets) -> probabilities of each target after its prompt
 ScoreFn = Callable[[list[str], list[str]], list[float]]
 
+# Bounds on what one Edit may carry besides its fact count. Why: every string of a fact is
+# tokenized and run through the model (the value optimisation, the before/after scores), so
+# a 1 MB prompt made one edit hold the edit mutex for minutes and allocate without limit
+# (found by the fuzzer, docs/RELIABILITY.md). Facts are short statements: real CounterFact
+# and zsRE prompts are under 64 tokens.
+MAX_FACT_TOKENS = 256  # each prompt (subject filled in), paraphrase, neighbourhood prompt and target
+MAX_FACT_PROMPTS = 64  # paraphrase_prompts and neighborhood_prompts, each, per fact
+MAX_DESCRIPTION_CHARS = 4096  # kept in the journal and returned by every ListEdits
+# no token is longer than this many characters, so a longer string is refused untokenized
+_MAX_CHARS_PER_TOKEN = 64
+
 
 class UnknownEdit(KeyError):
     pass
@@ -219,6 +230,10 @@ class EditManager:
         limit = min(METHODS[method].max_facts, self.max_facts)
         if len(facts) > limit:
             raise InvalidRequest(f"facts: {len(facts)} facts in one edit, the limit for {method} is {limit}")
+        if len(description) > MAX_DESCRIPTION_CHARS:
+            raise InvalidRequest(f"description is {len(description)} characters, over the limit of "
+                                 f"{MAX_DESCRIPTION_CHARS}")
+        self._check_sizes(facts)
         digest = request_digest(method, facts, options, description) if idempotency_key else ""
         if idempotency_key:  # a retry of a finished edit need not wait behind the next one
             earlier = self._earlier(idempotency_key, digest)
@@ -387,6 +402,25 @@ class EditManager:
         except Exception as undo_error:  # noqa: BLE001
             self._diverge(f"reverting edit {record.edit_id} failed ({error}) and taking its commit back failed too "
                           f"({type(undo_error).__name__}: {undo_error})")
+    def _check_sizes(self, facts: list[Fact]) -> None:
+        """Every string of every fact within :data:`MAX_FACT_TOKENS` tokens, every prompt list
+        within :data:`MAX_FACT_PROMPTS` (InvalidRequest naming the field otherwise)."""
+        tokenizer = self.host.tokenizer
+        for i, fact in enumerate(facts):
+            for name in ("paraphrase_prompts", "neighborhood_prompts"):
+                count = len(getattr(fact, name))
+                if count > MAX_FACT_PROMPTS:
+                    raise InvalidRequest(f"facts[{i}].{name} has {count} prompts, over the limit of {MAX_FACT_PROMPTS}")
+            fields = [("prompt", fact.text), ("target_new", fact.target_new), ("target_true", fact.target_true)]
+            fields += [(f"paraphrase_prompts[{j}]", p) for j, p in enumerate(fact.paraphrase_prompts)]
+            fields += [(f"neighborhood_prompts[{j}]", p) for j, p in enumerate(fact.neighborhood_prompts)]
+            for name, text in fields:
+                if len(text) > MAX_FACT_TOKENS * _MAX_CHARS_PER_TOKEN:
+                    raise InvalidRequest(f"facts[{i}].{name} is {len(text)} characters, over the limit of "
+                                         f"{MAX_FACT_TOKENS} tokens")
+                tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
+                if tokens > MAX_FACT_TOKENS:
+                    raise InvalidRequest(f"facts[{i}].{name} is {tokens} tokens, over the limit of {MAX_FACT_TOKENS}")
 
     def prepare_in_background(self, label: str, work: Callable[[], object],
                               on_error: Callable[[BaseException], None]) -> threading.Thread:

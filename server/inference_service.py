@@ -20,6 +20,8 @@ MAX_SCORE_ITEMS = 256
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 100.0
 MAX_TOP_K = 1_000_000
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+# no token is longer than this many characters: a longer text is over a token limit untokenized
+MAX_CHARS_PER_TOKEN = 64
 
 _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -217,12 +219,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise invalid("items is empty")
         if len(request.items) > MAX_SCORE_ITEMS:
             raise invalid(f"{len(request.items)} items is over the limit of {MAX_SCORE_ITEMS} per request")
+        host = self.runtime.host
+        limit = self.runtime.config.max_prompt_tokens
         for i, item in enumerate(request.items):
             if not item.prompt:
                 raise invalid(f"items[{i}].prompt is empty")
             if not item.continuation.strip():
                 raise invalid(f"items[{i}].continuation is empty")
-        host = self.runtime.host
+            # bounded like a Generate prompt: an unbounded item made one Score call run for
+            # minutes and allocate without limit (found by the fuzzer, docs/RELIABILITY.md)
+            chars = len(item.prompt) + len(item.continuation)
+            if chars > limit * MAX_CHARS_PER_TOKEN:
+                raise invalid(f"items[{i}] is {chars} characters, over the limit max_prompt_tokens={limit}")
+            tokens = len(host.tokenizer(item.prompt).input_ids) + len(
+                host.tokenizer(item.continuation, add_special_tokens=False).input_ids)
+            if tokens > limit:
+                raise invalid(f"items[{i}] is {tokens} tokens (prompt and continuation), over the limit "
+                              f"max_prompt_tokens={limit}")
         with self.runtime.stable_weights(context, "score"):
             prompts, matches = host.routed_prompts([i.prompt for i in request.items])
             scores = score_continuations(host.model, host.tokenizer, prompts, [i.continuation for i in request.items])

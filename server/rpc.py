@@ -83,6 +83,63 @@ def _observed(m: Metrics, name: str, context: grpc.ServicerContext) -> Iterator[
         m.request_duration.labels(name).observe(time.perf_counter() - started)
 
 
+class _Undecodable:
+    """What a request that failed to parse becomes, so the handler (not gRPC) answers it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as error:  # noqa: BLE001 - DecodeError, invalid UTF-8, anything the parser raises
+            return _Undecodable(error)
+
+    return parse
+
+
+class MalformedRequestInterceptor(grpc.ServerInterceptor):
+    """Answers a request whose bytes do not parse as its message with INVALID_ARGUMENT.
+
+    Why: grpcio answers a failing request deserializer with a hard-coded INTERNAL ("Exception
+    deserializing request!"), so truncated bytes, garbage or invalid UTF-8 in a string field
+    (which a client in another language can send) looked like a server fault. The
+    deserializer is made lenient and the handler refuses the undecodable request itself; it
+    runs inside the auth interceptor's guard, so a caller without a credential is still told
+    UNAUTHENTICATED first. ``on_refused(rpc, code)`` counts the refusal beside other RPCs."""
+
+    def __init__(self, services: tuple[str, ...], on_refused: Callable[[str, grpc.StatusCode], None]) -> None:
+        self.prefixes = tuple(f"/{name}/" for name in services)
+        self.on_refused = on_refused
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(self.prefixes) or handler.request_deserializer is None \
+                or handler.request_streaming:
+            return handler
+        rpc = method.rsplit("/", 1)[-1]
+
+        def wrap(behavior):
+            def checked(request, context: grpc.ServicerContext):
+                if isinstance(request, _Undecodable):
+                    self.on_refused(rpc, grpc.StatusCode.INVALID_ARGUMENT)
+                    log.info("%s from %s: undecodable request: %s", rpc, context.peer(), request.error)
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"the request is not a valid {rpc} request message (it does not parse)")
+                return behavior(request, context)
+
+            return checked
+
+        serializers = {"request_deserializer": _lenient(handler.request_deserializer),
+                       "response_serializer": handler.response_serializer}
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **serializers)
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), **serializers)
+
+
 def rpc_handler(metrics: Callable[[Any], Metrics], name: str, *, streaming: bool = False):
     """Decorate a servicer method: status mapping, in-flight gauge, duration, request count."""
 

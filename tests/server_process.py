@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -77,9 +78,23 @@ class ServerProcess:
         self.stop(signal.SIGKILL)
 
 
+def _address_space_limit(limit: int):
+    """A preexec_fn capping the child's address space (RLIMIT_AS) at ``limit`` bytes."""
+
+    def apply() -> None:
+        _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        capped = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (capped, capped))
+
+    return apply
+
+
 def start_server(model: str, state_dir: Path, log_dir: Path, *extra: str, wait: bool = True,
-                 timeout: float = 300, client_options: dict | None = None) -> ServerProcess:
-    """``client_options``: how to reach it (TLS files, token), for the health wait and client()."""
+                 timeout: float = 300, client_options: dict | None = None,
+                 memory_limit_bytes: int | None = None) -> ServerProcess:
+    """``client_options``: how to reach it (TLS files, token), for the health wait and client().
+    ``memory_limit_bytes``: an address-space limit, so a runaway allocation fails in the server
+    (a MemoryError it must answer) instead of exhausting the machine."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port_file = log_dir / f"ports-{time.monotonic_ns()}.json"
     log_path = log_dir / f"server-{time.monotonic_ns()}.log"
@@ -88,7 +103,8 @@ def start_server(model: str, state_dir: Path, log_dir: Path, *extra: str, wait: 
            "--port-file", str(port_file), *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     log_file = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    preexec = _address_space_limit(memory_limit_bytes) if memory_limit_bytes else None
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec)
     deadline = time.monotonic() + timeout
     while not port_file.exists():
         if proc.poll() is not None:
