@@ -219,7 +219,7 @@ def test_sigterm_past_the_grace_period_abandons_an_edit(tiny_servers, tmp_path):
     signalled = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(30) == 0
-    assert time.monotonic() - signalled < 1 + 15
+    assert time.monotonic() - signalled < 1 + 20  # the grace, then stopping the engine (slow on a loaded machine)
     editor.join(30)
     assert outcome and outcome[0].code.name in ("UNAVAILABLE", "CANCELLED"), outcome
     db = sqlite3.connect(tmp_path / "state" / "journal.sqlite3")
