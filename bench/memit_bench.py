@@ -204,9 +204,10 @@ def main() -> None:
             checkpoint = ValueCheckpoint(args.checkpoint, args.model) if args.checkpoint else None
             if checkpoint is not None:
                 held = checkpoint.load()
-                seconds = sum({(v.info["seconds"], v.info["batch_facts"]) for v in held.values()}, (0.0, 0))
+                # every fact of a chunk carries that chunk's time: count each chunk once
+                seconds = sum(sec for sec, _n in {(v.info["seconds"], v.info["batch_facts"]) for v in held.values()})
                 print(f"checkpoint {args.checkpoint}: {len(held)} facts finished in earlier sittings "
-                      f"({seconds[0]:.0f} s of target optimisation, {seconds[0] / max(len(held), 1):.2f} s per fact)",
+                      f"({seconds:.0f} s of target optimisation, {seconds / max(len(held), 1):.2f} s per fact)",
                       flush=True)
             delta, diag = compute_memit(ctx, facts, hp, checkpoint=checkpoint)
         else:
