@@ -57,9 +57,12 @@ def test_edits_stop_when_the_client_gives_up(tiny_servers):
         assert time.monotonic() - started < 5
 
         channel = grpc.insecure_channel(server.target)
+        estimates = server.log().count("key statistics, layers")
         running = editing_pb2_grpc.EditingStub(channel).Edit.future(convert.edit_request(_fact(1), **LONG))
         _eventually(lambda: server.metric("editserve_requests_in_flight", rpc="Edit") == 1)
-        time.sleep(0.5)
+        # it holds the edit mutex once its statistics estimate has started (its progress bar
+        # is in the log): on a loaded machine being in flight is not yet holding the mutex
+        _eventually(lambda: server.log().count("key statistics, layers") > estimates)
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded):
             client.edit(_fact(2), timeout=1.0, **FAST)  # queued behind it: the wait is bounded too
