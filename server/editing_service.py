@@ -11,7 +11,7 @@ from editserve.client._pb import editing_pb2_grpc as pb_grpc
 from editserve.editing.facts import Fact
 from editserve.editing.registry import METHODS
 
-from .edits import EditOutcome, MethodUnavailable, UnknownEdit, stable_weights
+from .edits import BackendLacksCapability, EditOutcome, MethodUnavailable, UnknownEdit, stable_weights
 from .journal import EditRecord
 from .rpc import ServiceError, invalid, rpc_handler
 from .runtime import Runtime
@@ -100,6 +100,8 @@ class EditingServicer(pb_grpc.EditingServicer):
             outcome: EditOutcome = self.runtime.edits.edit(
                 method, facts, options, dry_run=request.dry_run, description=request.description
             )
+        except BackendLacksCapability as error:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(error.args[0])) from None
         except MethodUnavailable as error:
             raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, str(error.args[0])) from None
         response = pb.EditResponse(

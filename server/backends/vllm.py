@@ -25,8 +25,10 @@ before vLLM builds the model; this backend does not have them, so it lacks the
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -61,6 +63,10 @@ class VLLMHost(ModelHost):
     engine: VLLMEngine | None = None
 
     @property
+    def backend_name(self) -> str:
+        return NAME
+
+    @property
     def capabilities(self) -> frozenset[str]:
         """Weight deltas (reloaded into the workers) and SERAC routing (before the engine);
         no ``ffn_neurons``: T-Patcher needs buffers vLLM's model does not have."""
@@ -90,17 +96,20 @@ class VLLMHost(ModelHost):
 
     def _commit(self, active, prepared, revision: int) -> float:
         """Swap the analysis view's tensors, then load the same bits into the workers."""
-        from safetensors.torch import save
+        from safetensors.torch import save_file
 
         values, _pristine = prepared
         pause = super()._commit(active, prepared, revision)
         if self.engine is None:
             return pause
         names = self.engine_names(sorted(values))
-        payload = None
-        if names:
-            payload = save({n: self.model.get_parameter(n).detach().cpu().contiguous() for n in names})
-        return pause + self.engine.commit(payload, revision)
+        if not names:
+            return pause + self.engine.commit(None, revision)
+        shm = Path("/dev/shm")
+        with tempfile.TemporaryDirectory(prefix="editserve-weights-", dir=shm if shm.is_dir() else None) as tmp:
+            path = Path(tmp) / f"revision-{revision}.safetensors"
+            save_file({n: self.model.get_parameter(n).detach().cpu().contiguous() for n in names}, str(path))
+            return pause + self.engine.commit(str(path), revision)
 
 
 @dataclass

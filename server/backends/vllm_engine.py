@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -195,8 +196,8 @@ class VLLMEngine:
             live.done = True
 
     # --- weights -------------------------------------------------------------------------
-    def commit(self, payload: bytes | None, revision: int) -> float:
-        """Load ``payload`` (a safetensors blob of checkpoint-named tensors) into every
+    def commit(self, payload: str | None, revision: int) -> float:
+        """Load ``payload`` (a safetensors file of checkpoint-named tensors) into every
         worker at ``revision``; None only relabels (an edit that changes no weights, e.g. a
         SERAC memory). Returns the seconds generation was paused."""
         with self._commit_lock:
@@ -209,10 +210,11 @@ class VLLMEngine:
         self.revision = revision
         await self._engine.engine_core.set_weight_version_async(str(revision))
 
-    async def _commit(self, payload: bytes, revision: int) -> float:
+    async def _commit(self, payload: str, revision: int) -> float:
         engine = self._engine
         started = time.perf_counter()
         await engine.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
+        paused = time.perf_counter()
         try:
             await self._settle()
             for live in list(self._live.values()):
@@ -220,14 +222,21 @@ class VLLMEngine:
                     self._deliver(live, out)  # produced by the old weights: old revision
                     if live.done and live.task is not None:
                         live.task.cancel()  # its consumer waits on an empty collector: end it
-            await engine.collective_rpc("editserve_load", args=(payload,))
+            sent = time.perf_counter()
+            worker_seconds = await engine.collective_rpc("editserve_load", args=(payload,))
+            loaded = time.perf_counter()
             if not await engine.reset_prefix_cache(reset_running_requests=True):
                 raise RuntimeError("vLLM could not reset its prefix cache after a weight change")
             await engine.engine_core.set_weight_version_async(str(revision))
             self.revision = revision
         finally:
             await engine.engine_core.resume_scheduler_async()
-        return time.perf_counter() - started
+        done = time.perf_counter()
+        log.info("weights at revision %d committed to vLLM: paused %.1f ms (pause %.1f, settle %.1f, load %.1f "
+                 "of which in the worker %.1f, cache reset and resume %.1f), %d bytes", revision, 1e3 * (done - started),
+                 1e3 * (paused - started), 1e3 * (sent - paused), 1e3 * (loaded - sent), 1e3 * max(worker_seconds),
+                 1e3 * (done - loaded), os.path.getsize(payload))
+        return done - started
 
     async def _settle(self) -> None:
         """Until the frontend has dispatched every engine output received so far.
