@@ -134,8 +134,9 @@ class VLLMEngine:
     # --- requests ------------------------------------------------------------------------
     @property
     def load(self) -> int:
-        """Requests the engine still holds (queued, running or being aborted)."""
-        return sum(not live.done for live in list(self._live.values()))
+        """Requests the engine still holds: queued, running, or cancelled but not yet aborted
+        inside vLLM (an entry leaves once vLLM has finished or aborted it)."""
+        return len(self._live)
 
     def submit(self, prompt_ids: list[int], sampling: object, on_output: Callable[[object, int], bool],
                on_end: Callable[[BaseException | None, bool], None]) -> str:
