@@ -1,7 +1,7 @@
 """The vLLM backend against the Hugging Face backend, both over gRPC, in one run.
 
     flock /tmp/editserve-heavy.lock nice -n 10 .venv/bin/python bench/backend_bench.py \\
-        [--backends hf,vllm] [--concurrency 1,16,64] [--new-tokens 32] [--edits 3]
+        [--backends hf,vllm,vllm-keep] [--concurrency 1,16,64] [--new-tokens 32] [--edits 3]
 
 Per backend, a real server subprocess (same model, dtype and cache) and, measured in this
 run on this machine:
@@ -113,7 +113,8 @@ def run_backend(backend: str, args, tmp: Path) -> Row:
 
     row = Row(backend)
     began = time.perf_counter()
-    extra = ["--backend", backend, "--threads", str(args.threads), "--max-batch-size", str(max(args.concurrency)),
+    mode = ["--backend", "vllm", "--vllm-on-edit", "keep"] if backend == "vllm-keep" else ["--backend", backend]
+    extra = [*mode, "--threads", str(args.threads), "--max-batch-size", str(max(args.concurrency)),
              "--max-concurrent-requests", str(2 * max(args.concurrency)), "--no-prepare-statistics",
              "--dtype", args.dtype, "--device", args.device]
     if args.cache_dir:
@@ -141,7 +142,8 @@ def run_backend(backend: str, args, tmp: Path) -> Row:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--backends", default="hf,vllm")
+    parser.add_argument("--backends", default="hf,vllm,vllm-keep",
+                        help="hf, vllm (running requests recompute on an edit), vllm-keep (they keep their KV)")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--edits", type=int, default=3)

@@ -183,6 +183,7 @@ def make_backend(config: ServeConfig, host, model_dir: Path, metrics):
             model_dir=str(model_dir), dtype=torch_dtype_name(config.dtype), max_model_len=context_length(host.model),
             max_num_seqs=config.max_batch_size, kv_cache_bytes=int(config.vllm_kv_cache_gib * (1 << 30)),
             enforce_eager=config.vllm_enforce_eager, tensor_parallel_size=config.vllm_tensor_parallel_size,
+            on_edit=config.vllm_on_edit,
         )
         return VLLMBackend(host, VLLMEngine(options), max_batch_size=config.max_batch_size,
                            max_pending=config.max_pending_requests, observer=metrics)

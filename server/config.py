@@ -59,6 +59,9 @@ class ServeConfig:
     # eager mode starts in ~25 s on a CPU; compiled mode (False) takes minutes per start
     vllm_enforce_eager: bool = True
     vllm_tensor_parallel_size: int = 1
+    # running requests when weights change: "recompute" their KV with the new weights (every
+    # token after an edit comes from the new weights alone) or "keep" it (shorter pause)
+    vllm_on_edit: str = "recompute"
     # --- transport security and credentials (docs/SECURITY.md); all empty: plaintext, no auth ---
     # PEM server certificate (chain) and its private key: both set turns TLS on.
     tls_cert_file: str = ""
@@ -77,6 +80,8 @@ class ServeConfig:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if not 0.01 <= self.vllm_kv_cache_gib <= 1024:
             raise ValueError(f"vllm_kv_cache_gib must be in [0.01, 1024], got {self.vllm_kv_cache_gib}")
+        if self.vllm_on_edit not in ("recompute", "keep"):
+            raise ValueError(f"vllm_on_edit must be 'recompute' or 'keep', got {self.vllm_on_edit!r}")
         if not 1 <= self.vllm_tensor_parallel_size <= 64:
             raise ValueError(f"vllm_tensor_parallel_size must be in [1, 64], got {self.vllm_tensor_parallel_size}")
         if not 1 <= self.max_edit_facts <= 100_000:

@@ -13,11 +13,17 @@ Committing weights while requests stream (:meth:`VLLMEngine.commit`):
    :meth:`VLLMEngine._settle`), then hand each request its pending output at the *old*
    revision: every token produced so far is attributed to the weights that produced it;
 3. ``collective_rpc`` the tensors into every worker (:mod:`.vllm_worker`);
-4. ``reset_prefix_cache(reset_running_requests=True)``: no request, new or running, may read
-   KV computed by the old weights. Running requests are preempted and recompute their prompt
-   and the tokens so far with the new weights, so every token after the commit is produced
-   by the new weights alone (the Hugging Face backend instead keeps the old KV of running
-   sequences; see docs/ARCHITECTURE.md);
+4. reset the prefix cache, so that no request reads KV computed by the old weights. With
+   ``on_edit="recompute"`` (the default) running requests are preempted
+   (``reset_prefix_cache(reset_running_requests=True)``) and recompute their prompt and the
+   tokens so far with the new weights: every token after the commit is produced by the new
+   weights alone, at the price of that recompute in the pause. With ``on_edit="keep"``
+   running requests keep their KV (as the Hugging Face backend's running sequences do) and
+   the cache is reset only when no request holds blocks; every request's prompt is salted
+   with the revision it arrived at (``cache_salt``), so a request arriving later never
+   matches blocks of another revision. (A request already queued at an older revision when
+   the commit lands may still reuse that revision's prompt blocks: "keep" trades that for
+   the shorter pause; docs/ARCHITECTURE.md);
 5. label vLLM's weight version with the revision, bump ours and resume.
 """
 
@@ -47,6 +53,8 @@ class EngineOptions:
     max_num_seqs: int
     kv_cache_bytes: int
     enforce_eager: bool = True
+    # what running requests do when weights change: "recompute" their KV, or "keep" it
+    on_edit: str = "recompute"
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
     seed: int = 0
@@ -170,7 +178,8 @@ class VLLMEngine:
         error: BaseException | None = None
         cancelled = False
         try:
-            live.collector = await self._engine.add_request(request_id, {"prompt_token_ids": prompt_ids}, sampling)
+            prompt = {"prompt_token_ids": prompt_ids, "cache_salt": f"revision-{self.revision}"}
+            live.collector = await self._engine.add_request(request_id, prompt, sampling)
             while not live.done:
                 out = live.collector.get_nowait() or await live.collector.get()
                 self._deliver(live, out)
@@ -226,8 +235,11 @@ class VLLMEngine:
             sent = time.perf_counter()
             worker_seconds = await engine.collective_rpc("editserve_load", args=(payload,))
             loaded = time.perf_counter()
-            if not await engine.reset_prefix_cache(reset_running_requests=True):
-                raise RuntimeError("vLLM could not reset its prefix cache after a weight change")
+            if self.options.on_edit == "recompute":
+                if not await engine.reset_prefix_cache(reset_running_requests=True):
+                    raise RuntimeError("vLLM could not reset its prefix cache after a weight change")
+            elif not self._live:  # "keep": only an idle cache can be reset; salts cover the rest
+                await engine.reset_prefix_cache()
             await engine.engine_core.set_weight_version_async(str(revision))
             self.revision = revision
         finally:
