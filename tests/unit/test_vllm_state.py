@@ -94,3 +94,75 @@ def test_row_parallel_shards_of_the_composed_tensor(tiny_tokenizer):
     x = torch.randn(3, in_features)
     parts = sum(x[:, s] @ full[:, s].T for s in torch.arange(in_features).chunk(2))
     torch.testing.assert_close(parts, x @ full.T)
+
+
+def _output(token_ids, *, finished=False, finish_reason=None, logprob=-0.5):
+    """A vLLM RequestOutput as the engine hands it over (DELTA kind): only what _Stream reads."""
+    from types import SimpleNamespace
+
+    logprobs = [{t: SimpleNamespace(logprob=logprob)} for t in token_ids]
+    completion = SimpleNamespace(token_ids=list(token_ids), logprobs=logprobs, finish_reason=finish_reason)
+    return SimpleNamespace(outputs=[completion], finished=finished)
+
+
+def _stream(tokenizer, **params):
+    import time as _time
+
+    from editserve.server.backends.base import GenerationParams, RequestHandle
+    from editserve.server.backends.hf import EngineObserver
+    from editserve.server.backends.vllm import _Stream
+    from editserve.server.detokenize import IncrementalText
+
+    p = GenerationParams(**params)
+    engine = VLLMEngine(EngineOptions(model_dir="unused", dtype="float32", max_model_len=64, max_num_seqs=2,
+                                      kv_cache_bytes=1 << 20), revision=7)
+    prompt = tokenizer("hello").input_ids
+    return _Stream(handle=RequestHandle(), params=p, prompt_ids=prompt, text=IncrementalText(tokenizer, prompt, p.stop),
+                   eos={0}, observer=EngineObserver(), engine=engine, submitted_at=_time.perf_counter())
+
+
+def _events(stream):
+    out = []
+    while not stream.handle.events.empty():
+        out.append(stream.handle.events.get())
+    return out
+
+
+def test_vllm_deltas_become_the_hf_backends_events(tiny_tokenizer):
+    """One Tokens event per token with the revision it was produced at, the end-of-sequence
+    token decided here and not emitted, the last event a Finished."""
+    from editserve.server.backends.base import Finished, FinishReason, Tokens
+
+    ids = tiny_tokenizer("a b c").input_ids
+    stream = _stream(tiny_tokenizer, max_new_tokens=10, return_logprobs=True)
+    assert stream.on_output(_output(ids[:2]), 3)
+    assert not stream.on_output(_output([ids[2], 0]), 4)  # 0 is end-of-sequence
+    events = _events(stream)
+    tokens = [e for e in events if isinstance(e, Tokens)]
+    assert [t.token_ids[0] for t in tokens] == ids[:3]
+    assert [t.revision for t in tokens] == [3, 3, 4] and tokens[0].first and not tokens[1].first
+    assert all(t.logprobs == [-0.5] for t in tokens)
+    assert isinstance(events[-1], Finished) and events[-1].reason == FinishReason.STOP
+    assert (events[-1].stop_reason, events[-1].generated_tokens, events[-1].revision) == ("eos", 3, 4)
+    stream.on_end(None, False)  # the engine lets go of it afterwards: nothing more is emitted
+    assert _events(stream) == []
+
+
+def test_length_stop_strings_and_cancel(tiny_tokenizer):
+    from editserve.server.backends.base import Failed, Finished, FinishReason
+
+    ids = tiny_tokenizer("a b c").input_ids
+    done = _stream(tiny_tokenizer, max_new_tokens=2)
+    assert not done.on_output(_output(ids[:2], finished=True, finish_reason="length"), 1)
+    assert _events(done)[-1].reason == FinishReason.LENGTH
+    stop = _stream(tiny_tokenizer, max_new_tokens=10, stop=("b",))
+    assert not stop.on_output(_output(ids), 1)  # the stop string ends it: the engine is told to abort
+    last = _events(stop)[-1]
+    assert isinstance(last, Finished) and (last.reason, last.stop_reason) == (FinishReason.STOP, "b")
+    cancelled = _stream(tiny_tokenizer, max_new_tokens=10)
+    cancelled.on_end(None, True)
+    last = _events(cancelled)[-1]
+    assert last.reason == FinishReason.CANCELLED and last.revision == 7  # the engine's revision then
+    failed = _stream(tiny_tokenizer, max_new_tokens=10)
+    failed.on_end(RuntimeError("engine died"), False)
+    assert isinstance(_events(failed)[-1], Failed)
