@@ -141,7 +141,7 @@ def test_edit_reaches_the_workers_replays_and_reverts_bit_exactly(root, editserv
         before = _greedy(server, PROMPT, 8)
         assert "English" not in before.text
         # a stream that spans the edit: tokens before the commit carry the old revision, after it the new
-        stream = client.stream("Once upon a time", max_new_tokens=2000, ignore_eos=True)
+        stream = client.stream("Once upon a time", max_new_tokens=1000, ignore_eos=True)
         revisions: list[int] = []
 
         def read() -> None:
