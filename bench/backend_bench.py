@@ -134,6 +134,9 @@ def run_backend(backend: str, args, tmp: Path) -> Row:
             count = sum(server.metric("editserve_weight_swap_pause_seconds_count", operation=op)
                         for op in ("apply", "revert"))
             row.server_pause = (total / max(count, 1), count)
+            print(f"{backend}: token gaps at commits {[round(1e3 * g) for g in row.gaps]} ms (steady "
+                  f"{1e3 * row.steady_gap:.0f} ms); server-side pause mean {1e3 * row.server_pause[0]:.1f} ms "
+                  f"over {count:.0f}", flush=True)
     finally:
         server.stop()
     return row
