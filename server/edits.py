@@ -63,7 +63,11 @@ class UnknownEdit(KeyError):
 
 
 class MethodUnavailable(Exception):
-    pass
+    """A method this server does not know or implement (UNIMPLEMENTED)."""
+
+
+class BackendLacksCapability(MethodUnavailable):
+    """A method the server implements but its backend cannot host (FAILED_PRECONDITION)."""
 
 
 @dataclass
@@ -224,7 +228,10 @@ class EditManager:
         if method not in self.methods:
             from .methods import unavailable_reason
 
-            raise MethodUnavailable(unavailable_reason(method, self.host.capabilities) or method)
+            reason = unavailable_reason(method, self.host.capabilities, self.host.backend_name) or method
+            spec = METHODS.get(method)
+            lacking = spec is not None and spec.implemented and not spec.requires <= self.host.capabilities
+            raise (BackendLacksCapability if lacking else MethodUnavailable)(reason)
         validate_facts(facts)
         validate_key(idempotency_key, dry_run=dry_run)
         limit = min(METHODS[method].max_facts, self.max_facts)

@@ -109,6 +109,11 @@ class ModelHost:
         self.adapter = ArchitectureAdapter.from_model(self.model)
 
     @property
+    def backend_name(self) -> str:
+        """The generation backend this served state belongs to (named in refusals)."""
+        return "hf"
+
+    @property
     def capabilities(self) -> frozenset[str]:
         """What this served state can host (:class:`~editserve.editing.registry.MethodSpec.requires`):
         weight deltas, composed into the parameters by storage swaps, and runtime layers of

@@ -2,8 +2,11 @@
 bound to the served model, and the scorer used for before/after probabilities in Edit replies.
 
 A method is offered when the registry has a compute function for it and the serving host has
-every capability it requires (e.g. a backend that can compose weight deltas). Everything
-else answers UNIMPLEMENTED, with the reason, from :func:`unavailable_reason`: one place.
+every capability it requires (e.g. a backend that can compose weight deltas). A method the
+server does not know or implement answers UNIMPLEMENTED; one it implements but the configured
+backend cannot host (T-Patcher on vLLM) answers FAILED_PRECONDITION, naming the backend: the
+same server with another backend would accept it. The reason comes from
+:func:`unavailable_reason`: one place.
 
 The science modules are imported on first use so the server starts (and serves Generate)
 without paying their import cost, and the per-model caches (context templates, covariance
@@ -26,8 +29,9 @@ from .edits import ComputeFn, ScoreFn
 from .host import ModelHost
 
 
-def unavailable_reason(name: str, capabilities: frozenset[str]) -> str | None:
-    """Why ``name`` cannot be served by a host with ``capabilities`` (None: it can)."""
+def unavailable_reason(name: str, capabilities: frozenset[str], backend: str = "this") -> str | None:
+    """Why ``name`` cannot be served by a host with ``capabilities`` (None: it can);
+    ``backend`` names the serving backend in the reason."""
     spec = METHODS.get(name)
     if spec is None:
         return f"unknown edit method {name!r}; known: {sorted(METHODS)}"
@@ -35,7 +39,7 @@ def unavailable_reason(name: str, capabilities: frozenset[str]) -> str | None:
         return f"edit method {name!r} is not implemented by this server yet"
     missing = sorted(spec.requires - capabilities)
     if missing:
-        return f"edit method {name!r} needs backend capabilities {missing}, which this backend lacks"
+        return f"edit method {name!r} needs backend capabilities {missing}, which the {backend} backend lacks"
     return None
 
 
@@ -119,5 +123,5 @@ def build_methods(host: ModelHost, cache_dir: Path, statistics_sources: dict[str
     server always passes a dict). None: a local, trusted caller that may give paths."""
     bound = _Bound(host, cache_dir, None if statistics_sources is None else dict(statistics_sources))
     methods = {name: bound.compute_fn(spec) for name, spec in METHODS.items()
-               if unavailable_reason(name, host.capabilities) is None}
+               if unavailable_reason(name, host.capabilities, host.backend_name) is None}
     return MethodTable(methods, bound.score, lambda: bound.prepare_statistics(sorted(methods)), bound.stop)

@@ -40,6 +40,9 @@ class Metrics(EngineObserver):
         self.batch_size = Histogram(
             "editserve_batch_size", "Sequences per decode step", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
+        self.engine_requests = Gauge(
+            "editserve_engine_requests", "Requests the generation engine holds (queued or running)", registry=r
+        )
         self.model_info = Info("editserve_model", "The served model", registry=r)
         self.revision = Gauge("editserve_model_revision", "Edit revision of the served weights", registry=r)
         self.active_edits = Gauge("editserve_active_edits", "Edits currently applied", registry=r)

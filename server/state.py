@@ -11,10 +11,10 @@
 
 The Hugging Face backend has one object for both (:class:`~editserve.server.host.ModelHost`:
 generation runs on the analysis module itself, commits are storage swaps under its write
-lock). A vLLM backend pairs an analysis view with worker-side state: ``apply`` sends the
-artifact's tensors to the workers (``collective_rpc`` + ``reload_weights`` of the touched
-parameters composed as ``base + deltas``, then ``reset_prefix_cache``), and runtime layers go
-to fixed-capacity buffers registered before the engine compiles (docs/ARCHITECTURE.md).
+lock). The vLLM backend (:mod:`editserve.server.backends.vllm`) is an analysis view whose
+commits are also sent to vLLM's workers (the composed tensors, reloaded by a worker extension
+through ``collective_rpc``, then the prefix cache reset); it hosts weight deltas and SERAC
+routing but not T-Patcher neurons (docs/ARCHITECTURE.md: vLLM backend).
 """
 
 from __future__ import annotations
