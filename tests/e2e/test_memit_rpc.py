@@ -58,6 +58,8 @@ def test_memit_batch_edit_revert_and_replay(server, tiny_model_dir, tmp_path):
     (FACTS, {"steps": 5000}, "steps must be in"),
     (FACTS, {"learning_rate": float("inf")}, "lr must be in"),
     (FACTS, {"layers": [1, 1]}, "repeat"),
+    (FACTS, {"preserve": True, "null_space_threshold": float("nan")}, "null_space_threshold must be in"),
+    (FACTS, {"preserve": True, "preserve_ridge": -1.0}, "preserve_ridge must be in"),
 ])
 def test_bad_batches_are_refused_and_change_nothing(server, facts, options, message):
     with server[0].client() as client:
