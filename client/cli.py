@@ -171,6 +171,8 @@ def main() -> None:
 @click.option("--state-dir", default=None, help="Edit journal directory.")
 @click.option("--cache-dir", default=None, help="Model and statistics cache.")
 @click.option("--max-batch-size", type=int, default=None)
+@click.option("--prefix-cache-mb", type=int, default=None,
+              help="MiB of recent prompts' KV reused by later prompts with the same start (default 256; 0: off).")
 @click.option("--max-concurrent-requests", type=int, default=None)
 @click.option("--threads", "torch_threads", type=int, default=None, help="torch threads (0: torch default).")
 @click.option("--max-edit-facts", type=int, default=None, help="Facts one Edit may carry (default 10000).")

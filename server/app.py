@@ -253,7 +253,7 @@ def make_backend(config: ServeConfig, host, model_dir: Path, metrics):
     from .backends.hf import HFBackend
 
     return HFBackend(host, max_batch_size=config.max_batch_size, max_pending=config.max_pending_requests,
-                     observer=metrics)
+                     observer=metrics, prefix_cache_bytes=config.prefix_cache_mb << 20)
 
 
 def serve(config: ServeConfig, port_file: Path | None = None) -> int:

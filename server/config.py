@@ -12,6 +12,7 @@ CONFIG_VERSION = 1
 MAX_EDITOR_IDENTITIES = 1000
 MAX_IDENTITY_CHARS = 256
 MAX_SHUTDOWN_GRACE_SECONDS = 600.0
+MAX_PREFIX_CACHE_MB = 1 << 20
 BACKENDS = ("hf", "vllm")
 
 
@@ -32,6 +33,9 @@ class ServeConfig:
     # Model cache. Empty: $EDITSERVE_CACHE or ~/.cache/editserve.
     cache_dir: str = ""
     max_batch_size: int = 8
+    # KV of recent prompts kept for reuse by later prompts that start the same way (MiB;
+    # 0 turns it off). Emptied at every edit or revert. SmolLM2-135M: ~46 KiB per token (fp32).
+    prefix_cache_mb: int = 256
     max_pending_requests: int = 64
     max_concurrent_requests: int = 64
     max_prompt_tokens: int = 2048
@@ -90,6 +94,10 @@ class ServeConfig:
             raise ValueError(f"vllm_on_edit must be 'recompute' or 'keep', got {self.vllm_on_edit!r}")
         if not 1 <= self.vllm_tensor_parallel_size <= 64:
             raise ValueError(f"vllm_tensor_parallel_size must be in [1, 64], got {self.vllm_tensor_parallel_size}")
+        if isinstance(self.prefix_cache_mb, bool) or not isinstance(self.prefix_cache_mb, int) \
+                or not 0 <= self.prefix_cache_mb <= MAX_PREFIX_CACHE_MB:
+            raise ValueError(f"prefix_cache_mb must be an integer in [0, {MAX_PREFIX_CACHE_MB}], "
+                             f"got {self.prefix_cache_mb!r}")
         if not 1 <= self.max_edit_facts <= 100_000:
             raise ValueError(f"max_edit_facts must be in [1, 100000], got {self.max_edit_facts}")
         grace = self.shutdown_grace_seconds

@@ -26,6 +26,12 @@ class Metrics(EngineObserver):
             "editserve_request_duration_seconds", "End-to-end request latency", ["rpc"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.prompt_tokens = Counter("editserve_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.prefix_reused_tokens = Counter(
+            "editserve_prefix_cache_reused_tokens", "Prompt tokens whose keys and values came from the prefix cache "
+            "(an earlier prompt at the same revision) instead of a forward pass", registry=r)
+        self.prefix_hits = Counter("editserve_prefix_cache_hits", "Prefills that reused a cached prompt prefix",
+                                   registry=r)
+        self.prefills = Counter("editserve_prefills", "Prompts prefilled by the engine", registry=r)
         self.generated_tokens = Counter("editserve_generated_tokens", "Tokens generated", registry=r)
         self.routed = Counter("editserve_serac_routed", "Generate requests answered through a SERAC edit's "
                               "counterfactual path (in scope of an active memory entry)", registry=r)
@@ -97,6 +103,12 @@ class Metrics(EngineObserver):
 
     def on_step(self, batch_size: int, seconds: float) -> None:
         self.batch_size.observe(batch_size)
+
+    def on_prefill(self, prompt_tokens: int, reused_tokens: int) -> None:
+        self.prefills.inc()
+        if reused_tokens:
+            self.prefix_hits.inc()
+            self.prefix_reused_tokens.inc(reused_tokens)
 
     def serve_http(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the /metrics HTTP endpoint; returns the bound port (0 picks a free one)."""

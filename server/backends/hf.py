@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from ..detokenize import IncrementalText
 from ..host import ModelHost
+from ..prefix_cache import PrefixCache
 from ..sampling import sample_token
 from .base import (
     Failed,
@@ -45,6 +46,7 @@ class EngineObserver:
     def on_first_token(self, seconds: float) -> None: ...
     def on_token(self, seconds_since_previous: float) -> None: ...
     def on_step(self, batch_size: int, seconds: float) -> None: ...
+    def on_prefill(self, prompt_tokens: int, reused_tokens: int) -> None: ...
 
 
 @dataclass
@@ -92,8 +94,10 @@ class HFBackend(GenerationBackend):
         max_batch_size: int = 8,
         max_pending: int = 64,
         observer: EngineObserver | None = None,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         self.host = host
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.max_batch_size = max_batch_size
         self.max_pending = max_pending
         self.observer = observer or EngineObserver()
@@ -214,12 +218,19 @@ class HFBackend(GenerationBackend):
 
     # --- model work --------------------------------------------------------------------
     def _prefill(self, seq: _Sequence) -> None:
-        ids = torch.tensor([seq.prompt_ids], device=self._device)
-        cache = DynamicCache()
+        """Run the prompt, past whatever prefix an earlier prompt already computed."""
         with self.host.lock.read():
             revision = self.host.revision
-            out = self.host.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        seq.kv = [(layer.keys, layer.values) for layer in cache.layers]
+            hit = self.prefix_cache.lookup(seq.prompt_ids, revision)
+            start = hit.tokens if hit is not None else 0
+            cache = DynamicCache(ddp_cache_data=hit.kv) if hit is not None else DynamicCache()
+            ids = torch.tensor([seq.prompt_ids[start:]], device=self._device)
+            positions = torch.arange(start, len(seq.prompt_ids), device=self._device)
+            out = self.host.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                                  position_ids=positions[None], cache_position=positions)
+            seq.kv = [(layer.keys, layer.values) for layer in cache.layers]
+            self.prefix_cache.store(seq.prompt_ids, seq.kv, revision)
+        self.observer.on_prefill(len(seq.prompt_ids), start)
         seq.length = len(seq.prompt_ids)
         now = time.perf_counter()
         self.observer.on_first_token(now - seq.submitted_at)

@@ -197,6 +197,19 @@ def test_concurrent_clients_are_batched_and_counted(server):
         assert name in text
 
 
+def test_a_shared_prompt_start_is_reused_and_counted(server):
+    server.wait_idle()
+    preamble = "Answer in one short sentence, and say so when you do not know the answer. Question:"
+    with server.client() as client:
+        first = client.generate(preamble + " Where is the Eiffel Tower?", max_new_tokens=6, ignore_eos=True)
+        hits = server.metric("editserve_prefix_cache_hits_total")
+        reused = server.metric("editserve_prefix_cache_reused_tokens_total")
+        second = client.generate(preamble + " Where is the Eiffel Tower?", max_new_tokens=6, ignore_eos=True)
+        assert second.text == first.text
+        assert server.metric("editserve_prefix_cache_hits_total") == hits + 1
+        assert server.metric("editserve_prefix_cache_reused_tokens_total") - reused == second.prompt_tokens - 1
+
+
 def test_async_client(server):
     import asyncio
 

@@ -56,3 +56,12 @@ def test_max_edit_facts_is_bounded():
     with pytest.raises(ValueError, match="max_edit_facts"):
         ServeConfig().with_overrides(max_edit_facts=0)
     assert ServeConfig().with_overrides(max_edit_facts=5).max_edit_facts == 5
+
+
+@pytest.mark.parametrize("value", [-1, 1 << 21, 1.5, True, "64"])
+def test_prefix_cache_size_is_bounded(value):
+    from editserve.server.config import ServeConfig
+
+    with pytest.raises(ValueError, match=r"prefix_cache_mb must be an integer in \[0, 1048576\]"):
+        ServeConfig().with_overrides(prefix_cache_mb=value)
+    assert ServeConfig().with_overrides(prefix_cache_mb=0).prefix_cache_mb == 0
