@@ -1,0 +1,164 @@
+"""Decode speed against the machine's memory-bandwidth bound, measured in the same run.
+
+    flock /tmp/editserve-heavy.lock .venv/bin/python bench/decode_bench.py [--model smollm2-135m]
+
+At batch 1 every new token reads every weight once (the tied embedding too, as the output
+head), so tokens/s can be at most (read bandwidth) / (bytes of weights). The bandwidth is
+measured here, by summing a buffer much larger than the caches with the same threads, so the
+bound and the speeds come from one sitting. Rows:
+
+* ``generate``: transformers' ``model.generate`` (greedy, fp32), the baseline;
+* ``engine``: editserve's batching engine (``HFBackend``), in-process, as the server runs it,
+  for each dtype; batch 16 submits 16 requests at once.
+
+Tokens/s at batch 1 is the decode rate of one stream (tokens after the first over the time
+between first and last); at batch 16 it is all tokens over the wall time, prefill included.
+Greedy outputs of each dtype are compared with the fp32 engine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS = [
+    "The capital of France is",
+    "Michael Jordan is a professional",
+    "The mother tongue of Danielle Darrieux is",
+    "Apple was founded by",
+]
+
+
+def read_bandwidth(threads: int, megabytes: int = 1024, runs: int = 7) -> float:
+    """Bytes per second ``torch.sum`` reads from a buffer far larger than the caches."""
+    import torch
+
+    torch.set_num_threads(threads)
+    buffer = torch.ones(megabytes << 18)  # float32: 4 bytes each
+    buffer.sum()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - started)
+    return buffer.nbytes / statistics.median(times)
+
+
+def weight_bytes(model) -> int:
+    """Bytes one batch-1 decode step reads: every parameter once (a tied embedding once, as the
+    head reads it whole; an untied input embedding only reads one row, so it is left out)."""
+    seen: dict[int, int] = {p.data_ptr(): p.nbytes for p in model.parameters()}
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
+    return sum(seen.values()) - (0 if tied else embedding.nbytes)
+
+
+def generate_rate(model, tokenizer, batch: int, tokens: int, runs: int) -> float:
+    import torch
+
+    ids = tokenizer([PROMPTS[0]] * batch, return_tensors="pt").input_ids
+    rates = []
+    for _ in range(runs + 1):
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        rates.append(batch * (out.shape[1] - ids.shape[1]) / (time.perf_counter() - started))
+    return statistics.median(rates[1:])
+
+
+def engine_run(backend, tokenizer, batch: int, tokens: int) -> tuple[float, list[list[int]]]:
+    """(tokens/s, each request's tokens): see the module docstring for what the rate counts."""
+    from editserve.server.backends.base import Finished, GenerationParams, Tokens
+
+    params = GenerationParams(max_new_tokens=tokens, ignore_eos=True)
+    started = time.perf_counter()
+    handles = [backend.submit(tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, params) for i in range(batch)]
+    outputs, stamps = [], []
+    for handle in handles:
+        ids, times = [], []
+        for event in handle:
+            if isinstance(event, Tokens):
+                ids += event.token_ids
+                times.append(time.perf_counter())
+            elif isinstance(event, Finished):
+                break
+        outputs.append(ids)
+        stamps.append(times)
+    ended = time.perf_counter()
+    if batch == 1:
+        return (len(stamps[0]) - 1) / (stamps[0][-1] - stamps[0][0]), outputs
+    return sum(len(o) for o in outputs) / (ended - started), outputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--batches", default="1,16")
+    args = parser.parse_args()
+
+    import torch
+
+    from editserve.server.backends.hf import HFBackend
+    from editserve.server.host import ModelHost
+    from editserve.server.models import load_model
+
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    batches = [int(b) for b in args.batches.split(",")]
+    bandwidth = read_bandwidth(args.threads)
+    rows: list[tuple[str, str, int, float, str]] = []
+    bounds: dict[str, float] = {}
+    reference: dict[int, list[list[int]]] = {}
+    baseline: dict[int, float] = {}
+    for dtype in args.dtypes.split(","):
+        model, tokenizer, _ = load_model(args.model, dtype=dtype)
+        bounds[dtype] = bandwidth / weight_bytes(model)
+        if dtype == "fp32":
+            for batch in batches:
+                baseline[batch] = generate_rate(model, tokenizer, batch, args.tokens, args.runs)
+                rows.append(("generate", dtype, batch, baseline[batch], ""))
+        backend = HFBackend(ModelHost(model, tokenizer, name=args.model, dtype=dtype, device="cpu"),
+                            max_batch_size=max(batches), max_pending=max(batches))
+        backend.start()
+        try:
+            engine_run(backend, tokenizer, 1, 4)  # warm-up
+            for batch in batches:
+                runs = [engine_run(backend, tokenizer, batch, args.tokens) for _ in range(args.runs)]
+                rate = statistics.median(r for r, _ in runs)
+                outputs = runs[0][1]
+                if dtype == "fp32":
+                    reference[batch] = outputs
+                agree = ""
+                if batch in reference:
+                    same = sum(a == b for a, b in zip(outputs, reference[batch], strict=True))
+                    first = [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+                             for a, b in zip(outputs, reference[batch], strict=True)]
+                    agree = f"{same}/{len(outputs)} identical"
+                    if same < len(outputs):
+                        agree += f", first difference at token {min(first)}"
+                rows.append(("engine", dtype, batch, rate, agree))
+        finally:
+            backend.stop()
+        del model, backend
+
+    print(f"{time.strftime('%Y-%m-%d')}, model {args.model}, {args.threads} torch threads, {args.tokens} new tokens, "
+          f"median of {args.runs}; read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print("| path | dtype | batch | tok/s | / generate fp32 | / bandwidth bound (batch 1) | greedy vs engine fp32 |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for path, dtype, batch, rate, agree in rows:
+        bound = f"{rate / bounds[dtype]:.0%} of {bounds[dtype]:.0f}" if batch == 1 else ""
+        print(f"| {path} | {dtype} | {batch} | {rate:.1f} | {rate / baseline[batch]:.2f}x | {bound} | {agree} |")
+
+
+if __name__ == "__main__":
+    main()
