@@ -53,6 +53,9 @@ class LoadResult:
     rss_baseline: int = 0
     rss_final: int = 0
     rss_peak: int = 0
+    # (seconds since the measured window began, RSS) every ~10 s: a plateau (allocator arenas
+    # filling up) and a leak (linear growth) end at the same final figure but differ here
+    rss_series: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def rss_growth(self) -> float:
@@ -74,7 +77,18 @@ class LoadResult:
             "rss_final_mib": round(self.rss_final / 2**20, 1),
             "rss_peak_mib": round(self.rss_peak / 2**20, 1),
             "rss_growth_pct": round(100 * self.rss_growth, 2),
+            "rss_growth_second_half_pct": round(100 * self.rss_growth_second_half, 2),
+            "rss_series_mib": [(round(t), round(rss / 2**20, 1)) for t, rss in self.rss_series],
         }
+
+    @property
+    def rss_growth_second_half(self) -> float:
+        """Growth over the second half of the window, against the baseline: near 0 for a
+        plateau, about half the total growth for a steady leak."""
+        if not self.rss_series:
+            return 0.0
+        middle = min(self.rss_series, key=lambda point: abs(point[0] - self.duration_s / 2))[1]
+        return (self.rss_final - middle) / self.rss_baseline
 
 
 def run_load(server: ServerProcess, *, streams: int, duration_s: float, max_new_tokens: int = 32,
@@ -153,8 +167,13 @@ def run_load(server: ServerProcess, *, streams: int, duration_s: float, max_new_
         measuring.set()
         began = time.monotonic()
         next_edit = began + edit_every_s
+        next_sample = began
         while (now := time.monotonic()) < began + duration_s:
-            result.rss_peak = max(result.rss_peak, process.memory_info().rss)
+            rss = process.memory_info().rss
+            result.rss_peak = max(result.rss_peak, rss)
+            if now >= next_sample:
+                result.rss_series.append((now - began, rss))
+                next_sample += 10.0
             if now >= next_edit:
                 previous = edit_once(editor, previous)
                 next_edit += edit_every_s
