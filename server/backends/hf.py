@@ -36,8 +36,13 @@ from .base import (
     Started,
     Tokens,
 )
+from .kv_slab import left_padded_slab_cache
 
 log = logging.getLogger(__name__)
+
+# Positions a decode batch's KV slabs are allocated with past the current width (they double
+# when a batch outgrows them).
+SLAB_HEADROOM = 256
 
 
 class EngineObserver:
@@ -250,22 +255,16 @@ class HFBackend(GenerationBackend):
 
     def _build_batch(self) -> _Batch:
         rows = self._running
-        width = max(s.length for s in rows)
-        layers = []
-        for layer_index in range(len(rows[0].kv)):
-            k0, v0 = rows[0].kv[layer_index]
-            keys = k0.new_zeros((len(rows), k0.shape[1], width, k0.shape[3]))
-            values = v0.new_zeros((len(rows), v0.shape[1], width, v0.shape[3]))
-            for i, seq in enumerate(rows):
-                k, v = seq.kv[layer_index]
-                keys[i, :, width - seq.length :] = k[0]
-                values[i, :, width - seq.length :] = v[0]
-            layers.append((keys, values))
+        lengths = [s.length for s in rows]
+        # room for the tokens the rows may still generate (up to a bound; slabs double past it)
+        room = max(s.params.max_new_tokens - len(s.generated) for s in rows)
+        cache, width = left_padded_slab_cache([s.kv for s in rows], lengths,
+                                              max(lengths) + min(max(room, 1), SLAB_HEADROOM))
         mask = torch.zeros((len(rows), width), dtype=torch.long, device=self._device)
         for i, seq in enumerate(rows):
             mask[i, width - seq.length :] = 1
             seq.kv = None
-        return _Batch(rows=list(rows), cache=DynamicCache(ddp_cache_data=layers), mask=mask, width=width)
+        return _Batch(rows=list(rows), cache=cache, mask=mask, width=width)
 
     def _decode_step(self) -> None:
         if self._batch is None:

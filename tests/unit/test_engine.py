@@ -142,3 +142,17 @@ def test_a_failing_request_fails_alone(engine_factory):
         _collect(bad)
     tokens, finished = _collect(good)
     assert finished.reason == FinishReason.LENGTH and len(tokens) == 12
+
+
+def test_a_batch_that_outgrows_its_kv_slabs_still_equals_generate(engine_factory):
+    from editserve.server.backends.hf import SLAB_HEADROOM
+
+    backend = engine_factory("llama", max_batch_size=2)
+    model, tok = backend.host.model, backend.host.tokenizer
+    n = SLAB_HEADROOM + 40
+    handles = [(ids, backend.submit(ids, GenerationParams(max_new_tokens=n, ignore_eos=True)))
+               for ids in (tok(PROMPTS[0]).input_ids, tok(PROMPTS[1]).input_ids)]
+    for ids, handle in handles:
+        tokens, _ = _collect(handle)
+        assert tokens == model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                                        pad_token_id=0)[0, len(ids):].tolist()
