@@ -9,7 +9,9 @@ bound and the speeds come from one sitting. Rows:
 
 * ``generate``: transformers' ``model.generate`` (greedy, fp32), the baseline;
 * ``engine``: editserve's batching engine (``HFBackend``), in-process, as the server runs it,
-  for each dtype; batch 16 submits 16 requests at once.
+  for each dtype; batch 16 submits 16 requests at once. In fp32 twice: with plain
+  ``F.linear`` products and with the blocked products the engine uses
+  (``server/backends/blocked_linear.py``).
 
 Tokens/s at batch 1 is the decode rate of one stream (tokens after the first over the time
 between first and last); at batch 16 it is all tokens over the wall time, prefill included.
@@ -108,6 +110,7 @@ def main() -> None:
 
     import torch
 
+    from editserve.server.backends.blocked_linear import use_plain_linear
     from editserve.server.backends.hf import HFBackend
     from editserve.server.host import ModelHost
     from editserve.server.models import load_model
@@ -127,33 +130,34 @@ def main() -> None:
             for batch in batches:
                 baseline[batch] = generate_rate(model, tokenizer, batch, args.tokens, args.runs)
                 rows.append(("generate", dtype, batch, baseline[batch], ""))
-        backend = HFBackend(ModelHost(model, tokenizer, name=args.model, dtype=dtype, device="cpu"),
-                            max_batch_size=max(batches), max_pending=max(batches))
-        backend.start()
-        try:
-            engine_run(backend, tokenizer, 1, 4)  # warm-up
-            for batch in batches:
-                runs = [engine_run(backend, tokenizer, batch, args.tokens) for _ in range(args.runs)]
-                rate = statistics.median(r for r, _ in runs)
-                outputs = runs[0][1]
-                if dtype == "fp32":
-                    reference[batch] = outputs
-                agree = ""
-                if batch in reference:
+        variants = ("plain F.linear", "blocked") if dtype == "fp32" else ("",)
+        for variant in variants:
+            backend = HFBackend(ModelHost(model, tokenizer, name=args.model, dtype=dtype, device="cpu"),
+                                max_batch_size=max(batches), max_pending=max(batches))
+            if variant.startswith("plain"):
+                use_plain_linear(model)  # the engine switched to blocked products: measure without
+            backend.start()
+            try:
+                engine_run(backend, tokenizer, 1, 4)  # warm-up
+                for batch in batches:
+                    runs = [engine_run(backend, tokenizer, batch, args.tokens) for _ in range(args.runs)]
+                    rate = statistics.median(r for r, _ in runs)
+                    outputs = runs[0][1]
+                    reference.setdefault(batch, outputs)
                     same = sum(a == b for a, b in zip(outputs, reference[batch], strict=True))
                     first = [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
                              for a, b in zip(outputs, reference[batch], strict=True)]
                     agree = f"{same}/{len(outputs)} identical"
                     if same < len(outputs):
                         agree += f", first difference at token {min(first)}"
-                rows.append(("engine", dtype, batch, rate, agree))
-        finally:
-            backend.stop()
+                    rows.append((f"engine {variant}".strip(), dtype, batch, rate, agree))
+            finally:
+                backend.stop()
         del model, backend
 
     print(f"{time.strftime('%Y-%m-%d')}, model {args.model}, {args.threads} torch threads, {args.tokens} new tokens, "
           f"median of {args.runs}; read bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print("| path | dtype | batch | tok/s | / generate fp32 | / bandwidth bound (batch 1) | greedy vs engine fp32 |")
+    print("| path | dtype | batch | tok/s | / generate fp32 | / bandwidth bound (batch 1) | greedy vs engine fp32 plain |")
     print("|---|---|---:|---:|---:|---:|---|")
     for path, dtype, batch, rate, agree in rows:
         bound = f"{rate / bounds[dtype]:.0%} of {bounds[dtype]:.0f}" if batch == 1 else ""

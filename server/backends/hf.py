@@ -36,6 +36,7 @@ from .base import (
     Started,
     Tokens,
 )
+from .blocked_linear import use_blocked_linear
 from .kv_slab import left_padded_slab_cache
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ class HFBackend(GenerationBackend):
         config = host.model.config.get_text_config()
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 2048))
         self._device = next(host.model.parameters()).device
+        if self._device.type == "cpu":
+            use_blocked_linear(host.model)  # 2x faster small fp32 products (see blocked_linear.py)
         self._pending: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
         self._batch: _Batch | None = None
