@@ -76,6 +76,7 @@ class _Batch:
     rows: list[_Sequence]
     cache: DynamicCache
     mask: torch.Tensor  # [B, width] 1 = real token
+    padded: bool  # some row is shorter than the width (else the mask is all ones and is not passed)
     width: int
 
 
@@ -267,7 +268,8 @@ class HFBackend(GenerationBackend):
         for i, seq in enumerate(rows):
             mask[i, width - seq.length :] = 1
             seq.kv = None
-        return _Batch(rows=list(rows), cache=cache, mask=mask, width=width)
+        return _Batch(rows=list(rows), cache=cache, mask=mask, width=width,
+                      padded=any(length != width for length in lengths))
 
     def _decode_step(self) -> None:
         if self._batch is None:
@@ -276,7 +278,9 @@ class HFBackend(GenerationBackend):
         rows = batch.rows
         input_ids = torch.tensor([[s.last_token] for s in rows], device=self._device)
         positions = torch.tensor([[s.length] for s in rows], device=self._device)
-        mask = torch.cat([batch.mask, torch.ones((len(rows), 1), dtype=batch.mask.dtype, device=self._device)], 1)
+        mask = None  # no padding: the mask would be all ones, plain causal attention needs none
+        if batch.padded:
+            mask = torch.cat([batch.mask, torch.ones((len(rows), 1), dtype=batch.mask.dtype, device=self._device)], 1)
         cache_position = torch.tensor([batch.width], device=self._device)
         started = time.perf_counter()
         with self.host.lock.read():
@@ -291,7 +295,8 @@ class HFBackend(GenerationBackend):
             )
         now = time.perf_counter()
         self.observer.on_step(len(rows), now - started)
-        batch.mask = mask
+        if mask is not None:
+            batch.mask = mask
         batch.width += 1
         logits = out.logits[:, -1]
         for i, seq in enumerate(rows):
