@@ -171,6 +171,8 @@ def main() -> None:
 @click.option("--state-dir", default=None, help="Edit journal directory.")
 @click.option("--cache-dir", default=None, help="Model and statistics cache.")
 @click.option("--max-batch-size", type=int, default=None)
+@click.option("--malloc-arenas", type=int, default=None,
+              help="glibc malloc arenas, in [0, 64] (default 2; 0: glibc's default of 8 per core).")
 @click.option("--prefix-cache-mb", type=int, default=None,
               help="MiB of recent prompts' KV reused by later prompts with the same start (default 256; 0: off).")
 @click.option("--max-concurrent-requests", type=int, default=None)

@@ -31,6 +31,7 @@ from .auth import AccessPolicy, AuthInterceptor, server_credentials, startup_war
 from .config import ServeConfig
 from .editing_service import EditingServicer
 from .inference_service import InferenceServicer
+from .memory import limit_malloc_arenas
 from .rpc import MalformedRequestInterceptor
 from .runtime import Runtime
 
@@ -259,6 +260,7 @@ def make_backend(config: ServeConfig, host, model_dir: Path, metrics):
 def serve(config: ServeConfig, port_file: Path | None = None) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_malloc_arenas(config.malloc_arenas)  # before the gRPC worker threads exist
     server = EditserveServer(config)
     server.start()
     transport = ("mTLS" if config.tls_client_ca_file else "TLS") if config.tls else "plaintext"

@@ -63,6 +63,9 @@ class ServeConfig:
     # torch intra-op threads; 0 keeps torch's default (all cores).
     torch_threads: int = 0
     grpc_workers: int = 96
+    # glibc malloc arenas (0: glibc's default of 8 per core). Many worker threads each keep
+    # an arena's worth of freed memory otherwise (server/memory.py).
+    malloc_arenas: int = 2
     # --- backend "vllm" (docs/ARCHITECTURE.md: vLLM backend) ---
     # KV cache the engine reserves (GiB, CPU memory or GPU memory)
     vllm_kv_cache_gib: float = 1.0
@@ -98,6 +101,9 @@ class ServeConfig:
                 or not 0 <= self.prefix_cache_mb <= MAX_PREFIX_CACHE_MB:
             raise ValueError(f"prefix_cache_mb must be an integer in [0, {MAX_PREFIX_CACHE_MB}], "
                              f"got {self.prefix_cache_mb!r}")
+        if isinstance(self.malloc_arenas, bool) or not isinstance(self.malloc_arenas, int) \
+                or not 0 <= self.malloc_arenas <= 64:
+            raise ValueError(f"malloc_arenas must be an integer in [0, 64], got {self.malloc_arenas!r}")
         if not 1 <= self.max_edit_facts <= 100_000:
             raise ValueError(f"max_edit_facts must be in [1, 100000], got {self.max_edit_facts}")
         grace = self.shutdown_grace_seconds

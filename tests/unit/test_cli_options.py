@@ -65,3 +65,19 @@ def test_prefix_cache_size_is_bounded(value):
     with pytest.raises(ValueError, match=r"prefix_cache_mb must be an integer in \[0, 1048576\]"):
         ServeConfig().with_overrides(prefix_cache_mb=value)
     assert ServeConfig().with_overrides(prefix_cache_mb=0).prefix_cache_mb == 0
+
+
+@pytest.mark.parametrize("value", [-1, 65, 2.0, None.__class__])
+def test_malloc_arenas_are_bounded(value):
+    from editserve.server.config import ServeConfig
+
+    with pytest.raises(ValueError, match=r"malloc_arenas must be an integer in \[0, 64\]"):
+        ServeConfig(malloc_arenas=value)
+    assert ServeConfig().malloc_arenas == 2
+
+
+def test_malloc_arenas_can_be_capped_here():
+    from editserve.server.memory import limit_malloc_arenas
+
+    assert limit_malloc_arenas(0) is False
+    assert limit_malloc_arenas(2) is True  # glibc (Linux CI); elsewhere this would be False
