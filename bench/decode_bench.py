@@ -9,9 +9,9 @@ bound and the speeds come from one sitting. Rows:
 
 * ``generate``: transformers' ``model.generate`` (greedy, fp32), the baseline;
 * ``engine``: editserve's batching engine (``HFBackend``), in-process, as the server runs it,
-  for each dtype; batch 16 submits 16 requests at once. In fp32 twice: with plain
-  ``F.linear`` products and with the blocked products the engine uses
-  (``server/backends/blocked_linear.py``).
+  for each dtype; batch 16 submits 16 requests at once. In fp32 twice, run by run in turn
+  (A/B pairs): with plain ``F.linear`` products and with the blocked products the engine
+  uses (``server/backends/blocked_linear.py``).
 
 Tokens/s at batch 1 is the decode rate of one stream (tokens after the first over the time
 between first and last); at batch 16 it is all tokens over the wall time, prefill included.
@@ -110,7 +110,7 @@ def main() -> None:
 
     import torch
 
-    from editserve.server.backends.blocked_linear import use_plain_linear
+    from editserve.server.backends.blocked_linear import use_blocked_linear, use_plain_linear
     from editserve.server.backends.hf import HFBackend
     from editserve.server.host import ModelHost
     from editserve.server.models import load_model
@@ -130,17 +130,22 @@ def main() -> None:
             for batch in batches:
                 baseline[batch] = generate_rate(model, tokenizer, batch, args.tokens, args.runs)
                 rows.append(("generate", dtype, batch, baseline[batch], ""))
-        variants = ("plain F.linear", "blocked") if dtype == "fp32" else ("",)
-        for variant in variants:
-            backend = HFBackend(ModelHost(model, tokenizer, name=args.model, dtype=dtype, device="cpu"),
-                                max_batch_size=max(batches), max_pending=max(batches))
-            if variant.startswith("plain"):
-                use_plain_linear(model)  # the engine switched to blocked products: measure without
-            backend.start()
-            try:
-                engine_run(backend, tokenizer, 1, 4)  # warm-up
-                for batch in batches:
-                    runs = [engine_run(backend, tokenizer, batch, args.tokens) for _ in range(args.runs)]
+        # fp32: plain and blocked products alternate run by run (A/B pairs), so a change in
+        # machine load hits both alike
+        variants = {"plain F.linear": use_plain_linear, "blocked": use_blocked_linear} if dtype == "fp32" \
+            else {"": use_blocked_linear}
+        backend = HFBackend(ModelHost(model, tokenizer, name=args.model, dtype=dtype, device="cpu"),
+                            max_batch_size=max(batches), max_pending=max(batches))
+        backend.start()
+        try:
+            engine_run(backend, tokenizer, 1, 4)  # warm-up
+            for batch in batches:
+                results: dict[str, list[tuple[float, list[list[int]]]]] = {name: [] for name in variants}
+                for _ in range(args.runs):
+                    for name, switch in variants.items():
+                        switch(model)  # the engine is idle between runs
+                        results[name].append(engine_run(backend, tokenizer, batch, args.tokens))
+                for name, runs in results.items():
                     rate = statistics.median(r for r, _ in runs)
                     outputs = runs[0][1]
                     reference.setdefault(batch, outputs)
@@ -150,9 +155,9 @@ def main() -> None:
                     agree = f"{same}/{len(outputs)} identical"
                     if same < len(outputs):
                         agree += f", first difference at token {min(first)}"
-                    rows.append((f"engine {variant}".strip(), dtype, batch, rate, agree))
-            finally:
-                backend.stop()
+                    rows.append((f"engine {name}".strip(), dtype, batch, rate, agree))
+        finally:
+            backend.stop()
         del model, backend
 
     print(f"{time.strftime('%Y-%m-%d')}, model {args.model}, {args.threads} torch threads, {args.tokens} new tokens, "
