@@ -220,6 +220,21 @@ def test_hparams_files_and_overrides():
     assert changed.for_depth(4).layer == 3  # an explicit layer is pinned
     with pytest.raises(InvalidRequest):
         llama.with_overrides(steps=2.5)
+    assert llama.skip_lower_layers and not llama.with_overrides(skip_lower_layers="false").skip_lower_layers
+    with pytest.raises(InvalidRequest, match="skip_lower_layers"):
+        llama.with_overrides(skip_lower_layers="maybe")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_skipping_lower_layers_gives_the_same_edit(arch, tiny_tokenizer, stats_dir):
+    """The upper-stack fast path changes speed only: same steps, same update (fp32 noise)."""
+    model, adapter = learnable_model(arch, tiny_tokenizer)
+    ctx = EditingContext(model, tiny_tokenizer, adapter, stats_dir, progress=False)
+    fast, fast_diag = compute_rome(ctx, [FACT], tiny_hparams(model, steps=10))
+    plain, plain_diag = compute_rome(ctx, [FACT], tiny_hparams(model, steps=10, skip_lower_layers=False))
+    name = fast.parameter_names[0]
+    assert fast_diag["steps"] == plain_diag["steps"]
+    torch.testing.assert_close(fast.delta(name), plain.delta(name), atol=1e-4, rtol=1e-3)
 
 
 def test_context_templates_are_deterministic(tiny_tokenizer):
