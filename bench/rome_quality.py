@@ -13,6 +13,11 @@ update) with statistics and context templates cached (they are built before the 
   flock /tmp/editserve-heavy.lock .venv/bin/python bench/rome_quality.py --model smollm2-135m --cases 30
   ... --sweep 3,5,7,9,12,15 --cases 30          # layer sweep
   ... --set steps=15 --set kl_factor=0.1        # hyperparameter overrides
+  ... --variant fast:lr=1.0,early_stop_loss=0.1  # compare option sets against the shipped row
+
+Variants run interleaved with the shipped row, case by case in one process, so their times are
+measured under the same machine load; report their ratio to the shipped row, never an absolute
+time taken elsewhere.
 """
 
 from __future__ import annotations
@@ -82,30 +87,53 @@ def summarize(rows):
     return {"ES": share("rewrite"), "PS": share("para"), "NS": share("neigh")}
 
 
-def run_layer(ctx, cases, hparams, progress=True):
+def run_rows(ctx, cases, rows_hparams: dict, progress: bool = True) -> dict[str, dict]:
+    """ES/PS/NS, times and steps of every named hyperparameter set, interleaved case by case.
+
+    Each case is edited with every set before the next case (the order alternating from case
+    to case), so all sets run under the same machine load and their time ratios mean something
+    even on a shared machine."""
     from editserve.editing.artifacts import preview
     from editserve.editing.rome import compute_rome
 
-    rows, times, steps = [], [], []
+    names = list(rows_hparams)
+    scores: dict[str, list] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    steps: dict[str, list[int]] = {n: [] for n in names}
     for i, fact in enumerate(cases):
-        started = time.perf_counter()
-        delta, diag = compute_rome(ctx, [fact], hparams)
-        times.append(time.perf_counter() - started)
-        steps.append(diag["steps"][0])
-        with preview(ctx.model, delta):
-            rows.append(case_scores(ctx.model, ctx.tokenizer, fact))
+        for name in names if i % 2 == 0 else names[::-1]:
+            started = time.perf_counter()
+            delta, diag = compute_rome(ctx, [fact], rows_hparams[name])
+            times[name].append(time.perf_counter() - started)
+            steps[name].append(diag["steps"][0])
+            with preview(ctx.model, delta):
+                scores[name].append(case_scores(ctx.model, ctx.tokenizer, fact))
         if progress:
-            s = summarize(rows)
-            print(f"  [{i + 1}/{len(cases)}] {times[-1]:.2f}s steps={steps[-1]} ES {s['ES']:.0f} PS {s['PS']:.0f} "
-                  f"NS {s['NS']:.0f}", file=sys.stderr, flush=True)
-    s = summarize(rows)
-    times_sorted = sorted(times)
-    s.update({
-        "median_s": statistics.median(times),
-        "p90_s": times_sorted[min(len(times) - 1, int(0.9 * len(times)))],
-        "mean_steps": statistics.mean(steps),
-    })
-    return s
+            for name in names:
+                s = summarize(scores[name])
+                print(f"  [{i + 1}/{len(cases)}] {name}: {times[name][-1]:.2f}s steps={steps[name][-1]} "
+                      f"ES {s['ES']:.0f} PS {s['PS']:.0f} NS {s['NS']:.0f}", file=sys.stderr, flush=True)
+    results = {}
+    first = names[0]
+    for name in names:
+        s = summarize(scores[name])
+        ordered = sorted(times[name])
+        s.update({
+            "median_s": statistics.median(times[name]),
+            "p90_s": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+            "mean_steps": statistics.mean(steps[name]),
+            "speedup": statistics.median(times[first]) / statistics.median(times[name]),
+            "steps_per_case": steps[name],
+        })
+        results[name] = s
+    return results
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """"name:key=value,key=value" -> (name, overrides)."""
+    name, _, spec = text.partition(":")
+    overrides = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+    return name, {k: _value(v) for k, v in overrides.items()}
 
 
 def main() -> None:
@@ -118,6 +146,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sweep", default="", help="comma-separated layers to compare")
     parser.add_argument("--set", action="append", default=[], help="hyperparameter override key=value")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="name:key=value,... an option set run beside the shipped one (interleaved)")
     parser.add_argument("--json", type=Path, help="write the results here too")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
@@ -142,22 +172,28 @@ def main() -> None:
                "command": " ".join(sys.argv), "rows": {}}
     unedited = [case_scores(model, tokenizer, fact) for fact in cases]
     results["rows"]["unedited"] = summarize(unedited)
+    rows_hparams = {}
     for layer in layers:
-        hp = hparams.with_overrides(layer=layer)
+        hp = hparams.with_overrides(layer=layer) if args.sweep else hparams
+        rows_hparams[f"layer {layer}"] = hp
+        for name, overrides in map(parse_variant, args.variant):
+            rows_hparams[f"layer {layer} {name}"] = hp.with_overrides(**overrides)
+    for name, hp in rows_hparams.items():
         started = time.perf_counter()
-        ctx.second_moment(layer, hp.stats_source, hp.stats_tokens)
+        ctx.second_moment(hp.layer, hp.stats_source, hp.stats_tokens)
         ctx.context_templates(hp.context_count, hp.context_length)
-        prep = time.perf_counter() - started
-        print(f"layer {layer}: statistics + contexts ready in {prep:.1f}s", file=sys.stderr, flush=True)
-        results["rows"][f"layer {layer}"] = run_layer(ctx, cases, hp, progress=not args.quiet)
+        print(f"{name}: statistics + contexts ready in {time.perf_counter() - started:.1f}s", file=sys.stderr,
+              flush=True)
+    results["variants"] = {name: hp.as_dict() for name, hp in rows_hparams.items()}
+    results["rows"].update(run_rows(ctx, cases, rows_hparams, progress=not args.quiet))
 
     print(f"\n{args.model} ({args.dtype}), CounterFact cases {args.start}..{args.start + len(cases) - 1}, "
           f"{results['date']}")
-    print("| row | ES | PS | NS | median s | p90 s | mean steps |")
-    print("|---|---|---|---|---|---|---|")
+    print("| row | ES | PS | NS | median s | p90 s | mean steps | speed-up vs first row |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results["rows"].items():
-        extra = (f"{r['median_s']:.2f} | {r['p90_s']:.2f} | {r['mean_steps']:.1f}" if "median_s" in r
-                 else "- | - | -")
+        extra = (f"{r['median_s']:.2f} | {r['p90_s']:.2f} | {r['mean_steps']:.1f} | {r['speedup']:.2f}x"
+                 if "median_s" in r else "- | - | - | -")
         print(f"| {name} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | {extra} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

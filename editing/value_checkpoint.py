@@ -30,7 +30,7 @@ from .facts import Fact
 
 _META_KEYS = "keys"
 _META_INFO = "info"
-_UNKEYED = ("batch_facts",)  # hyperparameters that do not change a fact's result
+_UNKEYED = ("batch_facts", "skip_lower_layers")  # hyperparameters that do not change a fact's result
 
 
 @dataclass(frozen=True)

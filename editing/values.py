@@ -30,11 +30,14 @@ on delta alone, so other threads may generate from the same model meanwhile.
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
 from .adapter import ArchitectureAdapter
@@ -194,6 +197,54 @@ def _buckets(specs: list[FactRows], facts: list[int]) -> list[list[tuple[int, in
     return [sorted(g) for g in groups]
 
 
+# Decoder bodies whose forward was checked (tests/unit/test_rome.py, against plain forwards) to
+# run correctly from ``inputs_embeds`` with a shortened ``layers`` list and ``config.layer_types``:
+# no absolute position embedding or scaling is applied to ``inputs_embeds`` in the forward.
+_UPPER_STACK_BODIES = frozenset({"LlamaModel", "Qwen2Model", "Gemma3TextModel", "GPTNeoXModel"})
+
+
+@dataclass(frozen=True)
+class _UpperStack:
+    """The decoder body from layer ``start`` on (a view: the same modules, never a copy of
+    weights), and the name of layer ``start`` for capturing what enters it."""
+
+    body: nn.Module
+    start: int
+    layer_name: str
+
+
+def _upper_stack(model, module_name: str) -> _UpperStack | None:
+    """A view of the body that runs only the layers from the one holding ``module_name`` on.
+
+    Why: no layer below the edited one can see delta, and neither can the edited layer before
+    its hooked module, so the hidden state entering that layer is the same at every step; each
+    step can start there instead of at the embeddings (SmolLM2 at layer 5: 25 of 30 layers).
+    The view is a shallow copy of the body whose ``layers`` list (and ``config.layer_types``,
+    which Gemma-3 and Qwen2 index by position) starts at that layer; the served model is not
+    changed, so other threads are unaffected. None where the body is not a known one or there
+    is nothing to skip (layer 0)."""
+    body = body_of(model)
+    layers = getattr(body, "layers", None)
+    if type(body).__name__ not in _UPPER_STACK_BODIES or not isinstance(layers, nn.ModuleList):
+        return None
+    target = model.get_submodule(module_name)
+    start = next((i for i, layer in enumerate(layers) if any(m is target for m in layer.modules())), None)
+    if not start:
+        return None
+    layer_name = next(name for name, module in model.named_modules() if module is layers[start])
+    view = copy.copy(body)
+    view.__dict__["_modules"] = {**body._modules, "layers": nn.ModuleList(list(layers)[start:])}
+    config = copy.deepcopy(body.config)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = list(config.layer_types)[start:]
+    view.__dict__["config"] = config
+    return _UpperStack(view, start, layer_name)
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the needed input has been captured."""
+
+
 def _head_and_softcap(model):
     head = model.get_output_embeddings()
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
@@ -204,13 +255,15 @@ class _Runner:
     """Runs the suffix of every row against the cached prefix, with a delta at the subject."""
 
     def __init__(self, model, module_name: str, batch: _Batch,
-                 prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+                 prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 upper: _UpperStack | None = None) -> None:
         self.model = model
         self.body = body_of(model)
         self.head, self.softcap = _head_and_softcap(model)
         self.batch = batch
         self.module_name = module_name
         self.prefix_kv = prefix_kv
+        self.upper = upper
         if prefix_kv is None and batch.prefix_ids is not None:
             with torch.no_grad():
                 cache = DynamicCache()
@@ -220,6 +273,29 @@ class _Runner:
             # masked out later, but NaN * 0 is NaN, so make them finite
             self.prefix_kv = [(torch.nan_to_num(layer_cache.keys), torch.nan_to_num(layer_cache.values))
                               for layer_cache in cache.layers]
+        self.entering = self._entering_hidden() if upper is not None else None
+
+    def _entering_hidden(self) -> torch.Tensor:
+        """The suffix's hidden state entering the upper stack's first layer (no delta reaches
+        it), from one forward that stops there."""
+        assert self.upper is not None
+        b, owner, captured = self.batch, threading.get_ident(), []
+
+        def grab(_module, args, kwargs):
+            if threading.get_ident() == owner:
+                captured.append(args[0] if args else kwargs["hidden_states"])
+                raise _StopForward
+
+        handle = self.model.get_submodule(self.upper.layer_name).register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.body(input_ids=b.suffix_ids, attention_mask=b.full_mask, position_ids=b.suffix_pos,
+                          past_key_values=self._cache(), use_cache=self.prefix_kv is not None)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0].detach()
 
     def narrowed(self, batch: _Batch, rows: list[int]) -> _Runner:
         """A runner for ``batch``, whose rows are ``rows`` of this one (facts that left), reusing
@@ -229,7 +305,7 @@ class _Runner:
         if self.prefix_kv is not None and width:
             index = torch.tensor(rows, device=self.prefix_kv[0][0].device)
             kv = [(k[index][:, :, k.shape[2] - width:], v[index][:, :, v.shape[2] - width:]) for k, v in self.prefix_kv]
-        return _Runner(self.model, self.module_name, batch, kv)
+        return _Runner(self.model, self.module_name, batch, kv, self.upper)
 
     def _cache(self) -> DynamicCache | None:
         if self.prefix_kv is None:
@@ -251,11 +327,13 @@ class _Runner:
             first = out[:, :1] + delta_rows[:, None].to(out.dtype)
             return torch.cat([first, out[:, 1:]], dim=1)
 
+        inputs = ({"input_ids": b.suffix_ids} if self.upper is None
+                  else {"inputs_embeds": self.entering})
+        body = self.body if self.upper is None else self.upper.body
         with Trace(self.model, self.module_name, retain_output=True, edit_output=add_delta,
                    detach=True) as trace:
-            hidden = self.body(input_ids=b.suffix_ids, attention_mask=b.full_mask, position_ids=b.suffix_pos,
-                               past_key_values=self._cache(), use_cache=self.prefix_kv is not None
-                               ).last_hidden_state
+            hidden = body(**inputs, attention_mask=b.full_mask, position_ids=b.suffix_pos,
+                          past_key_values=self._cache(), use_cache=self.prefix_kv is not None).last_hidden_state
         picked = hidden[b.loss_rows, b.loss_cols].contiguous()
         logits = self.head(picked).float()
         if self.softcap:
@@ -333,8 +411,10 @@ def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, specs:
     steps_run = [0] * n
     nll0 = [0.0] * n
     last = [(0.0, 0.0)] * n  # (nll, kl) at the fact's last evaluation
+    trace: list[list[float]] = [[] for _ in range(n)]  # NLL at every evaluation (diagnostics)
     active = list(range(n))
-    runners = [_Runner(model, module_name, _build_batch(specs, entries, pad, device))
+    upper = _upper_stack(model, module_name) if hparams.skip_lower_layers else None
+    runners = [_Runner(model, module_name, _build_batch(specs, entries, pad, device), upper=upper)
                for entries in _buckets(specs, active)]
     prepared = time.perf_counter()
     for step in range(hparams.steps + 1):
@@ -370,6 +450,7 @@ def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, specs:
                     f"{label} diverged for facts[{indices[f]}] (loss {values[f]}) at step {step}; "
                     "try a smaller learning_rate or another layer")
             last[f] = (nll_values[f], kl_values[f])
+            trace[f].append(round(nll_values[f], 4))
             if step == 0:
                 nll0[f] = nll_values[f]
         if step == hparams.steps:
@@ -408,6 +489,7 @@ def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, specs:
         "initial_nll": nll0[f],
         "final_nll": last[f][0],
         "final_kl": last[f][1],
+        "nll_trace": trace[f],
         "target_prob": math.exp(-last[f][0]),
         "delta_norm": float(result[f].norm()),
         "output_norm": float(base_out[f].norm()),

@@ -82,12 +82,16 @@ def test_multi_token_target_after_the_subject(arch, tiny_tokenizer, stats_dir):
     assert after.mean_logprob > before.mean_logprob + 2.0
 
 
+@pytest.mark.parametrize("skip_lower", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cached_prefix_runner_matches_full_forward(arch, tiny_tokenizer):
-    """The speed trick (prefix run once, suffix per step) gives the logits of plain forwards."""
+def test_cached_prefix_runner_matches_full_forward(arch, skip_lower, tiny_tokenizer):
+    """The speed tricks (prefix run once, suffix per step; with ``skip_lower`` each step starting
+    at the edited layer from its cached input) give the logits of plain forwards."""
     model, adapter = learnable_model(arch, tiny_tokenizer)
+    # the last template is longer than tiny Gemma-3's sliding window (16): layer types matter
     templates = ["{}", "The capital of France is Paris. {}", "Apple. {}",
-                 "Michael Jordan plays the sport of basketball, and more. {}"]
+                 "Michael Jordan plays the sport of basketball, and more. {}",
+                 "Michael Jordan plays the sport of basketball. The capital of France is Paris, and more. {}"]
     prompts = [locate_subject(tiny_tokenizer, t, "{} is located in", "The Space Needle") for t in templates]
     targets = V.target_ids(tiny_tokenizer, prompts[0].text, "Seattle city")
     rows = [(p.ids + tuple(targets[:-1]), p.subject_last) for p in prompts]
@@ -95,7 +99,13 @@ def test_cached_prefix_runner_matches_full_forward(arch, tiny_tokenizer):
     rows.append((kl.ids, kl.subject_last))
     spec = V.FactRows(tuple(rows), tuple(targets), len(prompts))
     batch = V._build_batch([spec], [(0, r) for r in range(len(rows))], pad_id_of(tiny_tokenizer), "cpu")
-    runner = V._Runner(model, adapter.mlp_out(2), batch)
+    layer = 1  # Gemma-3 alternates sliding and full attention: starting at 1 shifts the pattern
+    upper = V._upper_stack(model, adapter.mlp_out(layer)) if skip_lower else None
+    if skip_lower:  # every architecture but GPT-2 (absolute positions added to inputs_embeds)
+        assert (upper is None) == (arch == "gpt2")
+        assert upper is None or (upper.start == layer and len(upper.body.layers) == adapter.num_layers - layer)
+        assert len(body_of(model).layers if arch != "gpt2" else body_of(model).h) == adapter.num_layers
+    runner = V._Runner(model, adapter.mlp_out(layer), batch, upper=upper)
     delta = torch.randn(adapter.hidden_size)
     logits, _ = runner.logits(delta.expand(len(rows), -1))
 
@@ -107,7 +117,7 @@ def test_cached_prefix_runner_matches_full_forward(arch, tiny_tokenizer):
             out[:, s] += delta
             return out
 
-        with Trace(model, adapter.mlp_out(2), retain_output=False, edit_output=add):
+        with Trace(model, adapter.mlp_out(layer), retain_output=False, edit_output=add):
             hidden = body_of(model)(input_ids=torch.tensor([ids])).last_hidden_state[0]
         for k in (batch.loss_rows == i).nonzero()[:, 0]:
             expected.append(head(hidden[s + batch.loss_cols[k]]))
@@ -210,6 +220,21 @@ def test_hparams_files_and_overrides():
     assert changed.for_depth(4).layer == 3  # an explicit layer is pinned
     with pytest.raises(InvalidRequest):
         llama.with_overrides(steps=2.5)
+    assert llama.skip_lower_layers and not llama.with_overrides(skip_lower_layers="false").skip_lower_layers
+    with pytest.raises(InvalidRequest, match="skip_lower_layers"):
+        llama.with_overrides(skip_lower_layers="maybe")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_skipping_lower_layers_gives_the_same_edit(arch, tiny_tokenizer, stats_dir):
+    """The upper-stack fast path changes speed only: same steps, same update (fp32 noise)."""
+    model, adapter = learnable_model(arch, tiny_tokenizer)
+    ctx = EditingContext(model, tiny_tokenizer, adapter, stats_dir, progress=False)
+    fast, fast_diag = compute_rome(ctx, [FACT], tiny_hparams(model, steps=10))
+    plain, plain_diag = compute_rome(ctx, [FACT], tiny_hparams(model, steps=10, skip_lower_layers=False))
+    name = fast.parameter_names[0]
+    assert fast_diag["steps"] == plain_diag["steps"]
+    torch.testing.assert_close(fast.delta(name), plain.delta(name), atol=1e-4, rtol=1e-3)
 
 
 def test_context_templates_are_deterministic(tiny_tokenizer):
