@@ -36,7 +36,13 @@ from .errors import Diverged
 from .host import ModelHost
 from .idempotency import KeyConflict, request_digest, validate_key
 from .journal import EditRecord, Journal
+from .memory import release_free_memory
 from .metrics import Metrics
+
+# Heavy operations whose temporaries (optimiser state, activations of many rows) leave freed
+# heap behind: it is handed back to the OS when they end (server/memory.py). Not after Score,
+# which is frequent and light.
+TRIM_AFTER = frozenset({"edit", "revert", "trace"})
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +368,8 @@ class EditManager:
             yield
         finally:
             self._mutex.release()
+            if what in TRIM_AFTER:
+                release_free_memory()
 
     def stable(self, should_stop: StopCheck | None, what: str):
         """Hold the edit mutex for a long read (a trace, a score) that must see one revision,

@@ -15,7 +15,6 @@ deployment may or may not carry.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -23,18 +22,36 @@ log = logging.getLogger(__name__)
 _M_ARENA_MAX = -8  # from glibc's malloc.h
 
 
+def _libc_function(name: str):
+    """A function of the C library the process runs on, or None where it has none of that
+    name (not glibc). ``CDLL(None)`` is the process's own symbol table: no library search."""
+    try:
+        return getattr(ctypes.CDLL(None), name, None)
+    except OSError:
+        return None
+
+
 def limit_malloc_arenas(arenas: int) -> bool:
     """Cap glibc's malloc arenas at ``arenas`` (0: leave glibc's default). Returns whether the
     cap was set; False where the C library is not glibc (musl, macOS), which is harmless."""
     if arenas <= 0:
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = getattr(libc, "mallopt", None)
-    except OSError:
-        mallopt = None
+    mallopt = _libc_function("mallopt")
     if mallopt is None:
         log.info("malloc arenas not capped: the C library has no mallopt")
         return False
     return bool(mallopt(_M_ARENA_MAX, arenas))
+
+
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``); False elsewhere.
+
+    An edit, a revert or a trace allocates and frees far more than a generation step. glibc
+    keeps what was freed for reuse; measured in-process on the tiny model, 60 ROME edits and
+    reverts left the process 5.9 MiB larger, 1.5 MiB after one ``malloc_trim`` (6 ms). Called
+    when such an operation ends, so the resident size follows what is live."""
+    trim = _libc_function("malloc_trim")
+    if trim is None:
+        return False
+    trim(0)
+    return True
