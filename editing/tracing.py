@@ -399,8 +399,12 @@ class _LayerCalls:
     holds at that moment, and the hidden states every layer receives (plus the last layer's
     output, as ``inputs[num_layers]``). Removed on exit, also on error."""
 
-    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
+    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, stop_after_layers: bool = False) -> None:
         self.model = model
+        # stop the forward pass after the last decoder layer (raising _LayersDone): a pass run
+        # only to record the calls skips the final norm and the LM head (which, in bf16 mode,
+        # would re-cast the whole head matrix on every pass)
+        self.stop_after_layers = stop_after_layers
         self.num_layers = adapter.num_layers
         self.layers = [model.get_submodule(adapter.layer(i)) for i in range(adapter.num_layers)]
         self.calls: list[tuple[tuple, dict]] = [((), {})] * self.num_layers
@@ -444,6 +448,8 @@ class _LayerCalls:
     def _last_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         if threading.get_ident() == self._owner:
             self.inputs[self.num_layers] = _first(output)
+            if self.stop_after_layers:
+                raise _LayersDone
 
     def call(self, index: int, hidden: torch.Tensor, cache: Any) -> torch.Tensor:
         """Call decoder layer ``index`` as the model did, on other hidden states and a cache
@@ -457,6 +463,10 @@ class _LayerCalls:
         else:
             kwargs["hidden_states"] = hidden
         return _first(self.layers[index](*args, **kwargs))
+
+
+class _LayersDone(Exception):
+    """Raised by :class:`_LayerCalls` to end a recording pass after the last decoder layer."""
 
 
 class _KeysComputed(Exception):
@@ -765,13 +775,18 @@ class _Tracer:
     def _record_calls(self, start: int, stop: int) -> _LayerCalls:
         """How the model calls its layers on positions [start, stop) after a cached prefix."""
         cache = self._prefix_cache(self.clean_embeds, self.clean_kv, start)
-        with _LayerCalls(self.model, self.adapter) as calls:
-            self.model(
-                inputs_embeds=self.clean_embeds[:, start:stop],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        with _LayerCalls(self.model, self.adapter, stop_after_layers=True) as calls:
+            try:
+                self.model(
+                    inputs_embeds=self.clean_embeds[:, start:stop],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            except _LayersDone:
+                pass
+            else:
+                raise PreconditionFailed("the model's last decoder layer was not called")
         return calls
 
     def _corrupted_prefix(self, t: int) -> list:
