@@ -260,3 +260,23 @@ def test_result_is_plain_data(models, tmp_path):
 
     path = plot_trace(data, tmp_path / "trace.png")
     assert path.stat().st_size > 10_000
+
+
+def test_bf16_copy_keeps_the_models_hooks(models):
+    """A runtime edit rides on a forward hook of the served model (T-Patcher neurons): the bf16
+    copy must run it too, or the trace would describe another model."""
+    model, tok, adapter = models["llama"]
+    mlp = model.get_submodule(adapter.mlp(1))
+    kwargs = dict(samples=2, window=2, noise_scale=2.0, seed=0)
+    plain = causal_trace(model, tok, adapter, SHORT, SUBJECT, precision="bf16", **kwargs)
+    handle = mlp.register_forward_hook(lambda module, args, output: output * 3.0)
+    try:
+        fast = causal_trace(model, tok, adapter, SHORT, SUBJECT, precision="bf16", **kwargs)
+        slow = causal_trace_naive(model, tok, adapter, SHORT, SUBJECT, **kwargs)
+    finally:
+        handle.remove()
+    assert abs(slow.clean_prob - plain.clean_prob) > 20 * abs(fast.clean_prob - slow.clean_prob)
+    for kind in ("hidden", "mlp", "attn"):
+        ours, reference = fast.grids[kind][1:].ravel(), slow.grids[kind][1:].ravel()
+        assert np.corrcoef(ours, reference)[0, 1] >= 0.98, kind
+    assert hooks_attached(model) == 0
