@@ -136,9 +136,11 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d %H:%M')}, model {args.model} ({adapter.num_layers} layers), {args.threads} threads, "
         f"{len(facts)} facts, {args.samples} samples, window {args.window}, baseline {args.baseline}"
     )
+    compared = modes[1:]  # each against the first mode's grids
     print("| known_id | tokens | subject start | work | " + " | ".join(f"{m} s" for m in modes)
-          + " | " + " | ".join(f"{m} s/work" for m in modes) + " | others CPU-s |")
-    print("|---" * (4 + 2 * len(modes) + 1) + "|")
+          + " | " + " | ".join(f"{m} s/work" for m in modes) + " | others CPU-s | "
+          + " | ".join(f"{m}: mean r, max abs diff" for m in compared) + " |")
+    print("|---" * (5 + 2 * len(modes) + len(compared)) + "|")
     rows = []
     for fact in facts:
         if args.max_work and work_units(fact["n_tokens"], fact["subject_start"]) > args.max_work:
@@ -154,7 +156,7 @@ def main() -> None:
             seconds[mode] = timer.seconds
             others += timer.others
         work = work_units(fact["n_tokens"], fact["subject_start"])
-        reference = results.get("baseline", results.get("model"))
+        reference = results[modes[0]]
         row = {
             "known_id": fact["known_id"], "tokens": fact["n_tokens"], "subject_start": fact["subject_start"],
             "work": work, "seconds": seconds, "others_cpu_s": others,
@@ -163,7 +165,8 @@ def main() -> None:
         rows.append(row)
         print(f"| {fact['known_id']} | {fact['n_tokens']} | {fact['subject_start']} | {work} | "
               + " | ".join(f"{seconds[m]:.1f}" for m in modes) + " | "
-              + " | ".join(f"{seconds[m] / work:.3f}" for m in modes) + f" | {others:.1f} |", flush=True)
+              + " | ".join(f"{seconds[m] / work:.3f}" for m in modes) + f" | {others:.1f} | "
+              + " | ".join("{:.4f}, {:.1e}".format(*row["agreement"][m]) for m in compared) + " |", flush=True)
 
     medians = {m: statistics.median(r["seconds"][m] for r in rows) for m in modes}
     print("\nmedian seconds per fact: " + ", ".join(f"{m} {medians[m]:.1f}" for m in modes))
@@ -180,7 +183,7 @@ def main() -> None:
     for mode in modes:
         pairs = [r["agreement"][mode] for r in rows if mode in r["agreement"]]
         if pairs:
-            print(f"{mode} vs {'baseline' if 'baseline' in modes else 'model'}: mean r per trace "
+            print(f"{mode} vs {modes[0]}: mean r per trace "
                   f"min {min(p[0] for p in pairs):.4f}, max |difference| {max(p[1] for p in pairs):.2e}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "medians": medians}, indent=1))
