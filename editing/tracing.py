@@ -65,8 +65,8 @@ KINDS = ("hidden", "mlp", "attn")
 MAX_SAMPLES = 64
 DEFAULT_NOISE_MULTIPLIER = 3.0
 # "model": every product in the model's own dtype (exact). "bf16": the decoder layers' matrix
-# products in bfloat16 (residual stream, norms, LM head and softmax stay in the model's dtype);
-# about twice as fast on a CPU with AVX512-BF16, and not exact: see docs/TRACING.md.
+# products in bfloat16 (residual stream, norms, LM head and softmax stay in the model's dtype):
+# those products run about twice as fast on a CPU with AVX512-BF16; not exact, see docs/TRACING.md.
 PRECISIONS = ("model", "bf16")
 
 # rows x positions processed per chunk of restored runs. Large enough for efficient matrix
