@@ -383,6 +383,8 @@ def show(edit_id: str, connection: Connection) -> None:
 @click.option("--window", type=int, default=0, help="Layers restored together for MLP/attention (0: 10).")
 @click.option("--noise-scale", type=float, default=0.0, help="0: 3x the embeddings' std.")
 @click.option("--seed", type=int, default=None)
+@click.option("--precision", type=click.Choice(["model", "bf16"]), default="model",
+              help="model: exact; bf16: the layers' products in bfloat16 (faster on AVX512-BF16, not exact).")
 @click.option("--png", type=click.Path(path_type=Path), default=None, help="Draw the heatmaps to this file.")
 @click.option("--json", "as_json", is_flag=True)
 def trace(connection: Connection, prompt: str, subject: str, png: Path | None, as_json: bool, **options) -> None:

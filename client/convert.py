@@ -34,6 +34,8 @@ METHOD_NAMES = {v: k for k, v in METHODS.items()}
 OPTION_FIELDS = {name: spec.options_field for name, spec in REGISTRY.items()}
 KINDS = {"hidden": epb.TRACE_KIND_HIDDEN, "mlp": epb.TRACE_KIND_MLP, "attn": epb.TRACE_KIND_ATTENTION}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
+PRECISIONS = {"model": epb.TRACE_PRECISION_MODEL, "bf16": epb.TRACE_PRECISION_BF16}
+PRECISION_NAMES = {v: k for k, v in PRECISIONS.items()}
 EDIT_STATUS = {epb.EDIT_STATUS_ACTIVE: "active", epb.EDIT_STATUS_REVERTED: "reverted",
                epb.EDIT_STATUS_QUARANTINED: "quarantined"}
 
@@ -202,10 +204,12 @@ def revert_result(reply: epb.RevertResponse) -> RevertResult:
 
 def trace_request(
     prompt: str, subject: str, *, answer: str = "", samples: int = 0, noise_scale: float = 0.0, window: int = 0,
-    seed: int | None = None, kinds: Iterable[str] = (),
+    seed: int | None = None, kinds: Iterable[str] = (), precision: str = "model",
 ) -> epb.TraceRequest:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown trace precision {precision!r}; choose from {sorted(PRECISIONS)}")
     request = epb.TraceRequest(prompt=prompt, subject=subject, answer=answer, samples=samples,
-                               noise_scale=noise_scale, window=window)
+                               noise_scale=noise_scale, window=window, precision=PRECISIONS[precision])
     if seed is not None:
         request.seed = seed
     for kind in kinds:
@@ -227,6 +231,7 @@ def trace_result(reply: epb.TraceResponse) -> TraceResult:
         answer=reply.answer, clean_prob=reply.clean_prob, corrupted_prob=reply.corrupted_prob,
         noise_scale=reply.noise_scale, samples=reply.samples, window=reply.window, grids=grids,
         revision=reply.revision, seconds=reply.seconds,
+        precision=PRECISION_NAMES.get(reply.precision, "model"),
     )
 
 

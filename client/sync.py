@@ -149,5 +149,6 @@ class EditserveClient:
         return convert.edit_info(self._call(self._editing.GetEdit, epb.GetEditRequest(edit_id=edit_id), timeout))
 
     def trace(self, prompt: str, subject: str, *, timeout: float | None = None, **options) -> TraceResult:
-        """``options``: answer, samples, noise_scale, window, seed, kinds (hidden/mlp/attn)."""
+        """``options``: answer, samples, noise_scale, window, seed, kinds (hidden/mlp/attn),
+        precision ("model": exact, default; "bf16": faster, see docs/TRACING.md)."""
         return convert.trace_result(self._call(self._editing.Trace, convert.trace_request(prompt, subject, **options), timeout))

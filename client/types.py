@@ -144,6 +144,7 @@ class TraceResult:
     grids: dict[str, list[list[float]]]
     revision: int
     seconds: float
+    precision: str = "model"  # "model" (exact) or "bf16" (see docs/TRACING.md for its deviation)
 
     @property
     def subject_span(self) -> tuple[int, int]:

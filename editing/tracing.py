@@ -45,6 +45,8 @@ module outputs (removed on exit, also on error) and direct calls of the decoder 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import threading
 from collections.abc import Sequence
@@ -62,9 +64,16 @@ from .hooks import TraceDict
 KINDS = ("hidden", "mlp", "attn")
 MAX_SAMPLES = 64
 DEFAULT_NOISE_MULTIPLIER = 3.0
+# "model": every product in the model's own dtype (exact). "bf16": the decoder layers' matrix
+# products in bfloat16 (residual stream, norms, LM head and softmax stay in the model's dtype):
+# those products run about twice as fast on a CPU with AVX512-BF16; not exact, see docs/TRACING.md.
+PRECISIONS = ("model", "bf16")
 
-# rows x positions processed per chunk of restored runs (bounds memory, keeps GEMMs large)
-_CHUNK_TOKENS = 16384
+# rows x positions processed per chunk of restored runs. Large enough for efficient matrix
+# products (>= 2048 rows), small enough that a layer's activations (about 2048 x 1536 floats
+# for the MLP) stay in the CPU caches: the elementwise work of a layer (norms, activation,
+# residual adds, rotary) is memory-bound, and 16384 made it spill to DRAM.
+_CHUNK_TOKENS = 2048
 # logits computed at once by the LM head (a 262k-vocabulary head is large)
 _HEAD_CHUNK_LOGITS = 1 << 24
 
@@ -90,6 +99,7 @@ class TraceResult:
     num_layers: int
     kinds: tuple[str, ...]
     grids: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> float32 [tokens, layers]
+    precision: str = "model"  # one of PRECISIONS: how the products were computed
 
     @property
     def answer_token_id(self) -> int:
@@ -119,6 +129,7 @@ class TraceResult:
             "num_layers": self.num_layers,
             "kinds": list(self.kinds),
             "grids": {k: np.asarray(v).tolist() for k, v in self.grids.items()},
+            "precision": self.precision,
         }
 
 
@@ -211,9 +222,12 @@ def prepare_inputs(
     kinds: Sequence[str],
     noise_scale: float | None,
     max_prompt_tokens: int,
+    precision: str = "model",
 ) -> TraceInputs:
     """Validate a trace request (raising :class:`InvalidRequest` naming the bad field) and
     tokenize it."""
+    if precision not in PRECISIONS:
+        raise InvalidRequest(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidRequest("prompt is empty")
     if not isinstance(subject, str) or not subject.strip():
@@ -273,6 +287,65 @@ def final_logits(model: nn.Module, adapter: ArchitectureAdapter, hidden: torch.T
     return logits
 
 
+# --- precision ----------------------------------------------------------------------------
+
+
+def _layer_matrices(model: nn.Module, adapter: ArchitectureAdapter) -> list[nn.Parameter]:
+    """The decoder layers' weight matrices (Linear / Conv1D weights: every floating parameter
+    of two or more dimensions inside a layer); norms and biases are vectors."""
+    seen: dict[int, nn.Parameter] = {}
+    for index in range(adapter.num_layers):
+        for param in model.get_submodule(adapter.layer(index)).parameters():
+            if param.dim() >= 2 and param.is_floating_point():
+                seen.setdefault(id(param), param)
+    return list(seen.values())
+
+
+def _bf16_layers_copy(model: nn.Module, adapter: ArchitectureAdapter) -> nn.Module:
+    """A copy of ``model`` whose decoder-layer matrices are bfloat16, for ``precision="bf16"``.
+
+    Why a copy: the served model must not change (a concurrent Generate reads it), and
+    autocast alone would re-cast every weight at every layer call (the server's parameters do
+    not require grad, so autocast keeps no cast cache): about 20 MB of traffic per call,
+    thousands of calls per trace. Only the layer matrices are new tensors (half the bytes of
+    the originals); every other parameter (embeddings, norms, the LM head) is the original
+    tensor, shared read-only, and hooks (runtime edits such as T-Patcher neurons) are the same
+    functions, so the copy computes what the model computes, in bf16 products.
+    """
+    memo: dict[int, Any] = {}
+    for param in model.parameters():
+        memo[id(param)] = param
+    for param in _layer_matrices(model, adapter):
+        memo[id(param)] = nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False)
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for hook in hooks.values():
+                memo[id(hook)] = hook
+    return copy.deepcopy(model, memo)
+
+
+@contextlib.contextmanager
+def _computed_in(model: nn.Module, adapter: ArchitectureAdapter, precision: str):
+    """Yield the module to trace with: ``model`` itself ("model", or "bf16" when its layers
+    already are bf16), or a bf16-matrix copy run under autocast, so each layer's products take
+    bf16 inputs while the residual stream, norms and softmax stay in the model's dtype."""
+    if precision == "model":
+        yield model
+        return
+    device = next(model.parameters()).device
+    traced = model
+    if any(p.dtype != torch.bfloat16 for p in _layer_matrices(model, adapter)):
+        traced = _bf16_layers_copy(model, adapter)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        yield traced
+
+
+def _full_precision(hidden: torch.Tensor):
+    """Autocast off: the LM head and its softmax run in the model's dtype in every mode (a
+    logit of 20 rounded to bf16 is off by up to 0.06, which moves a probability by 6%)."""
+    return torch.autocast(device_type=hidden.device.type, enabled=False)
+
+
 # --- the model's own calls of its decoder layers -----------------------------------------
 
 
@@ -326,8 +399,12 @@ class _LayerCalls:
     holds at that moment, and the hidden states every layer receives (plus the last layer's
     output, as ``inputs[num_layers]``). Removed on exit, also on error."""
 
-    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
+    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, stop_after_layers: bool = False) -> None:
         self.model = model
+        # stop the forward pass after the last decoder layer (raising _LayersDone): a pass run
+        # only to record the calls skips the final norm and the LM head (which, in bf16 mode,
+        # would re-cast the whole head matrix on every pass)
+        self.stop_after_layers = stop_after_layers
         self.num_layers = adapter.num_layers
         self.layers = [model.get_submodule(adapter.layer(i)) for i in range(adapter.num_layers)]
         self.calls: list[tuple[tuple, dict]] = [((), {})] * self.num_layers
@@ -371,6 +448,8 @@ class _LayerCalls:
     def _last_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         if threading.get_ident() == self._owner:
             self.inputs[self.num_layers] = _first(output)
+            if self.stop_after_layers:
+                raise _LayersDone
 
     def call(self, index: int, hidden: torch.Tensor, cache: Any) -> torch.Tensor:
         """Call decoder layer ``index`` as the model did, on other hidden states and a cache
@@ -384,6 +463,10 @@ class _LayerCalls:
         else:
             kwargs["hidden_states"] = hidden
         return _first(self.layers[index](*args, **kwargs))
+
+
+class _LayersDone(Exception):
+    """Raised by :class:`_LayerCalls` to end a recording pass after the last decoder layer."""
 
 
 class _KeysComputed(Exception):
@@ -488,7 +571,8 @@ def _answer_probs(model, adapter, last_hidden: torch.Tensor, answer_id: int) -> 
     vocab = model.get_submodule(adapter.lm_head_name).weight.shape[0]
     step = max(16, _HEAD_CHUNK_LOGITS // vocab)
     for begin in range(0, last_hidden.shape[0], step):
-        logits = final_logits(model, adapter, last_hidden[begin : begin + step])
+        with _full_precision(last_hidden):
+            logits = final_logits(model, adapter, last_hidden[begin : begin + step])
         out.append(torch.softmax(logits, dim=-1)[:, answer_id])
     return torch.cat(out)
 
@@ -507,6 +591,7 @@ def causal_trace(
     seed: int = 0,
     kinds: Sequence[str] = KINDS,
     max_prompt_tokens: int = 64,
+    precision: str = "model",
 ) -> TraceResult:
     """Trace where ``model`` carries the fact completing ``prompt`` about ``subject``.
 
@@ -517,7 +602,9 @@ def causal_trace(
     the subject's input embeddings; None uses :func:`embedding_noise_scale` (3 sigma of the
     embeddings). ``samples`` noise draws (1..64) are averaged; ``seed`` makes them
     reproducible. ``window``: layers restored together for "mlp" and "attn"
-    (1..num_layers). The subject is its first occurrence in the prompt.
+    (1..num_layers). The subject is its first occurrence in the prompt. ``precision``: "model"
+    (exact, the model's dtype) or "bf16" (the layers' matrix products in bfloat16: faster on a
+    CPU with AVX512-BF16, grids within the deviation stated in docs/TRACING.md).
 
     Raises :class:`InvalidRequest` for a bad request (the message names the field). Never
     modifies the model; leaves no hook attached, also when it fails.
@@ -534,11 +621,15 @@ def causal_trace(
         kinds=kinds,
         noise_scale=noise_scale,
         max_prompt_tokens=max_prompt_tokens,
+        precision=precision,
     )
     if noise_scale is None:
         noise_scale = embedding_noise_scale(model, adapter)
-    with torch.no_grad():
-        tracer = _Tracer(model, tokenizer, adapter, inputs, samples, float(noise_scale), window, seed, kinds)
+    with torch.no_grad(), _computed_in(model, adapter, precision) as traced:
+        tracer = _Tracer(
+            traced, tokenizer, adapter, inputs, samples, float(noise_scale), window, seed, kinds,
+            exact=precision == "model",
+        )
         grids = tracer.run()
     return TraceResult(
         prompt=prompt,
@@ -557,6 +648,7 @@ def causal_trace(
         num_layers=adapter.num_layers,
         kinds=kinds,
         grids=grids,
+        precision=precision,
     )
 
 
@@ -564,9 +656,11 @@ class _Tracer:
     """One trace: the clean and corrupted runs, then every restoration, token by token."""
 
     def __init__(
-        self, model, tokenizer, adapter, inputs: TraceInputs, samples, noise_scale, window, seed, kinds
+        self, model, tokenizer, adapter, inputs: TraceInputs, samples, noise_scale, window, seed, kinds,
+        exact: bool = True,
     ):
         self.model = model
+        self.exact = exact  # False: bf16 products (the head and softmax in full precision)
         self.tokenizer = tokenizer
         self.adapter = adapter
         self.inputs = inputs
@@ -605,6 +699,18 @@ class _Tracer:
                 [traces[_module_name(adapter, kind, i)].output[0] for i in range(n_layers)]
             )
         probs = torch.softmax(logits, dim=-1)
+        # restored runs compute the logits from the last layer's output themselves: check
+        with _full_precision(logits):
+            own = torch.softmax(final_logits(model, adapter, self.clean_states["hidden"][-1, -1:]), dim=-1)[0]
+        # in bf16 the model's own head rounded its logits to bf16: only a gross mismatch (a
+        # missing soft-cap or scale) is caught there, and the full-precision head is used
+        tolerance = 1e-3 if self.exact else 0.1
+        if float((own - probs).abs().max()) > tolerance:
+            raise PreconditionFailed(
+                f"causal tracing does not know how {type(model).__name__} turns its last hidden state into logits"
+            )
+        if not self.exact:
+            probs = own
         if self.inputs.answer_token_ids is None:
             self.answer_ids = [int(probs.argmax())]
         else:
@@ -612,12 +718,6 @@ class _Tracer:
         self.answer_text = self.tokenizer.decode(self.answer_ids)
         self.answer_id = self.answer_ids[0]
         self.clean_prob = float(probs[self.answer_id])
-        # restored runs compute the logits from the last layer's output themselves: check
-        own = torch.softmax(final_logits(model, adapter, self.clean_states["hidden"][-1, -1:]), dim=-1)[0]
-        if float((own - probs).abs().max()) > 1e-3:
-            raise PreconditionFailed(
-                f"causal tracing does not know how {type(model).__name__} turns its last hidden state into logits"
-            )
         self.clean_embeds = model.get_submodule(adapter.embed_name)(self.ids)
 
     def _corrupted_run(self) -> None:
@@ -641,7 +741,11 @@ class _Tracer:
                 .logits[:, -1]
                 .float()
             )
-        self.corrupted_prob = float(torch.softmax(logits, dim=-1)[:, self.answer_id].mean())
+        if self.exact:
+            self.corrupted_prob = float(torch.softmax(logits, dim=-1)[:, self.answer_id].mean())
+        else:  # the same full-precision head as the restored runs
+            last = calls.inputs[self.num_layers][:, -1]
+            self.corrupted_prob = float(_answer_probs(self.model, self.adapter, last, self.answer_id).mean())
         self.corrupted_inputs = calls.inputs  # per layer [samples, tokens, hidden]
         self.corrupted_kv = self._whole_prompt_kv(cache)
         self.clean_kv = self._whole_prompt_kv(self.clean_cache)
@@ -671,13 +775,18 @@ class _Tracer:
     def _record_calls(self, start: int, stop: int) -> _LayerCalls:
         """How the model calls its layers on positions [start, stop) after a cached prefix."""
         cache = self._prefix_cache(self.clean_embeds, self.clean_kv, start)
-        with _LayerCalls(self.model, self.adapter) as calls:
-            self.model(
-                inputs_embeds=self.clean_embeds[:, start:stop],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        with _LayerCalls(self.model, self.adapter, stop_after_layers=True) as calls:
+            try:
+                self.model(
+                    inputs_embeds=self.clean_embeds[:, start:stop],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            except _LayersDone:
+                pass
+            else:
+                raise PreconditionFailed("the model's last decoder layer was not called")
         return calls
 
     def _corrupted_prefix(self, t: int) -> list:
@@ -721,7 +830,7 @@ class _Tracer:
         rows = self._edit_rows.get(name)
         if rows is None or self._edit_pos is None:
             return None
-        output[rows, self._edit_pos] = self._edit_values[name]
+        output[rows, self._edit_pos] = self._edit_values[name].to(output.dtype)
         return output
 
     def _set_edits(self, chunk: Sequence[_Restoration], layer: int, pos: int | None) -> None:

@@ -25,6 +25,9 @@ METHOD_ENUMS = {v: k for k, v in METHOD_NAMES.items()}
 OPTION_FIELDS = {name: spec.options_field for name, spec in METHODS.items()}
 TRACE_KINDS = {pb.TRACE_KIND_HIDDEN: "hidden", pb.TRACE_KIND_MLP: "mlp", pb.TRACE_KIND_ATTENTION: "attn"}
 TRACE_ENUMS = {v: k for k, v in TRACE_KINDS.items()}
+TRACE_PRECISIONS = {pb.TRACE_PRECISION_UNSPECIFIED: "model", pb.TRACE_PRECISION_MODEL: "model",
+                    pb.TRACE_PRECISION_BF16: "bf16"}
+TRACE_PRECISION_ENUMS = {"model": pb.TRACE_PRECISION_MODEL, "bf16": pb.TRACE_PRECISION_BF16}
 
 
 def _metrics(servicer: EditingServicer):
@@ -200,6 +203,9 @@ class EditingServicer(pb_grpc.EditingServicer):
                 seed=request.seed if request.HasField("seed") else 0,
                 kinds=tuple(kinds),
                 max_prompt_tokens=self.runtime.config.trace_max_prompt_tokens,
+                # an unknown enum number is passed on as such: causal_trace's validation
+                # (the one place Trace options are checked) rejects it as INVALID_ARGUMENT
+                precision=TRACE_PRECISIONS.get(request.precision, f"enum value {request.precision}"),
             )
             revision = host.revision
         seconds = time.perf_counter() - started
@@ -216,6 +222,7 @@ class EditingServicer(pb_grpc.EditingServicer):
             window=result.window,
             revision=revision,
             seconds=seconds,
+            precision=TRACE_PRECISION_ENUMS[result.precision],
         )
         for kind in kinds:
             grid = result.grids[kind]

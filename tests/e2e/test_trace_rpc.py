@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from editserve.client import InvalidArgument
@@ -57,3 +58,39 @@ def test_trace_kinds_and_answer(server):
 def test_bad_trace_requests(server, prompt, subject, options, message):
     with server.client() as client, pytest.raises(InvalidArgument, match=message):
         client.trace(prompt, subject, **options)
+
+
+def test_trace_in_bf16_says_so_and_stays_close_to_exact(server):
+    with server.client() as client:
+        before = client.generate(PROMPT, max_new_tokens=5, ignore_eos=True)
+        exact = client.trace(PROMPT, "Space Needle", samples=2, window=2, seed=3)
+        fast = client.trace(PROMPT, "Space Needle", samples=2, window=2, seed=3, precision="bf16")
+        after = client.generate(PROMPT, max_new_tokens=5, ignore_eos=True)
+    assert exact.precision == "model" and fast.precision == "bf16"
+    assert fast.tokens == exact.tokens and set(fast.grids) == set(exact.grids)
+    assert abs(fast.clean_prob - exact.clean_prob) <= 0.02 * exact.clean_prob
+    for kind, grid in fast.grids.items():
+        assert len(grid) == len(exact.grids[kind])
+        assert all(abs(a - b) <= 0.02 * b for row, ref in zip(grid, exact.grids[kind], strict=True)
+                   for a, b in zip(row, ref, strict=True))
+    assert before.text == after.text  # the bf16 copy never touched the served weights
+
+
+@pytest.mark.parametrize("precision", [3, 99, 2**31 - 1, -1])
+def test_a_precision_outside_the_enum_is_invalid_argument(server, precision):
+    """A raw request (no client-side check) with an enum number the server does not know."""
+    from editserve.client._pb import editing_pb2, editing_pb2_grpc
+
+    request = editing_pb2.TraceRequest(prompt=PROMPT, subject="Space Needle", samples=1, window=1)
+    request.precision = precision  # open enum: any int32 travels
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as error:
+        editing_pb2_grpc.EditingStub(channel).Trace(request, timeout=60)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "precision" in error.value.details()
+
+
+def test_the_client_refuses_an_unknown_precision():
+    from editserve.client import convert
+
+    with pytest.raises(ValueError, match="precision"):
+        convert.trace_request(PROMPT, "Space Needle", precision="fp8")

@@ -115,7 +115,9 @@ def templates() -> dict[str, list[Message]]:
         "ListEdits": [epb.ListEditsRequest(include_reverted=True)],
         "GetEdit": [epb.GetEditRequest(edit_id="0" * 32)],
         "Trace": [epb.TraceRequest(prompt="The capital of France is", subject="France", answer=" Paris", samples=2,
-                                   window=2, seed=1, kinds=[epb.TRACE_KIND_HIDDEN])],
+                                   window=2, seed=1, kinds=[epb.TRACE_KIND_HIDDEN]),
+                  epb.TraceRequest(prompt="The capital of France is", subject="France", samples=1, window=1,
+                                   kinds=[epb.TRACE_KIND_MLP], precision=epb.TRACE_PRECISION_BF16)],
     }
 
 

@@ -60,6 +60,46 @@ def test_batched_tracer_equals_straightforward(models, arch):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "weights changed"
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_many_small_chunks_equal_straightforward(models, arch, monkeypatch):
+    """Restorations split over many chunks (as a long prompt is) give the same grids."""
+    from editserve.editing import tracing
+
+    monkeypatch.setattr(tracing, "_CHUNK_TOKENS", 8)  # one or two restorations per chunk
+    model, tok, adapter = models[arch]
+    prompt = PROMPT if arch == "gemma3" else SHORT
+    fast = causal_trace(model, tok, adapter, prompt, SUBJECT, **FAST)
+    slow = causal_trace_naive(model, tok, adapter, prompt, SUBJECT, **FAST)
+    for kind in ("hidden", "mlp", "attn"):
+        _close(fast.grids[kind], slow.grids[kind])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_bf16_precision_stays_close_to_the_exact_grids(models, arch):
+    """precision="bf16" is not exact, but its grids must keep the exact method's shape: every
+    grid correlates with the straightforward fp32 one (r >= 0.98), no cell is off by more than
+    a quarter of that grid's range, and the model (fp32 weights, no hooks) is untouched."""
+    model, tok, adapter = models[arch]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt = PROMPT if arch == "gemma3" else SHORT
+    kwargs = dict(samples=2, window=3, noise_scale=2.0, seed=0)
+    fast = causal_trace(model, tok, adapter, prompt, SUBJECT, precision="bf16", **kwargs)
+    exact = causal_trace(model, tok, adapter, prompt, SUBJECT, **kwargs)
+    slow = causal_trace_naive(model, tok, adapter, prompt, SUBJECT, **kwargs)
+    assert fast.precision == "bf16" and exact.precision == "model"
+    _close(fast.clean_prob, slow.clean_prob, 2e-2)
+    _close(fast.corrupted_prob, slow.corrupted_prob, 2e-2)
+    start = fast.subject_range[0]
+    for kind in ("hidden", "mlp", "attn"):
+        ours, reference = fast.grids[kind][start:].ravel(), slow.grids[kind][start:].ravel()
+        assert np.corrcoef(ours, reference)[0, 1] >= 0.98, kind
+        assert np.abs(ours - reference).max() <= 0.25 * np.ptp(reference), kind
+    # bf16 really was used: its grids are not the exact ones
+    assert any(not np.array_equal(fast.grids[k], exact.grids[k]) for k in fast.grids)
+    assert hooks_attached(model) == 0
+    assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("window", [1, 2, 4])
 def test_every_window_equals_straightforward(models, window):
     """Windows clipped at the first layer share computation; window 4 restores all layers."""
@@ -176,6 +216,9 @@ def test_noise_scale_is_three_sigma_of_what_the_layers_receive(models):
         (dict(kinds=("residual",)), "unknown kinds"),
         (dict(kinds=()), "kinds is empty"),
         (dict(noise_scale=-1.0), "noise_scale must be a positive number"),
+        (dict(precision="fp8"), "precision must be one of"),
+        (dict(precision=""), "precision must be one of"),
+        (dict(precision=None), "precision must be one of"),
     ],
 )
 def test_bad_requests_say_what_is_wrong(models, change, message):
@@ -217,3 +260,23 @@ def test_result_is_plain_data(models, tmp_path):
 
     path = plot_trace(data, tmp_path / "trace.png")
     assert path.stat().st_size > 10_000
+
+
+def test_bf16_copy_keeps_the_models_hooks(models):
+    """A runtime edit rides on a forward hook of the served model (T-Patcher neurons): the bf16
+    copy must run it too, or the trace would describe another model."""
+    model, tok, adapter = models["llama"]
+    mlp = model.get_submodule(adapter.mlp(1))
+    kwargs = dict(samples=2, window=2, noise_scale=2.0, seed=0)
+    plain = causal_trace(model, tok, adapter, SHORT, SUBJECT, precision="bf16", **kwargs)
+    handle = mlp.register_forward_hook(lambda module, args, output: output * 3.0)
+    try:
+        fast = causal_trace(model, tok, adapter, SHORT, SUBJECT, precision="bf16", **kwargs)
+        slow = causal_trace_naive(model, tok, adapter, SHORT, SUBJECT, **kwargs)
+    finally:
+        handle.remove()
+    assert abs(slow.clean_prob - plain.clean_prob) > 20 * abs(fast.clean_prob - slow.clean_prob)
+    for kind in ("hidden", "mlp", "attn"):
+        ours, reference = fast.grids[kind][1:].ravel(), slow.grids[kind][1:].ravel()
+        assert np.corrcoef(ours, reference)[0, 1] >= 0.98, kind
+    assert hooks_attached(model) == 0
