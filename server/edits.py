@@ -23,8 +23,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 from editserve.editing.artifacts import RuntimeLayer, WeightDelta, preview
 from editserve.editing.errors import Cancelled, InvalidRequest, PreconditionFailed, StopCheck, check_stop
@@ -44,6 +47,7 @@ from .metrics import Metrics
 # which is frequent and light.
 TRIM_AFTER = frozenset({"edit", "revert", "trace"})
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # (facts, options, should_stop) -> (delta, diagnostics with at least "layers": list[int])
@@ -134,6 +138,10 @@ class EditManager:
         self.scorer = scorer
         self.metrics = metrics
         self._mutex = threading.Lock()
+        # Edits and reverts run on this one thread, whichever gRPC worker took the call: native
+        # libraries keep per-thread state for every thread that ran a kernel, and spread over
+        # the ~96 workers that grew the server by ~1 MiB per thread reached (docs/RELIABILITY.md).
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="editserve-edit")
         self.preparing = ""  # what a background preparation holding the mutex is doing
         self.on_change: Callable[[], None] = lambda: None  # e.g. the drift monitor's refresh
         # journal and weights may disagree (compensation failed): the server turns NOT_SERVING
@@ -220,7 +228,33 @@ class EditManager:
         return self.scorer(prompts, targets)
 
     # --- operations ----------------------------------------------------------------------
+    def _on_worker(self, should_stop: StopCheck | None, what: str, method: str, work: Callable[[], T]) -> T:
+        """Run ``work`` on the edit thread and wait for it; while it is still queued, a caller
+        who gave up takes it out of the queue (Cancelled, as in the wait for the mutex)."""
+        future = self._worker.submit(work)
+        while True:
+            try:
+                return future.result(timeout=MUTEX_POLL_SECONDS)
+            except FutureTimeout:
+                try:
+                    check_stop(should_stop, f"the wait for the edit mutex ({what} queued behind "
+                                            f"{self.preparing or 'another edit, revert or trace'})")
+                except Cancelled:
+                    if future.cancel():  # not started: nothing ran; once started, it stops itself
+                        if method:
+                            self.metrics.edits.labels(method, "abandoned").inc()
+                        raise
+
     def edit(
+        self, method: str, facts: list[Fact], options: dict, *, dry_run: bool = False, description: str = "",
+        report: bool = True, should_stop: StopCheck | None = None, idempotency_key: str = "",
+    ) -> EditOutcome:
+        """:meth:`_edit` on the edit thread."""
+        return self._on_worker(should_stop, "edit", method, lambda: self._edit(
+            method, facts, options, dry_run=dry_run, description=description, report=report,
+            should_stop=should_stop, idempotency_key=idempotency_key))
+
+    def _edit(
         self, method: str, facts: list[Fact], options: dict, *, dry_run: bool = False, description: str = "",
         report: bool = True, should_stop: StopCheck | None = None, idempotency_key: str = "",
     ) -> EditOutcome:
@@ -460,7 +494,11 @@ class EditManager:
         return thread
 
     def revert(self, edit_id: str, should_stop: StopCheck | None = None) -> tuple[int, float]:
-        """Remove an edit (a quarantined one too: its revert only changes the journal)."""
+        """Remove an edit (a quarantined one too: its revert only changes the journal), on the
+        edit thread."""
+        return self._on_worker(should_stop, "revert", "", lambda: self._revert(edit_id, should_stop))
+
+    def _revert(self, edit_id: str, should_stop: StopCheck | None = None) -> tuple[int, float]:
         with self._holding_mutex(should_stop, "revert"):
             self._refuse_if_diverged()
             record = self.journal.get(edit_id)
