@@ -189,7 +189,7 @@ class EditingServicer(pb_grpc.EditingServicer):
         if any(k not in TRACE_KINDS for k in request.kinds):
             raise invalid(f"kinds contains an unknown value: {list(request.kinds)}")
         started = time.perf_counter()
-        with self.runtime.stable_weights(context, "trace"):
+        def traced():
             result = causal_trace(
                 host.model,
                 host.tokenizer,
@@ -207,7 +207,9 @@ class EditingServicer(pb_grpc.EditingServicer):
                 # (the one place Trace options are checked) rejects it as INVALID_ARGUMENT
                 precision=TRACE_PRECISIONS.get(request.precision, f"enum value {request.precision}"),
             )
-            revision = host.revision
+            return result, host.revision
+
+        result, revision = self.runtime.run_stable(context, "trace", traced)
         seconds = time.perf_counter() - started
         self.runtime.metrics.trace_duration.observe(seconds)
         response = pb.TraceResponse(

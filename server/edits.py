@@ -138,9 +138,10 @@ class EditManager:
         self.scorer = scorer
         self.metrics = metrics
         self._mutex = threading.Lock()
-        # Edits and reverts run on this one thread, whichever gRPC worker took the call: native
-        # libraries keep per-thread state for every thread that ran a kernel, and spread over
-        # the ~96 workers that grew the server by ~1 MiB per thread reached (docs/RELIABILITY.md).
+        # Edits, reverts, traces and scores run on this one thread, whichever gRPC worker took
+        # the call (they serialise on the mutex anyway): native libraries keep per-thread state
+        # for every thread that ran a kernel, and spread over the ~96 workers that grew the
+        # server by ~1 MiB per thread reached (docs/RELIABILITY.md).
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="editserve-edit")
         self.preparing = ""  # what a background preparation holding the mutex is doing
         self.on_change: Callable[[], None] = lambda: None  # e.g. the drift monitor's refresh
@@ -405,10 +406,17 @@ class EditManager:
             if what in TRIM_AFTER:
                 release_free_memory()
 
-    def stable(self, should_stop: StopCheck | None, what: str):
-        """Hold the edit mutex for a long read (a trace, a score) that must see one revision,
-        waiting only while its caller is still there (Cancelled otherwise)."""
-        return self._holding_mutex(should_stop, what)
+    def run_stable(self, should_stop: StopCheck | None, what: str, work: Callable[[], T]) -> T:
+        """Run a long read (a trace, a score) that must see one revision: on the edit thread,
+        holding the edit mutex, waiting only while its caller is still there (Cancelled
+        otherwise). On the edit thread because such reads serialise on the mutex anyway, and
+        every thread that runs a model pass keeps native per-thread state: run on whichever
+        gRPC worker took the call, they grew the server's memory (docs/RELIABILITY.md, Load)."""
+        def held() -> T:
+            with self._holding_mutex(should_stop, what):
+                return work()
+
+        return self._on_worker(should_stop, what, "", held)
 
     def _refuse_if_diverged(self) -> None:
         if self.diverged:

@@ -236,10 +236,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if tokens > limit:
                 raise invalid(f"items[{i}] is {tokens} tokens (prompt and continuation), over the limit "
                               f"max_prompt_tokens={limit}")
-        with self.runtime.stable_weights(context, "score"):
+        def scored():
             prompts, matches = host.routed_prompts([i.prompt for i in request.items])
             scores = score_continuations(host.model, host.tokenizer, prompts, [i.continuation for i in request.items])
-            revision = host.revision
+            return scores, matches, host.revision
+
+        scores, matches, revision = self.runtime.run_stable(context, "score", scored)
         return pb.ScoreResponse(
             scores=[pb.ScoredContinuation(token_ids=s.token_ids, token_logprobs=s.token_logprobs,
                                           argmax_ids=s.argmax_ids, logprob=s.logprob, route=_route(m))

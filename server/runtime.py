@@ -6,10 +6,10 @@ checks can answer NOT_SERVING; every other RPC answers UNAVAILABLE until ``ready
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
@@ -19,6 +19,8 @@ from .calls import CallWatch
 from .config import ServeConfig
 from .metrics import Metrics
 from .rpc import ServiceError
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from .backends.base import GenerationBackend
@@ -54,15 +56,14 @@ class Runtime:
         """Whether this call's client is still there (deadline, cancel, shutdown)."""
         return CallWatch(context, self.stopping)
 
-    @contextmanager
-    def stable_weights(self, context: grpc.ServicerContext, what: str) -> Iterator[None]:
-        """Hold the edit mutex for a long read (trace, score) that must see one revision; the
-        wait ends when the caller gives up (DEADLINE_EXCEEDED / CANCELLED), so calls queued
-        behind a long edit do not outlive their clients."""
+    def run_stable(self, context: grpc.ServicerContext, what: str, work: Callable[[], T]) -> T:
+        """Run a long read (trace, score) that must see one revision, on the edit thread under
+        the edit mutex (:meth:`EditManager.run_stable`); the wait ends when the caller gives up
+        (DEADLINE_EXCEEDED / CANCELLED), so calls queued behind a long edit do not outlive
+        their clients."""
         watch = self.watch(context)
         try:
-            with self.edits.stable(watch.gave_up, what):
-                yield
+            return self.edits.run_stable(watch.gave_up, what, work)
         except Cancelled as error:
             raise watch.error(str(error)) from None
 

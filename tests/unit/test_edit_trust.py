@@ -117,6 +117,42 @@ def test_the_wait_for_the_edit_mutex_ends_when_the_caller_gives_up(served):
     _nothing_happened(served)
 
 
+def test_edits_reverts_and_long_reads_all_run_on_one_edit_thread(served):
+    """Per-thread native state grew the server's memory when these ran on whichever gRPC
+    worker took the call (docs/RELIABILITY.md, Load): every caller thread here is new, and the
+    work must still land on one and the same thread, never the caller's."""
+    seen: list[int] = []
+    errors: list[BaseException] = []
+
+    def remember_compute(facts, options, should_stop=None):
+        seen.append(threading.get_ident())
+        return compute(facts, options, should_stop)
+
+    compute = served.manager.methods["ft_l"]
+    served.manager.methods["ft_l"] = remember_compute
+
+    def from_new_thread(work) -> None:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as error:  # noqa: BLE001 - re-raised in the test's thread below
+                errors.append(error)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive()
+        assert thread.ident not in seen
+
+    for _ in range(2):
+        outcome: list = []
+        from_new_thread(lambda: outcome.append(served.manager.edit("ft_l", [FACT], FT)))
+        from_new_thread(lambda: served.manager.run_stable(None, "trace", lambda: seen.append(threading.get_ident())))
+        from_new_thread(lambda: served.manager.revert(outcome[0].edit_id))
+    assert not errors, errors
+    assert len(seen) == 4 and len(set(seen)) == 1 and seen[0] != threading.get_ident()
+    assert served.host.weights_digest() == served.pristine
+
 # --- idempotency keys --------------------------------------------------------------------------
 def test_a_retry_with_the_same_key_returns_the_original_reply(served, tmp_path, tiny_tokenizer):
     first = served.manager.edit("ft_l", [FACT], FT, description="why", idempotency_key="edit-1")
