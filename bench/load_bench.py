@@ -32,6 +32,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=600.0, help="measured seconds (after a warm-up)")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per stream request")
     parser.add_argument("--edit-every", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=60.0,
+                        help="seconds of the same load and edits run before the memory baseline is taken")
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -43,12 +45,12 @@ def main() -> int:
                               "--max-concurrent-requests", str(max(64, args.streams)), timeout=600)
         try:
             result = run_load(server, streams=args.streams, duration_s=args.duration, max_new_tokens=args.tokens,
-                              edit_every_s=args.edit_every, edit_options=edit)
+                              edit_every_s=args.edit_every, edit_options=edit, warmup_s=args.warmup)
         finally:
             code = server.stop()
     summary = result.summary()
     print(f"## load: {args.streams} streams x {args.tokens} tokens, an edit every {args.edit_every:.0f} s, "
-          f"{args.duration:.0f} s, model {args.model} ({date.today()})")
+          f"{args.duration:.0f} s after {args.warmup:.0f} s of warm-up, model {args.model} ({date.today()})")
     print("| measure | value |")
     print("|---|---|")
     for key, value in summary.items():

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.e2e
 
 def test_streams_and_edits_under_load(tiny_servers):
     server = tiny_servers("--no-prepare-statistics")
-    result = run_load(server, streams=8, duration_s=15, max_new_tokens=16, edit_every_s=4)
+    result = run_load(server, streams=8, duration_s=15, max_new_tokens=16, edit_every_s=4, warmup_s=4)
     summary = result.summary()
     print(summary)
     assert result.errors == [], result.errors[:5]

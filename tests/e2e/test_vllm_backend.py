@@ -173,3 +173,54 @@ def test_edit_reaches_the_workers_replays_and_reverts_bit_exactly(root, editserv
         assert client.model_info(include_weights_digest=True).weights_digest == pristine
     assert reverted.token_ids == before.token_ids
     assert reverted.logprobs == before.logprobs  # bit-identical: the workers hold the checkpoint's bits again
+
+
+# the subject inside the prompt's full (cacheable) blocks: their keys and values at the layers
+# above the edit change with a ROME edit of that subject, so stale blocks would show
+SUBJECT_CONTEXT = "Danielle Darrieux was a French actress and singer. " * 30 + PROMPT
+
+
+def test_keep_mode_never_serves_a_later_request_from_the_old_revisions_blocks(root, editserve_cache):
+    """``vllm_on_edit = "keep"``: a running stream keeps its KV across the commit, so the
+    prefix cache cannot be reset then, and requests arriving later must not read blocks the
+    old weights computed (each prompt is salted with its revision). Reference: the same
+    prompt after a restart on the same journal, whose cache starts empty."""
+    state = ("--vllm-on-edit", "keep")
+    server = start_server("smollm2-135m", root / "keep-state", root / "logs", "--cache-dir", str(editserve_cache),
+                          "--backend", "vllm", *COMMON, *state, timeout=600)
+    try:
+        with server.client() as client:
+            stream = client.stream("Once upon a time", max_new_tokens=1000, ignore_eos=True)
+            revisions: list[int] = []
+            stop = threading.Event()
+
+            def read() -> None:
+                for chunk in stream:
+                    if chunk.text:
+                        revisions.append(chunk.revision)
+                    if stop.is_set():
+                        stream.cancel()
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            while not revisions:
+                time.sleep(0.05)
+            before = _greedy(server, SUBJECT_CONTEXT, 8)  # its full blocks now cached at revision r
+            result = client.edit(FACT)
+            during = _greedy(server, SUBJECT_CONTEXT, 8)  # the stream still holds blocks: no reset
+            stop.set()
+            reader.join(120)
+        assert result.revision == before.revision + 1 == during.revision
+        assert set(revisions) == {before.revision, result.revision} and revisions == sorted(revisions)
+    finally:
+        assert server.stop() == 0, server.log()
+    server = start_server("smollm2-135m", root / "keep-state", root / "logs", "--cache-dir", str(editserve_cache),
+                          "--backend", "vllm", *COMMON, *state, timeout=600)
+    try:
+        fresh = _greedy(server, SUBJECT_CONTEXT, 8)
+    finally:
+        assert server.stop() == 0, server.log()
+    assert fresh.revision == during.revision
+    assert during.token_ids == fresh.token_ids
+    assert during.logprobs == pytest.approx(fresh.logprobs, abs=1e-4)
+    assert during.logprobs != pytest.approx(before.logprobs, abs=1e-4)  # the edit does show in this prompt
