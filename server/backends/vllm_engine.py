@@ -14,11 +14,11 @@ Committing weights while requests stream (:meth:`VLLMEngine.commit`):
    revision: every token produced so far is attributed to the weights that produced it;
 3. ``collective_rpc`` the tensors into every worker (:mod:`.vllm_worker`);
 4. reset the prefix cache, so that no request reads KV computed by the old weights. With
-   ``on_edit="recompute"`` (the default) running requests are preempted
+   ``on_edit="recompute"`` running requests are preempted
    (``reset_prefix_cache(reset_running_requests=True)``) and recompute their prompt and the
    tokens so far with the new weights: every token after the commit is produced by the new
-   weights alone, at the price of that recompute in the pause. With ``on_edit="keep"``
-   running requests keep their KV (as the Hugging Face backend's running sequences do) and
+   weights alone, at the price of that recompute in the pause. With ``on_edit="keep"`` (the
+   default) running requests keep their KV (as the Hugging Face backend's running sequences do) and
    the cache is reset only when no request holds blocks; every request's prompt is salted
    with the revision it arrived at (``cache_salt``), so a request arriving later never
    matches blocks of another revision. (A request already queued at an older revision when
@@ -54,7 +54,7 @@ class EngineOptions:
     kv_cache_bytes: int
     enforce_eager: bool = True
     # what running requests do when weights change: "recompute" their KV, or "keep" it
-    on_edit: str = "recompute"
+    on_edit: str = "keep"
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
     seed: int = 0

@@ -44,8 +44,9 @@ def hf(root, editserve_cache):
 
 
 def start_vllm(root, cache):
+    # "recompute" here; the default, "keep", has its own test at the end
     return start_server("smollm2-135m", root / "vllm-state", root / "logs", "--cache-dir", str(cache),
-                        "--backend", "vllm", *COMMON, timeout=600)
+                        "--backend", "vllm", "--vllm-on-edit", "recompute", *COMMON, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ SUBJECT_CONTEXT = "Danielle Darrieux was a French actress and singer. " * 30 + P
 
 
 def test_keep_mode_never_serves_a_later_request_from_the_old_revisions_blocks(root, editserve_cache):
-    """``vllm_on_edit = "keep"``: a running stream keeps its KV across the commit, so the
+    """``vllm_on_edit = "keep"`` (the default): a running stream keeps its KV across the commit, so the
     prefix cache cannot be reset then, and requests arriving later must not read blocks the
     old weights computed (each prompt is salted with its revision). Reference: the same
     prompt after a restart on the same journal, whose cache starts empty."""

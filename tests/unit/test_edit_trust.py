@@ -144,11 +144,11 @@ def test_edits_reverts_and_long_reads_all_run_on_one_edit_thread(served):
         assert not thread.is_alive()
         assert thread.ident not in seen
 
-    for _ in range(2):
-        outcome: list = []
-        from_new_thread(lambda: outcome.append(served.manager.edit("ft_l", [FACT], FT)))
+    outcomes: list = []
+    for i in range(2):
+        from_new_thread(lambda: outcomes.append(served.manager.edit("ft_l", [FACT], FT)))
         from_new_thread(lambda: served.manager.run_stable(None, "trace", lambda: seen.append(threading.get_ident())))
-        from_new_thread(lambda: served.manager.revert(outcome[0].edit_id))
+        from_new_thread(lambda i=i: served.manager.revert(outcomes[i].edit_id))
     assert not errors, errors
     assert len(seen) == 4 and len(set(seen)) == 1 and seen[0] != threading.get_ident()
     assert served.host.weights_digest() == served.pristine
