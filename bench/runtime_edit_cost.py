@@ -4,8 +4,10 @@ runtime edits, for traffic no edit is about (the drift probe prompts).
     .venv/bin/python bench/runtime_edit_cost.py --model smollm2-135m --counts 0,100,10000
 
 For each count a fresh server is started on its own state directory holding:
-- ``serac``: one SERAC edit of N facts, made through the Edit RPC (N memory entries; each
-  Generate is routed: embedded, searched in the FAISS index, scored against the scope gate);
+- ``serac``: one SERAC edit of N facts (N memory entries; each Generate is routed: embedded,
+  searched in the FAISS index, scored against the scope gate), computed in-process as the Edit
+  RPC computes it and journaled before start-up (the RPC's before/after report of 10,000 facts
+  alone would take over half an hour here);
 - ``neurons``: N T-Patcher neurons in the last layer's FFN, journaled before start-up as one
   ffn_neurons artifact (training 10,000 real patches takes days here). Their biases keep them
   silent, as trained patches are on inputs they were not made for (T-Patcher's memory loss),
@@ -36,18 +38,34 @@ def synthetic_facts(n: int):
     return [Fact("The favourite colour of {} is", f"Zorbex Quillane {i}", "teal") for i in range(n)]
 
 
+def _served_host(model_name: str):
+    from editserve.server.host import ModelHost
+    from editserve.server.models import default_cache_dir, load_model
+
+    model, tokenizer, _ = load_model(model_name, cache_dir=default_cache_dir())
+    return ModelHost(model, tokenizer, name=model_name, dtype="fp32", device="cpu")
+
+
+def _journal(state_dir: Path, host, method: str, artifact, layers: list[int], description: str) -> None:
+    """Journal ``artifact`` as one applied edit, for the server to replay at start-up."""
+    from editserve.server.journal import Journal
+
+    journal = Journal(state_dir, host.fingerprint())
+    edit_id = journal.new_id()
+    name, sha = journal.write_artifact(edit_id, artifact)
+    journal.record_apply(edit_id=edit_id, method=method, kind=artifact.kind.value, facts=[], options={},
+                         layers=layers, parameters=[], delta_norm=0.0, compute_seconds=0.0,
+                         description=description, artifact=name, sha256=sha)
+
+
 def write_neurons(model_name: str, state_dir: Path, n: int) -> None:
     """Journal one ffn_neurons artifact of ``n`` silent neurons for the server to replay."""
     import torch
 
     from editserve.editing.artifacts import RuntimeLayer
     from editserve.editing.neurons import LAYER_TYPE
-    from editserve.server.host import ModelHost
-    from editserve.server.journal import Journal
-    from editserve.server.models import default_cache_dir, load_model
 
-    model, tokenizer, _ = load_model(model_name, cache_dir=default_cache_dir())
-    host = ModelHost(model, tokenizer, name=model_name, dtype="fp32", device="cpu")
+    host = _served_host(model_name)
     layer = host.adapter.num_layers - 1
     module = host.adapter.mlp(layer)
     d = host.adapter.hidden_size
@@ -56,12 +74,29 @@ def write_neurons(model_name: str, state_dir: Path, n: int) -> None:
     artifact = RuntimeLayer(LAYER_TYPE, {"keys": keys, "biases": torch.full((n,), -1e4),
                                          "values": torch.randn(n, d, generator=generator) * 0.01},
                             {"module": module, "layer": layer})
-    journal = Journal(state_dir, host.fingerprint())
-    edit_id = journal.new_id()
-    name, sha = journal.write_artifact(edit_id, artifact)
-    journal.record_apply(edit_id=edit_id, method="t_patcher", kind=artifact.kind.value, facts=[], options={},
-                         layers=[layer], parameters=[], delta_norm=0.0, compute_seconds=0.0,
-                         description=f"bench: {n} silent neurons", artifact=name, sha256=sha)
+    _journal(state_dir, host, "t_patcher", artifact, [layer], f"bench: {n} silent neurons")
+
+
+def write_memory(model_name: str, state_dir: Path, n: int) -> float:
+    """Journal one SERAC edit of ``n`` facts, computed in-process exactly as the Edit RPC
+    computes it (the same encoder and artifact), for the server to replay; returns the
+    seconds the computation took. The RPC would also score every fact before and after
+    (its report: ~0.2 s a fact here, over half an hour for 10,000), which is not what is
+    timed here."""
+    from editserve.editing.context import EditingContext
+    from editserve.editing.facts import Fact
+    from editserve.editing.hparams import SeracHyperParams
+    from editserve.editing.serac import compute_serac
+
+    host = _served_host(model_name)
+    ctx = EditingContext(host.model, host.tokenizer)
+    hparams = SeracHyperParams.load(host.adapter.model_type, host.adapter.num_layers)
+    started = time.perf_counter()
+    facts = [Fact(f.prompt, f.subject, f.target_new) for f in synthetic_facts(n)]
+    artifact, _ = compute_serac(ctx, facts, hparams)
+    seconds = time.perf_counter() - started
+    _journal(state_dir, host, "serac", artifact, [], f"bench: {n} memory entries")
+    return seconds
 
 
 def throughput(client_of, prompts: list[str], clients: int, new_tokens: int) -> float:
@@ -117,15 +152,16 @@ def main() -> None:
                 state = Path(tmp) / "state"
                 if kind == "neurons" and n:
                     write_neurons(args.model, state, n)
+                if kind == "serac" and n:
+                    print(f"  serac: {n} entries computed in {write_memory(args.model, state, n):.1f} s")
                 server = start_server(args.model, state, Path(tmp) / "logs", "--threads", str(args.threads),
                                       "--max-batch-size", str(args.clients), "--no-prepare-statistics",
                                       "--max-edit-facts", str(max(counts + [1])), timeout=600)
                 try:
                     if kind == "serac" and n:
                         with server.client() as client:
-                            started = time.perf_counter()
-                            client.edit(synthetic_facts(n), method="serac", timeout=3600)
-                            print(f"  serac: {n} entries written in {time.perf_counter() - started:.1f} s")
+                            (active,) = client.list_edits()
+                            assert active.method == "serac", active
                     throughput(server.client, prompts[:2], 1, 4)  # warm-up
                     single = statistics.median(throughput(server.client, prompts, 1, args.new_tokens)
                                                for _ in range(args.runs))
