@@ -74,13 +74,16 @@ def generate_rate(model, tokenizer, batch: int, tokens: int, runs: int) -> float
     return statistics.median(rates[1:])
 
 
-def engine_run(backend, tokenizer, batch: int, tokens: int) -> tuple[float, list[list[int]]]:
-    """(tokens/s, each request's tokens): see the module docstring for what the rate counts."""
+def engine_run(backend, tokenizer, batch: int, tokens: int,
+               prompts: list[str] | None = None) -> tuple[float, list[list[int]]]:
+    """(tokens/s, each request's tokens): see the module docstring for what the rate counts.
+    ``prompts``: one per request (default: PROMPTS in turn)."""
     from editserve.server.backends.base import Finished, GenerationParams, Tokens
 
     params = GenerationParams(max_new_tokens=tokens, ignore_eos=True)
     started = time.perf_counter()
-    handles = [backend.submit(tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, params) for i in range(batch)]
+    prompts = prompts or [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    handles = [backend.submit(tokenizer(prompt).input_ids, params) for prompt in prompts]
     outputs, stamps = [], []
     for handle in handles:
         ids, times = [], []
