@@ -43,10 +43,10 @@ def hf(root, editserve_cache):
     assert proc.stop() == 0, proc.log()
 
 
-def start_vllm(root, cache):
-    # "recompute" here; the default, "keep", has its own test at the end
-    return start_server("smollm2-135m", root / "vllm-state", root / "logs", "--cache-dir", str(cache),
-                        "--backend", "vllm", "--vllm-on-edit", "recompute", *COMMON, timeout=600)
+def start_vllm(root, cache, *, state: str = "vllm-state", on_edit: str = "recompute"):
+    # the module's server runs "recompute"; the default, "keep", has its own test at the end
+    return start_server("smollm2-135m", root / state, root / "logs", "--cache-dir", str(cache),
+                        "--backend", "vllm", "--vllm-on-edit", on_edit, *COMMON, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +186,7 @@ def test_keep_mode_never_serves_a_later_request_from_the_old_revisions_blocks(ro
     prefix cache cannot be reset then, and requests arriving later must not read blocks the
     old weights computed (each prompt is salted with its revision). Reference: the same
     prompt after a restart on the same journal, whose cache starts empty."""
-    state = ("--vllm-on-edit", "keep")
-    server = start_server("smollm2-135m", root / "keep-state", root / "logs", "--cache-dir", str(editserve_cache),
-                          "--backend", "vllm", *COMMON, *state, timeout=600)
+    server = start_vllm(root, editserve_cache, state="keep-state", on_edit="keep")
     try:
         with server.client() as client:
             stream = client.stream("Once upon a time", max_new_tokens=1000, ignore_eos=True)
@@ -204,8 +202,10 @@ def test_keep_mode_never_serves_a_later_request_from_the_old_revisions_blocks(ro
 
             reader = threading.Thread(target=read)
             reader.start()
-            while not revisions:
+            deadline = time.monotonic() + 120
+            while not revisions and reader.is_alive() and time.monotonic() < deadline:
                 time.sleep(0.05)
+            assert revisions, "the long stream produced no token"
             before = _greedy(server, SUBJECT_CONTEXT, 8)  # its full blocks now cached at revision r
             result = client.edit(FACT)
             during = _greedy(server, SUBJECT_CONTEXT, 8)  # the stream still holds blocks: no reset
@@ -215,8 +215,7 @@ def test_keep_mode_never_serves_a_later_request_from_the_old_revisions_blocks(ro
         assert set(revisions) == {before.revision, result.revision} and revisions == sorted(revisions)
     finally:
         assert server.stop() == 0, server.log()
-    server = start_server("smollm2-135m", root / "keep-state", root / "logs", "--cache-dir", str(editserve_cache),
-                          "--backend", "vllm", *COMMON, *state, timeout=600)
+    server = start_vllm(root, editserve_cache, state="keep-state", on_edit="keep")
     try:
         fresh = _greedy(server, SUBJECT_CONTEXT, 8)
     finally:
