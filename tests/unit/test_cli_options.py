@@ -83,3 +83,26 @@ def test_malloc_arenas_can_be_capped_and_free_memory_released_here():
     # glibc (Linux, as CI); elsewhere both would answer False and change nothing
     assert limit_malloc_arenas(2) is True
     assert release_free_memory() is True
+
+
+@pytest.mark.parametrize("field, value", [
+    ("vllm_on_edit", "sometimes"),
+    ("vllm_on_edit", ""),
+    ("vllm_kv_cache_gib", float("nan")),
+    ("vllm_kv_cache_gib", 0.0),
+    ("vllm_kv_cache_gib", 1e9),
+    ("vllm_tensor_parallel_size", 0),
+    ("vllm_tensor_parallel_size", 65),
+])
+def test_vllm_settings_are_bounded(field, value):
+    from editserve.server.config import ServeConfig
+
+    with pytest.raises(ValueError, match=field):
+        ServeConfig().with_overrides(**{field: value})
+
+
+def test_vllm_running_requests_keep_their_kv_by_default():
+    from editserve.server.config import ServeConfig
+
+    assert ServeConfig().vllm_on_edit == "keep"
+    assert ServeConfig().with_overrides(vllm_on_edit="recompute").vllm_on_edit == "recompute"
