@@ -168,7 +168,13 @@ def main() -> None:
 @click.option("--host", default=None, help="Address to bind (default 0.0.0.0).")
 @click.option("--port", type=int, default=None, help="gRPC port (default 50051; 0 picks a free one).")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (default 9464; 0 picks one; -1 disables).")
-@click.option("--state-dir", default=None, help="Edit journal directory.")
+@click.option("--state-dir", default=None,
+              help="Edit journal directory (with --journal-url: this replica's local artifact copies).")
+@click.option("--journal-url", default=None,
+              help="PostgreSQL URL of a journal shared by every replica (default: SQLite in --state-dir).")
+@click.option("--journal-password-file", default=None, help="File holding the journal database's password.")
+@click.option("--journal-poll-seconds", type=float, default=None,
+              help="Longest time between two reads of the shared journal without a notification (default 2).")
 @click.option("--cache-dir", default=None, help="Model and statistics cache.")
 @click.option("--max-batch-size", type=int, default=None)
 @click.option("--malloc-arenas", type=int, default=None,

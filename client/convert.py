@@ -108,7 +108,8 @@ def model_info(reply: ipb.ModelInfo) -> ModelInfo:
         vocab_size=reply.vocab_size, dtype=reply.dtype, device=reply.device, revision=reply.revision,
         active_edits=reply.active_edits, backend=reply.backend, default_max_new_tokens=reply.default_max_new_tokens,
         max_prompt_tokens=reply.max_prompt_tokens, max_new_tokens_limit=reply.max_new_tokens_limit,
-        has_chat_template=reply.has_chat_template, weights_digest=reply.weights_digest,
+        has_chat_template=reply.has_chat_template, weights_digest=reply.weights_digest, journal=reply.journal,
+        journal_revision=reply.journal_revision,
     )
 
 

@@ -70,6 +70,8 @@ class ModelInfo:
     max_new_tokens_limit: int
     has_chat_template: bool
     weights_digest: str = ""
+    journal: str = ""  # "sqlite" or "postgresql" (shared by a fleet)
+    journal_revision: int = 0  # newest journal revision this server has read (> revision: catching up)
 
 
 @dataclass(frozen=True)

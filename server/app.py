@@ -118,7 +118,13 @@ class EditserveServer:
         host = host_class(model, tokenizer, name=config.model, dtype=config.dtype, device=device,
                           encoder_name=config.serac_encoder)
         state_dir = Path(config.state_dir) if config.state_dir else cache / "state" / Path(config.model).name
-        journal = Journal(state_dir, host.fingerprint(), legacy_fingerprints=(host.legacy_fingerprint(),))
+        if config.journal_url:
+            from .journal_pg import PostgresJournal
+
+            journal = PostgresJournal(config.journal_url, state_dir, host.fingerprint(),
+                                      password_file=config.journal_password_file)
+        else:
+            journal = Journal(state_dir, host.fingerprint(), legacy_fingerprints=(host.legacy_fingerprint(),))
         metrics = self.runtime.metrics
         table = build_methods(host, cache, dict(config.statistics_sources))
         self.methods = table
@@ -135,6 +141,11 @@ class EditserveServer:
         manager.on_divergence = self._diverged
         drift.start()
         self.drift = drift
+        if journal.shared:
+            from .replica import JournalFollower
+
+            self.follower = JournalFollower(journal, manager, metrics, config.journal_poll_seconds)
+            self.follower.start()
         self.runtime.host, self.runtime.backend, self.runtime.edits = host, backend, manager
         metrics.model_info.info({
             "model": config.model, "model_type": host.adapter.model_type, "dtype": config.dtype,
@@ -147,7 +158,8 @@ class EditserveServer:
         self.runtime.ready.set()
         metrics.ready.set(1)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s (revision %d, %d edits replayed from %s)", config.model, host.revision, replayed, state_dir)
+        log.info("serving %s (revision %d, %d edits replayed from %s)", config.model, host.revision, replayed,
+                 "the shared PostgreSQL journal" if journal.shared else state_dir)
 
     def _prepare_statistics(self, prepare_statistics) -> None:
         metrics = self.runtime.metrics
@@ -218,6 +230,8 @@ class EditserveServer:
         stopped = self.grpc.stop(max(deadline - time.monotonic(), 1.0) if drained else 0)
         if self.runtime.backend is not None:
             self.runtime.backend.stop()
+        if getattr(self, "follower", None) is not None:
+            self.follower.stop()
         if getattr(self, "drift", None) is not None:
             self.drift.stop()
         if getattr(self, "methods", None) is not None:

@@ -14,6 +14,9 @@ MAX_IDENTITY_CHARS = 256
 MAX_SHUTDOWN_GRACE_SECONDS = 600.0
 MAX_PREFIX_CACHE_MB = 1 << 20
 BACKENDS = ("hf", "vllm")
+JOURNAL_URL_SCHEMES = ("postgresql://", "postgres://")
+MIN_JOURNAL_POLL_SECONDS = 0.05
+MAX_JOURNAL_POLL_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,17 @@ class ServeConfig:
     # new weights (every token after an edit from the new weights alone; the stream's whole
     # context is re-read inside the pause, 0.5-1.4 s for a few hundred tokens on a 2-core CPU)
     vllm_on_edit: str = "keep"
+    # --- a fleet sharing one edit set (docs/OPERATIONS.md) ---
+    # PostgreSQL connection URL (postgresql://user@host:5432/db) of a journal shared by every
+    # replica; empty: the embedded SQLite journal in state_dir, owned by this server alone.
+    # state_dir still holds this replica's local artifact copies: one per replica.
+    journal_url: str = ""
+    # file holding the database password (a mounted Secret), read at each connect; keep
+    # passwords out of journal_url, which may be logged by orchestrators
+    journal_password_file: str = ""
+    # the longest a replica goes without reading the shared journal when no notification
+    # arrives (notifications make edits reach replicas in milliseconds; this is the fallback)
+    journal_poll_seconds: float = 2.0
     # --- transport security and credentials (docs/SECURITY.md); all empty: plaintext, no auth ---
     # PEM server certificate (chain) and its private key: both set turns TLS on.
     tls_cert_file: str = ""
@@ -124,7 +138,25 @@ class ServeConfig:
                     or not Path(path).expanduser().exists():
                 raise ValueError(f"statistics_sources: {name!r} must be a new name mapped to an existing path, "
                                  f"got {path!r}")
+        self._check_journal()
         self._check_security()
+
+    def _check_journal(self) -> None:
+        if self.journal_url and not self.journal_url.startswith(JOURNAL_URL_SCHEMES):
+            raise ValueError(f"journal_url must start with one of {list(JOURNAL_URL_SCHEMES)} (PostgreSQL), "
+                             "or be empty for the embedded SQLite journal")
+        if len(self.journal_url) > 4096:
+            raise ValueError("journal_url is over the limit of 4096 characters")
+        if self.journal_password_file:
+            if not self.journal_url:
+                raise ValueError("journal_password_file needs journal_url (the embedded journal has no password)")
+            if not Path(self.journal_password_file).is_file():
+                raise ValueError(f"journal_password_file {self.journal_password_file}: no such file")
+        poll = self.journal_poll_seconds
+        if isinstance(poll, bool) or not isinstance(poll, (int, float)) \
+                or not MIN_JOURNAL_POLL_SECONDS <= poll <= MAX_JOURNAL_POLL_SECONDS:
+            raise ValueError(f"journal_poll_seconds must be in [{MIN_JOURNAL_POLL_SECONDS}, "
+                             f"{MAX_JOURNAL_POLL_SECONDS}], got {poll!r}")
 
     def _check_security(self) -> None:
         """Every TLS and credential option, checked once at start-up so a typo in a path or a

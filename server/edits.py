@@ -38,7 +38,7 @@ from editserve.editing.registry import METHODS
 from .errors import Diverged
 from .host import ModelHost
 from .idempotency import KeyConflict, request_digest, validate_key
-from .journal import EditRecord, Journal
+from .journal import DuplicateKey, EditRecord, Journal, JournalError, JournalUnavailable
 from .memory import release_free_memory
 from .metrics import Metrics
 
@@ -148,6 +148,8 @@ class EditManager:
         # journal and weights may disagree (compensation failed): the server turns NOT_SERVING
         self.on_divergence: Callable[[str], None] = lambda reason: None
         self.diverged = ""  # why, once it happened: every later edit or revert is refused
+        # newest journal revision last read (a shared journal's follower sets it; see replica.py)
+        self.journal_revision = 0
 
     # --- start-up ----------------------------------------------------------------------
     def replay(self) -> int:
@@ -156,7 +158,8 @@ class EditManager:
         if removed:
             log.warning("removed %d artifact(s) of edits that were never committed: %s", len(removed), removed)
         edits = []
-        for record in self.journal.list():
+        records, revision = self.journal.snapshot()
+        for record in records:
             if record.quarantined:
                 log.warning("edit %s stays quarantined (%s); revert it to acknowledge", record.edit_id,
                             record.quarantined)
@@ -168,9 +171,69 @@ class EditManager:
                 self._quarantine(record, f"{type(error).__name__}: {error}")
                 continue
             edits.append((record.edit_id, artifact))
-        self.host.load_state(edits, self.journal.revision())
+        self.host.load_state(edits, revision)
         self._publish()
         return len(edits)
+
+    # --- a fleet: following the edits other replicas journal ------------------------------
+    def follow(self) -> int:
+        """Apply the edits and reverts other servers committed to a shared journal since the
+        served revision, in order (on the edit thread, under the mutex); returns how many.
+        Nothing to do on an embedded journal."""
+        def held() -> int:
+            with self._holding_mutex(None, "follow"):
+                return 0 if self.diverged else self._follow_locked()
+
+        return self._on_worker(None, "follow", "", held)
+
+    def _follow_locked(self, upto: int | None = None) -> int:
+        """The events past ``host.revision`` (up to ``upto``), applied one by one with the
+        revision each carries; the caller holds the mutex. An edit whose stored artifact is bad
+        or does not fit is quarantined (every replica reads the same bytes, so it would fail
+        everywhere) and its revision passed; anything else (database unreachable, memory) stops
+        here, to be retried, with nothing half-applied."""
+        if not self.journal.shared:
+            return 0
+        done = 0
+        for revision, kind, edit_id in self.journal.events_after(self.host.revision):
+            if upto is not None and revision > upto:
+                break
+            if kind == "apply":
+                pause = self._follow_apply(edit_id, revision)
+            elif edit_id in self.host.active_edit_ids:
+                pause = self.host.revert(edit_id, revision)
+            else:  # the revert of an edit this server never applied (quarantined)
+                pause = self.host.advance(revision)
+            self.metrics.weight_swap_pause.labels(kind).observe(pause)
+            self.metrics.followed_events.labels(kind).inc()
+            done += 1
+        if done:
+            log.info("followed %d journal event(s) from other replicas; serving revision %d", done,
+                     self.host.revision)
+            self._publish()
+        return done
+
+    def _follow_apply(self, edit_id: str, revision: int) -> float:
+        record = self.journal.get(edit_id)
+        if record is None or record.quarantined:
+            return self.host.advance(revision)
+        try:
+            artifact = self.journal.load_artifact(record)
+            self.host.check_delta(artifact)
+        except JournalUnavailable:
+            raise
+        except (JournalError, ValueError) as error:
+            self._quarantine(record, f"{type(error).__name__}: {error}")
+            return self.host.advance(revision)
+        return self.host.apply(edit_id, artifact, revision)
+
+    def _apply_others_first(self, revision: int) -> None:
+        """Our event got ``revision``; events other replicas committed between the served
+        revision and it are applied first, so every server applies the same events in the
+        same order (our change was computed before theirs were applied here: its delta is
+        added on top of them, as when an earlier edit is reverted; docs/ARCHITECTURE.md)."""
+        if revision > self.host.revision + 1:
+            self._follow_locked(upto=revision - 1)
 
     def _quarantine(self, record: EditRecord, reason: str) -> None:
         moved = self.journal.quarantine(record.edit_id, reason)
@@ -181,6 +244,9 @@ class EditManager:
                   f"its file is kept at {moved}" if moved else "its file is missing")
 
     def _publish(self) -> None:
+        shared = self.journal.shared  # else nobody else writes it: the served revision is its newest
+        self.journal_revision = max(self.journal_revision, self.host.revision) if shared else self.host.revision
+        self.metrics.journal_revision.set(self.journal_revision)
         self.metrics.revision.set(self.host.revision)
         self.metrics.active_edits.set(len(self.host.active_edit_ids))
         self.metrics.quarantined_edits.set(self.journal.count_quarantined())
@@ -292,6 +358,7 @@ class EditManager:
             log.warning("edit (%s) waits for %s", method, waiting_for)
         with self._holding_mutex(should_stop, "edit", method):
             self._refuse_if_diverged()
+            self._follow_locked()  # compute on the fleet's newest edit set
             if idempotency_key:  # authoritative: an attempt that held the mutex before may have committed
                 earlier = self._earlier(idempotency_key, digest)
                 if earlier is not None:
@@ -349,6 +416,9 @@ class EditManager:
                     # the last look: inside the transaction, right before the commit
                     check=lambda: check_stop(should_stop, "the edit, before it was journaled"),
                 )
+            except DuplicateKey:  # another replica committed this key since we looked
+                self.journal.discard_artifact(artifact)
+                return self._earlier(idempotency_key, digest)
             except BaseException as error:
                 self.journal.discard_artifact(artifact)
                 if isinstance(error, Cancelled):
@@ -356,6 +426,7 @@ class EditManager:
                 raise
             applied_at = time.perf_counter()
             try:
+                self._apply_others_first(revision)
                 pause = self.host.apply(edit_id, delta, revision)
             except Exception as error:
                 self._compensate_apply(edit_id, artifact, revision, delta, error)
@@ -433,8 +504,9 @@ class EditManager:
         """Serve exactly what the journal says (its active edits, read back from their checked
         files), whatever a failed apply or revert left in memory: ``names`` are the tensors it
         may have touched. Costs a replay (about 0.4 s per 1000 edits), on a failure path only."""
-        edits = [(r.edit_id, self.journal.load_artifact(r)) for r in self.journal.list() if not r.quarantined]
-        self.host.load_state(edits, self.journal.revision(), also=names)
+        records, revision = self.journal.snapshot()
+        edits = [(r.edit_id, self.journal.load_artifact(r)) for r in records if not r.quarantined]
+        self.host.load_state(edits, revision, also=names)
         self._publish()
 
     def _compensate_apply(self, edit_id: str, artifact: str, revision: int, delta, error: Exception) -> None:
@@ -509,6 +581,7 @@ class EditManager:
     def _revert(self, edit_id: str, should_stop: StopCheck | None = None) -> tuple[int, float]:
         with self._holding_mutex(should_stop, "revert"):
             self._refuse_if_diverged()
+            self._follow_locked()  # the edit may come from another replica
             record = self.journal.get(edit_id)
             if record is None or record.status != "active":
                 self.metrics.reverts.labels("not_found").inc()
@@ -517,6 +590,7 @@ class EditManager:
             started = time.perf_counter()
             revision = self.journal.record_revert(edit_id)
             try:
+                self._apply_others_first(revision)
                 if record.quarantined:  # never applied since its artifact went bad: nothing to remove
                     pause = self.host.advance(revision)
                 else:

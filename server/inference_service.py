@@ -269,6 +269,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             max_new_tokens_limit=config.max_new_tokens_limit,
             has_chat_template=bool(getattr(host.tokenizer, "chat_template", None)),
             backend=self.runtime.backend.name,
+            journal="postgresql" if self.runtime.edits.journal.shared else "sqlite",
+            journal_revision=max(self.runtime.edits.journal_revision, host.revision),
         )
         if request.include_weights_digest:
             info.weights_digest = host.weights_digest()

@@ -135,6 +135,15 @@ class EditRecord:
         return "quarantined" if self.status == "active" and self.quarantined else self.status
 
 
+class DuplicateKey(JournalError):
+    """The idempotency key is already journaled (another attempt, maybe on another replica,
+    committed first): the caller answers with that edit's reply."""
+
+
+class JournalUnavailable(JournalError):
+    """The journal's database cannot be reached right now (UNAVAILABLE: retry)."""
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -143,8 +152,104 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class Journal:
-    """The journal of one base model in ``state_dir``.
+def record_from_row(row: tuple) -> EditRecord:
+    """An :class:`EditRecord` from a row of :data:`_EDIT_COLUMNS` (both journals' layout)."""
+    (edit_id, seq, method, facts, options, layers, parameters, norm, created, compute, description,
+     artifact, sha, status, applied, reverted, kind, key, request_sha, outcome, quarantined) = row
+    return EditRecord(edit_id, seq, method, json.loads(facts), json.loads(options), json.loads(layers),
+                      json.loads(parameters), norm, created, compute, description, artifact, sha,
+                      status, applied, reverted, kind, key or "", request_sha, json.loads(outcome),
+                      quarantined)
+
+
+class ArtifactFiles:
+    """The artifact files in ``<state_dir>/artifacts``: written durably before their row
+    commits, checked against the row's sha256 when read. The SQLite journal keeps its
+    artifacts only here; the PostgreSQL journal stores each in the database too and uses this
+    directory as the replica's local copy."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir)
+        self.artifacts = self.dir / "artifacts"
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex[:16]
+
+    def write_artifact(self, edit_id: str, artifact: Artifact) -> tuple[str, str]:
+        """Durably write the artifact file (either kind, typed header included); returns
+        (file name, sha256)."""
+        name = f"{edit_id}.safetensors"
+        partial = self.artifacts / f".{name}.partial"
+        save_artifact(artifact, partial, metadata={"edit_id": edit_id})
+        with open(partial, "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()
+        self._publish_file(partial, name)
+        return name, digest
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Durably write a file whose bytes came from elsewhere (a replica's copy of an artifact
+        stored in the shared journal)."""
+        partial = self.artifacts / f".{name}.partial"
+        partial.write_bytes(data)
+        self._publish_file(partial, name)
+
+    def _publish_file(self, partial: Path, name: str) -> None:
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        partial.rename(self.artifacts / name)
+        _fsync_dir(self.artifacts)
+
+    def check_kind(self, artifact: str, kind: str) -> str:
+        """The ArtifactKind value ``kind``, after checking the file's header holds that kind:
+        a row that disagrees with its file would only fail at the next start-up's replay."""
+        kind = ArtifactKind(kind).value
+        written = read_header(self.artifacts / artifact).get("kind", ArtifactKind.WEIGHT_DELTA.value)
+        if written != kind:
+            raise JournalError(f"artifact {artifact} holds a {written}, not the {kind} the edit records")
+        return kind
+
+    def file_matches(self, record: EditRecord) -> bool:
+        path = self.artifacts / record.artifact
+        return path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == record.sha256
+
+    def load_file(self, record: EditRecord) -> Artifact:
+        """The edit's artifact file, checked against its sha256 and loaded as the kind its row records."""
+        path = self.artifacts / record.artifact
+        if not path.exists():
+            raise JournalError(f"artifact {path} of edit {record.edit_id} is missing")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != record.sha256:
+            raise JournalError(f"artifact {path} of edit {record.edit_id} is corrupted (sha256 mismatch)")
+        try:
+            return load_artifact_file(path, expected=ArtifactKind(record.kind))
+        except ValueError as exc:  # ArtifactError: another kind, unknown format or entries
+            raise JournalError(f"artifact of edit {record.edit_id} cannot be loaded: {exc}") from exc
+
+    def set_aside(self, record: EditRecord) -> str | None:
+        """Move a quarantined edit's file (if any) to ``artifacts/quarantine/``; returns where."""
+        source = self.artifacts / record.artifact
+        if not source.exists():
+            return None
+        aside = self.artifacts / QUARANTINE_DIR
+        aside.mkdir(exist_ok=True)
+        target = aside / record.artifact
+        os.replace(source, target)
+        _fsync_dir(self.artifacts)
+        return str(target)
+
+    def remove_files_except(self, known: set[str]) -> list[str]:
+        """Delete artifact files that no committed row refers to (crash before commit)."""
+        removed = []
+        for path in self.artifacts.iterdir():
+            if path.name not in known and path.is_file():  # quarantine/ is a directory
+                path.unlink()
+                removed.append(path.name)
+        return removed
+
+
+class Journal(ArtifactFiles):
+    """The journal of one base model in ``state_dir`` (the embedded default: one server owns it).
 
     ``model_fingerprint`` identifies the base model (``ModelHost.fingerprint()``). A schema-1
     journal stored the older fingerprint (``ModelHost.legacy_fingerprint()``, which changed
@@ -153,11 +258,11 @@ class Journal:
     Legacy values are never accepted for a journal already at schema 2.
     """
 
+    shared = False  # no other server writes it: nothing to follow
+
     def __init__(self, state_dir: Path, model_fingerprint: str, *,
                  legacy_fingerprints: Iterable[str] = ()) -> None:
-        self.dir = Path(state_dir)
-        self.artifacts = self.dir / "artifacts"
-        self.artifacts.mkdir(parents=True, exist_ok=True)
+        super().__init__(state_dir)
         # Held by every write transaction and every read: the connection is shared by threads,
         # and a read on it during another thread's open transaction would see that thread's
         # uncommitted rows (e.g. an edit whose commit check is about to roll it back).
@@ -262,24 +367,6 @@ class Journal:
         self._db.close()
 
     # --- writes ------------------------------------------------------------------------
-    @staticmethod
-    def new_id() -> str:
-        return uuid.uuid4().hex[:16]
-
-    def write_artifact(self, edit_id: str, artifact: Artifact) -> tuple[str, str]:
-        """Durably write the artifact file (either kind, typed header included); returns
-        (file name, sha256)."""
-        name = f"{edit_id}.safetensors"
-        final = self.artifacts / name
-        partial = self.artifacts / f".{name}.partial"
-        save_artifact(artifact, partial, metadata={"edit_id": edit_id})
-        with open(partial, "rb") as handle:
-            digest = hashlib.sha256(handle.read()).hexdigest()
-            os.fsync(handle.fileno())
-        partial.rename(final)
-        _fsync_dir(self.artifacts)
-        return name, digest
-
     def record_apply(
         self,
         *,
@@ -308,21 +395,23 @@ class Journal:
         the commit: raising there (the client gave up) commits nothing. A key already held
         raises sqlite3.IntegrityError (the caller looks the key up first, under its mutex).
         """
-        kind = ArtifactKind(kind).value
-        written = read_header(self.artifacts / artifact).get("kind", ArtifactKind.WEIGHT_DELTA.value)
-        if written != kind:
-            raise JournalError(f"artifact {artifact} holds a {written}, not the {kind} the edit records")
+        kind = self.check_kind(artifact, kind)
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             revision = self._db.execute("SELECT COALESCE(MAX(revision), 0) + 1 FROM events").fetchone()[0]
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM edits").fetchone()[0]
-            self._db.execute(
-                f"INSERT INTO edits ({_EDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'active',?,0,?,?,?,?,'')",
-                (edit_id, seq, method, json.dumps(facts), json.dumps(options), json.dumps(layers),
-                 json.dumps(parameters), delta_norm, time.time(), compute_seconds, description,
-                 artifact, sha256, revision, kind, idempotency_key or None, request_sha256,
-                 json.dumps(outcome or {})),
-            )
+            try:
+                self._db.execute(
+                    f"INSERT INTO edits ({_EDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'active',?,0,?,?,?,?,'')",
+                    (edit_id, seq, method, json.dumps(facts), json.dumps(options), json.dumps(layers),
+                     json.dumps(parameters), delta_norm, time.time(), compute_seconds, description,
+                     artifact, sha256, revision, kind, idempotency_key or None, request_sha256,
+                     json.dumps(outcome or {})),
+                )
+            except sqlite3.IntegrityError as error:
+                if idempotency_key and self._by_key_locked(idempotency_key):
+                    raise DuplicateKey(f"idempotency_key {idempotency_key!r} is already journaled") from error
+                raise
             self._db.execute("INSERT INTO events VALUES (?, 'apply', ?, ?)", (revision, edit_id, time.time()))
             if check is not None:
                 check()
@@ -359,15 +448,7 @@ class Journal:
         record = self.get(edit_id)
         if record is None:
             raise KeyError(edit_id)
-        moved = None
-        source = self.artifacts / record.artifact
-        if source.exists():
-            aside = self.artifacts / QUARANTINE_DIR
-            aside.mkdir(exist_ok=True)
-            target = aside / record.artifact
-            os.replace(source, target)
-            _fsync_dir(self.artifacts)
-            moved = str(target)
+        moved = self.set_aside(record)
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("UPDATE edits SET quarantined = ? WHERE edit_id = ?", (reason or "quarantined", edit_id))
@@ -386,9 +467,6 @@ class Journal:
             self._db.execute("INSERT INTO events VALUES (?, 'revert', ?, ?)", (revision, edit_id, time.time()))
         return revision
 
-    def discard_artifact(self, name: str) -> None:
-        (self.artifacts / name).unlink(missing_ok=True)
-
     # --- reads ---------------------------------------------------------------------------
     def _read(self, query: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -399,15 +477,10 @@ class Journal:
 
     def _records(self, where: str = "", args: tuple = ()) -> list[EditRecord]:
         rows = self._read(f"SELECT {_EDIT_COLUMNS} FROM edits {where} ORDER BY seq", args)
-        out = []
-        for row in rows:
-            (edit_id, seq, method, facts, options, layers, parameters, norm, created, compute, description,
-             artifact, sha, status, applied, reverted, kind, key, request_sha, outcome, quarantined) = row
-            out.append(EditRecord(edit_id, seq, method, json.loads(facts), json.loads(options), json.loads(layers),
-                                  json.loads(parameters), norm, created, compute, description, artifact, sha,
-                                  status, applied, reverted, kind, key or "", request_sha, json.loads(outcome),
-                                  quarantined))
-        return out
+        return [record_from_row(row) for row in rows]
+
+    def _by_key_locked(self, key: str) -> bool:
+        return self._db.execute("SELECT 1 FROM edits WHERE idempotency_key = ?", (key,)).fetchone() is not None
 
     def get(self, edit_id: str) -> EditRecord | None:
         found = self._records("WHERE edit_id = ?", (edit_id,))
@@ -426,24 +499,22 @@ class Journal:
         """Edits in journal order: active ones (quarantined included), or all."""
         return self._records("" if include_reverted else "WHERE status = 'active'")
 
+    def snapshot(self) -> tuple[list[EditRecord], int]:
+        """The active edits and the revision they make, read together (replay's starting point)."""
+        with self._lock:
+            return self.list(), self.revision()
+
+    def events_after(self, revision: int) -> list[tuple[int, str, str]]:
+        """(revision, "apply" or "revert", edit id) of every event past ``revision``, in order:
+        what a server at ``revision`` has not applied. Empty for a journal one server owns,
+        unless it fell behind through a compensated failure."""
+        return [tuple(row) for row in self._read(
+            "SELECT revision, kind, edit_id FROM events WHERE revision > ? ORDER BY revision", (revision,))]
+
     def load_artifact(self, record: EditRecord) -> Artifact:
         """The edit's artifact, checked against its sha256 and loaded as the kind its row records."""
-        path = self.artifacts / record.artifact
-        if not path.exists():
-            raise JournalError(f"artifact {path} of edit {record.edit_id} is missing")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != record.sha256:
-            raise JournalError(f"artifact {path} of edit {record.edit_id} is corrupted (sha256 mismatch)")
-        try:
-            return load_artifact_file(path, expected=ArtifactKind(record.kind))
-        except ValueError as exc:  # ArtifactError: another kind, unknown format or entries
-            raise JournalError(f"artifact of edit {record.edit_id} cannot be loaded: {exc}") from exc
+        return self.load_file(record)
 
     def remove_orphans(self) -> list[str]:
         """Delete artifact files that no committed row refers to (crash before commit)."""
-        known = {r.artifact for r in self._records()}
-        removed = []
-        for path in self.artifacts.iterdir():
-            if path.name not in known and path.is_file():  # quarantine/ is a directory
-                path.unlink()
-                removed.append(path.name)
-        return removed
+        return self.remove_files_except({r.artifact for r in self._records()})

@@ -92,6 +92,18 @@ class Metrics(EngineObserver):
             "1 once the key statistics of the default edit layers are prepared (edits no longer wait)", registry=r)
         self.statistics_seconds = Gauge(
             "editserve_key_statistics_prepare_seconds", "How long preparing the key statistics took", registry=r)
+        # --- a fleet sharing one journal (server/replica.py) ---
+        self.journal_revision = Gauge(
+            "editserve_journal_revision", "Newest revision in the edit journal, as this server last read it "
+            "(above editserve_model_revision: edits journaled by other replicas not applied here yet)", registry=r)
+        self.followed_events = Counter(
+            "editserve_followed_events", "Journal events other replicas committed, applied here", ["kind"], registry=r)
+        self.follow_errors = Counter(
+            "editserve_journal_follow_errors", "Failed attempts to read or apply the shared journal's new events "
+            "(database unreachable, apply failed); retried at the next poll", registry=r)
+        self.journal_synced = Gauge(
+            "editserve_journal_last_sync_timestamp_seconds", "When this server last read the shared journal "
+            "successfully (serving its newest revision from then on)", registry=r)
         self.ready = Gauge("editserve_ready", "1 once the model is loaded and the journal replayed", registry=r)
 
     # EngineObserver

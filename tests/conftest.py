@@ -61,3 +61,24 @@ def tiny_servers(tiny_model_dir, tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A private PostgreSQL cluster for the session (tests/postgres.py); skipped where
+    Debian's postgresql package is not installed (`.ci/run` installs it)."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer()
+    if not server.available:
+        server.stop()
+        pytest.skip("PostgreSQL's initdb/pg_ctl not found (apt-get install postgresql)")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def postgres_url(postgres_server) -> str:
+    """The URL of a fresh, empty database on the session's PostgreSQL server."""
+    return postgres_server.database()

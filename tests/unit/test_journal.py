@@ -9,7 +9,7 @@ import torch
 
 from editserve.editing.artifacts import RuntimeLayer, WeightDelta
 from editserve.server.host import ModelHost
-from editserve.server.journal import Journal, JournalError
+from editserve.server.journal import DuplicateKey, Journal, JournalError
 from tests.tiny import tiny_model
 
 V1_FIXTURE = Path(__file__).resolve().parent.parent / "data" / "journal_v1"
@@ -230,7 +230,7 @@ def test_v2_journal_of_another_model_is_refused_untouched(tmp_path):
 def test_idempotency_keys_are_unique_and_survive_reopening(tmp_path):
     journal = Journal(tmp_path, "fp")
     _record(journal, "a", _delta(0), key="k-1", outcome={"notes": ["n"], "reports": []})
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(DuplicateKey):
         _record(journal, "b", _delta(1), key="k-1")
     assert journal.get("b") is None and journal.revision() == 1
     _record(journal, "c", _delta(2))  # no key: any number of those
