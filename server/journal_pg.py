@@ -127,8 +127,16 @@ class PostgresJournal(ArtifactFiles):
 
     # --- connection ----------------------------------------------------------------------
     def _connection(self):
-        if self._conn is None or self._conn.closed:
-            self._conn = connect(self.url, self.password_file)
+        """The open connection, checked with a round trip first (~0.1 ms): one the server or a
+        proxy dropped while idle is replaced before a transaction starts on it, so a restarted
+        database fails no request once it is back."""
+        if self._conn is not None and not self._conn.closed:
+            try:
+                self._conn.execute("SELECT 1")
+                return self._conn
+            except self._psycopg.OperationalError:
+                self._conn.close()
+        self._conn = connect(self.url, self.password_file)
         return self._conn
 
     @contextmanager

@@ -26,6 +26,7 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 30.0
+STOP_CHECK_SECONDS = 0.25
 
 
 class JournalFollower:
@@ -64,8 +65,7 @@ class JournalFollower:
                     listener = connect(self.journal.url, self.journal.password_file)
                     listener.execute(f"LISTEN {CHANNEL}")  # before the sync: nothing committed after it is missed
                 self.sync()
-                for _notification in listener.notifies(timeout=self.poll_seconds, stop_after=1):
-                    pass
+                self._wait(listener)
                 backoff = self.poll_seconds
             except Exception as error:  # noqa: BLE001 - the follower must outlive any one failure
                 self.metrics.follow_errors.inc()
@@ -78,3 +78,14 @@ class JournalFollower:
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
         if listener is not None:
             listener.close()
+
+    def _wait(self, listener) -> None:
+        """Until a commit is announced, ``poll_seconds`` pass, or the server stops (checked
+        every :data:`STOP_CHECK_SECONDS`, so a shutdown never waits for the poll)."""
+        deadline = time.monotonic() + self.poll_seconds
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            for _notification in listener.notifies(timeout=min(left, STOP_CHECK_SECONDS), stop_after=1):
+                return

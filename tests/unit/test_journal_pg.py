@@ -108,12 +108,21 @@ def test_every_commit_is_announced_with_its_revision(postgres_url, tmp_path):
     assert payloads == ["1", "2"]
 
 
-def test_a_lost_connection_is_unavailable_then_reopened(postgres_url, tmp_path):
+def _backends(admin) -> list[int]:
+    return [row[0] for row in admin.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                            "AND pid <> pg_backend_pid()").fetchall()]
+
+
+def test_a_dropped_connection_is_replaced_and_an_unreachable_database_is_unavailable(postgres_url, tmp_path):
     journal = PostgresJournal(postgres_url, tmp_path, "fp")
     _record(journal, "a", _delta(0))
     with psycopg.connect(postgres_url, autocommit=True) as admin:
+        before = _backends(admin)
+        assert len(before) == 1
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                       "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-    with pytest.raises(JournalUnavailable):
-        journal.revision()
-    assert journal.revision() == 1  # the next call reconnects
+        assert _record(journal, "b", _delta(1)) == 2  # no request fails for a connection dropped while idle
+        after = _backends(admin)
+    assert len(after) == 1 and after != before  # on a new connection
+    with pytest.raises(JournalUnavailable, match="cannot reach"):
+        PostgresJournal("postgresql://nobody@127.0.0.1:1/none", tmp_path / "x", "fp")
