@@ -25,6 +25,7 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+MIN_BACKOFF_SECONDS = 0.5  # first pause after a failure, doubling up to the maximum
 MAX_BACKOFF_SECONDS = 30.0
 STOP_CHECK_SECONDS = 0.25
 
@@ -58,7 +59,7 @@ class JournalFollower:
 
     def _run(self) -> None:
         listener = None
-        backoff = self.poll_seconds
+        backoff = MIN_BACKOFF_SECONDS
         while not self._stop.is_set():
             try:
                 if listener is None or listener.closed:
@@ -66,7 +67,7 @@ class JournalFollower:
                     listener.execute(f"LISTEN {CHANNEL}")  # before the sync: nothing committed after it is missed
                 self.sync()
                 self._wait(listener)
-                backoff = self.poll_seconds
+                backoff = MIN_BACKOFF_SECONDS
             except Exception as error:  # noqa: BLE001 - the follower must outlive any one failure
                 self.metrics.follow_errors.inc()
                 log.warning("following the shared journal failed (%s: %s); retrying in %.1f s",

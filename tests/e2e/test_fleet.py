@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import psycopg
 import pytest
 
 from editserve.client import new_idempotency_key
@@ -121,3 +122,16 @@ def test_a_replica_killed_while_edits_land_catches_up_on_restart(fleet):
         info = client.model_info()
         assert info.revision == 4 and info.active_edits == 2  # caught up before SERVING
     assert _digest(restarted) == _digest(a)
+
+
+def test_a_replica_cut_off_from_the_database_catches_up_after_reconnecting(fleet, postgres_url):
+    a, b = fleet("a"), fleet("b")
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        # every editserve connection is dropped (a database restart or failover looks like this)
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    with a.client() as client:
+        assert client.edit(_fact(0), **FAST).revision == 1  # the writer reconnects on its own
+    _wait_for_revision(b, 1)  # the follower reconnects, then reads what it missed
+    assert _digest(a) == _digest(b)
+    assert b.metric("editserve_journal_follow_errors_total") >= 1
