@@ -20,6 +20,7 @@ from .errors import (
 from .sync import EditserveClient, GenerationStream
 from .types import (
     ContinuationScore,
+    DriftCheck,
     EditInfo,
     EditResult,
     Fact,
@@ -34,7 +35,7 @@ from .types import (
 )
 
 __all__ = [
-    "AlreadyExists", "AsyncEditserveClient", "Cancelled", "ContinuationScore", "DeadlineExceeded", "EditInfo", "EditResult", "EditserveClient",
+    "AlreadyExists", "AsyncEditserveClient", "Cancelled", "ContinuationScore", "DeadlineExceeded", "DriftCheck", "EditInfo", "EditResult", "EditserveClient",
     "EditserveError", "Fact", "FactReport", "FailedPrecondition", "Generation", "GenerationStream",
     "InvalidArgument", "ModelInfo", "NotFound", "PermissionDenied", "PromptScore", "ResourceExhausted",
     "RevertResult", "Route", "StreamChunk", "TraceResult", "Unauthenticated", "Unavailable", "Unimplemented", "new_idempotency_key",

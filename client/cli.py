@@ -176,6 +176,10 @@ def main() -> None:
 @click.option("--journal-poll-seconds", type=float, default=None,
               help="Longest time between two reads of the shared journal without a notification (default 2).")
 @click.option("--cache-dir", default=None, help="Model and statistics cache.")
+@click.option("--max-drift-kl", type=float, default=None,
+              help="Drift guard: refuse edits that would bring the probes' mean KL over this (nats; default 0: off).")
+@click.option("--min-drift-top1-agreement", type=float, default=None,
+              help="Drift guard: refuse edits that would bring the probes' top-1 agreement under this (default 0: off).")
 @click.option("--max-batch-size", type=int, default=None)
 @click.option("--malloc-arenas", type=int, default=None,
               help="glibc malloc arenas, in [0, 64] (default 2; 0: glibc's default of 8 per core).")
@@ -290,10 +294,15 @@ def generate(prompt: str, connection: Connection, chat: bool, no_stream: bool, a
                    "outcome is unknown (deadline, unavailable, cancelled) so the retry can reuse it.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Deadline in seconds; past it the server abandons the edit (nothing journaled or applied).")
+@click.option("--max-drift-kl", type=float, default=None,
+              help="Refuse the edit if the mean KL on the server's drift probes would pass this (nats).")
+@click.option("--min-top1-agreement", type=float, default=None,
+              help="Refuse the edit if the probes' top-1 agreement with the unedited model would fall under this.")
 @click.option("--json", "as_json", is_flag=True)
 def edit(connection: Connection, prompt: str | None, subject: str | None, target_new: str | None, facts_file: Path | None,
          target_true: str, paraphrase, neighborhood, method: str, layer: int | None, settings: tuple[str, ...],
-         dry_run: bool, description: str, idempotency_key: str | None, timeout: float | None, as_json: bool) -> None:
+         dry_run: bool, description: str, idempotency_key: str | None, timeout: float | None,
+         max_drift_kl: float | None, min_top1_agreement: float | None, as_json: bool) -> None:
     """Write a fact (or a file of facts, as one edit) into the served model."""
     if facts_file is not None:
         if prompt or subject or target_new:
@@ -309,7 +318,8 @@ def edit(connection: Connection, prompt: str | None, subject: str | None, target
     with connection.client() as client:
         try:
             result = client.edit(facts, method=method, dry_run=dry_run, description=description, timeout=timeout,
-                                 idempotency_key=idempotency_key, **options)
+                                 idempotency_key=idempotency_key, max_drift_kl=max_drift_kl,
+                                 min_top1_agreement=min_top1_agreement, **options)
         except EditserveError as error:
             if idempotency_key and error.code.name in OUTCOME_UNKNOWN:
                 click.echo(f"the edit may or may not have been applied; rerun with --idempotency-key {idempotency_key} "
@@ -322,6 +332,9 @@ def edit(connection: Connection, prompt: str | None, subject: str | None, target
     if result.replayed:
         head = f"edit {result.edit_id} was already made under this idempotency key (revision {result.revision})"
     click.echo(f"{head}; computed in {result.compute_seconds:.1f}s")
+    if result.drift is not None:
+        click.echo(f"  drift with it: KL {result.drift.kl:.4g} nats, top-1 agreement {result.drift.top1_agreement:.3f}"
+                   " (within the budget)")
     for note in result.notes:
         click.echo(f"  note: {note}")
     for report in result.facts:

@@ -11,6 +11,7 @@ from ._pb import editing_pb2 as epb
 from ._pb import inference_pb2 as ipb
 from .types import (
     ContinuationScore,
+    DriftCheck,
     EditInfo,
     EditResult,
     Fact,
@@ -143,15 +144,21 @@ def new_idempotency_key() -> str:
 
 def edit_request(
     facts: Fact | Sequence[Fact], *, method: str = "rome", dry_run: bool = False, description: str = "",
-    idempotency_key: str | None = None, **options
+    idempotency_key: str | None = None, max_drift_kl: float | None = None,
+    min_top1_agreement: float | None = None, **options
 ) -> epb.EditRequest:
     """``options`` are the method's fields (e.g. layer=5, steps=20 for ROME). ``idempotency_key``
-    makes a retry safe: the server answers it with the first attempt's reply (docs/RELIABILITY.md)."""
+    makes a retry safe: the server answers it with the first attempt's reply (docs/RELIABILITY.md).
+    ``max_drift_kl`` / ``min_top1_agreement``: this edit's drift budget (the server refuses it
+    when its drift on the probes would pass them), over the server's defaults."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     facts = [facts] if isinstance(facts, Fact) else list(facts)
     request = epb.EditRequest(method=METHODS[method], facts=[_fact_pb(f) for f in facts], dry_run=dry_run,
                               description=description, idempotency_key=idempotency_key or "")
+    if max_drift_kl is not None or min_top1_agreement is not None:
+        request.max_drift.CopyFrom(epb.DriftBudget(max_kl=max_drift_kl or 0.0,
+                                                   min_top1_agreement=min_top1_agreement or 0.0))
     if options:
         target = getattr(request, OPTION_FIELDS[method])
         for key, value in options.items():
@@ -196,6 +203,8 @@ def edit_result(reply: epb.EditResponse) -> EditResult:
         compute_seconds=reply.compute_seconds, apply_seconds=reply.apply_seconds,
         edit=edit_info(reply.edit) if reply.HasField("edit") else None,
         notes=list(reply.notes), replayed=reply.replayed,
+        drift=DriftCheck(reply.drift.kl, reply.drift.top1_agreement, reply.drift.budget.max_kl,
+                         reply.drift.budget.min_top1_agreement) if reply.HasField("drift") else None,
     )
 
 

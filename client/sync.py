@@ -129,13 +129,17 @@ class EditserveClient:
     # --- editing -------------------------------------------------------------------------
     def edit(self, facts: Fact | Sequence[Fact], *, method: str = "rome", dry_run: bool = False,
              description: str = "", timeout: float | None = None, idempotency_key: str | None = None,
+             max_drift_kl: float | None = None, min_top1_agreement: float | None = None,
              **options) -> EditResult:
         """Compute and apply an edit (``options``: the method's fields). This client never
         retries on its own; to retry an Edit safely, make a key with
         :func:`~editserve.client.new_idempotency_key` and send it with every attempt: a retry
-        of an edit the server already journaled returns its original reply (``replayed``)."""
+        of an edit the server already journaled returns its original reply (``replayed``).
+        ``max_drift_kl`` / ``min_top1_agreement``: refuse the edit (FailedPrecondition, nothing
+        applied) if its drift on the server's probes would pass them."""
         request = convert.edit_request(facts, method=method, dry_run=dry_run, description=description,
-                                       idempotency_key=idempotency_key, **options)
+                                       idempotency_key=idempotency_key, max_drift_kl=max_drift_kl,
+                                       min_top1_agreement=min_top1_agreement, **options)
         return convert.edit_result(self._call(self._editing.Edit, request, timeout))
 
     def revert(self, edit_id: str, *, timeout: float | None = None) -> RevertResult:

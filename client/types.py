@@ -110,6 +110,16 @@ class EditInfo:
 
 
 @dataclass(frozen=True)
+class DriftCheck:
+    """What the server's drift guard measured with an edit previewed, and its budget (0: none)."""
+
+    kl: float
+    top1_agreement: float
+    max_kl: float
+    min_top1_agreement: float
+
+
+@dataclass(frozen=True)
 class EditResult:
     edit_id: str
     revision: int
@@ -121,6 +131,7 @@ class EditResult:
     notes: list[str] = field(default_factory=list)
     # the original reply of an earlier Edit with the same idempotency key (nothing done now)
     replayed: bool = False
+    drift: DriftCheck | None = None  # set when a drift budget applied
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,8 @@ class EditserveServer:
         metrics.engine_requests.set_function(lambda: backend.load)
         replayed = manager.replay()
         manager.on_change = drift.request_refresh
+        manager.measure_drift, manager.drift_probes = drift.measure, len(drift.probes)
+        manager.default_budget = config.drift_budget
         manager.on_divergence = self._diverged
         drift.start()
         self.drift = drift

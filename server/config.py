@@ -6,6 +6,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from .drift_budget import DriftBudget
 from .tokens import read_token
 
 CONFIG_VERSION = 1
@@ -80,6 +81,10 @@ class ServeConfig:
     # new weights (every token after an edit from the new weights alone; the stream's whole
     # context is re-read inside the pause, 0.5-1.4 s for a few hundred tokens on a 2-core CPU)
     vllm_on_edit: str = "keep"
+    # --- the drift guard (docs/OPERATIONS.md): an Edit whose drift on the probes would pass
+    # these is refused before it is journaled; 0: no limit. An Edit's max_drift overrides them.
+    max_drift_kl: float = 0.0  # nats, mean KL(unedited || edited)
+    min_drift_top1_agreement: float = 0.0  # share of probes whose top token is unchanged
     # --- a fleet sharing one edit set (docs/OPERATIONS.md) ---
     # PostgreSQL connection URL (postgresql://user@host:5432/db) of a journal shared by every
     # replica; empty: the embedded SQLite journal in state_dir, owned by this server alone.
@@ -138,6 +143,7 @@ class ServeConfig:
                     or not Path(path).expanduser().exists():
                 raise ValueError(f"statistics_sources: {name!r} must be a new name mapped to an existing path, "
                                  f"got {path!r}")
+        self.drift_budget  # noqa: B018 - checks both bounds (ValueError naming the field)
         self._check_journal()
         self._check_security()
 
@@ -191,6 +197,12 @@ class ServeConfig:
                              "Inference is closed: set editor_token_file or editor_identities too")
         if len(tokens) == 2 and tokens["editor_token_file"] == tokens["reader_token_file"]:
             raise ValueError("editor_token_file and reader_token_file hold the same token: the roles must differ")
+
+    @property
+    def drift_budget(self) -> DriftBudget:
+        """The server's default drift budget (what an Edit without max_drift is held to)."""
+        return DriftBudget(self.max_drift_kl, self.min_drift_top1_agreement,
+                           ("max_drift_kl", "min_drift_top1_agreement"))
 
     @property
     def tls(self) -> bool:

@@ -13,8 +13,12 @@ import logging
 import threading
 import time
 
+import torch
+
+from editserve.editing.artifacts import Artifact, RuntimeLayer, preview
 from editserve.editing.evaluation.metrics import distribution_drift
 from editserve.editing.evaluation.probes import load_probes, next_token_logits
+from editserve.editing.memory import LAYER_TYPE as MEMORY_LAYER
 
 from .host import ModelHost
 from .metrics import Metrics
@@ -61,9 +65,25 @@ class DriftMonitor:
         self.metrics.drift_top1.set(agreement)
         self.metrics.drift_refreshed.set(time.time())
 
+    def _logits(self, artifact: Artifact | None = None) -> torch.Tensor:
+        """Next-token logits on the probes as serving would compute them (through a SERAC
+        memory's counterfactual path where a probe is in scope), with ``artifact`` previewed."""
+        memory = isinstance(artifact, RuntimeLayer) and artifact.layer_type == MEMORY_LAYER
+        prompts, _matches = self.host.routed_prompts(self.probes, [("preview", artifact)] if memory else [])
+        if artifact is None or memory:
+            return next_token_logits(self.host.model, self.host.tokenizer, prompts)
+        with preview(self.host.model, artifact):
+            return next_token_logits(self.host.model, self.host.tokenizer, prompts)
+
+    def measure(self, artifact: Artifact) -> tuple[float, float]:
+        """(mean KL, top-1 agreement) against the unedited model with ``artifact`` previewed
+        on top of the served edits: the drift guard's figures. The caller holds the edit
+        mutex (the edit thread, before journaling), so it is not taken here."""
+        return distribution_drift(self._reference, self._logits(artifact))
+
     def refresh(self) -> tuple[float, float]:
         with self._stable:
-            current = next_token_logits(self.host.model, self.host.tokenizer, self.probes)
+            current = self._logits()
         kl, agreement = distribution_drift(self._reference, current)
         per_probe = [distribution_drift(self._reference[i : i + 1], current[i : i + 1])[0] for i in range(len(self.probes))]
         self._publish(kl, max(per_probe), agreement)

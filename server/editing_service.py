@@ -13,6 +13,7 @@ from editserve.editing.errors import Cancelled
 from editserve.editing.facts import Fact
 from editserve.editing.registry import METHODS
 
+from .drift_budget import DriftBudget
 from .edits import BackendLacksCapability, EditOutcome, MethodUnavailable, UnknownEdit
 from .journal import EditRecord
 from .rpc import ServiceError, invalid, rpc_handler
@@ -109,11 +110,17 @@ class EditingServicer(pb_grpc.EditingServicer):
                  paraphrase_prompts=tuple(f.paraphrase_prompts), neighborhood_prompts=tuple(f.neighborhood_prompts))
             for f in request.facts
         ]
+        max_drift = None
+        if request.HasField("max_drift"):
+            try:
+                max_drift = DriftBudget(request.max_drift.max_kl, request.max_drift.min_top1_agreement)
+            except ValueError as error:
+                raise invalid(str(error)) from None
         watch = self.runtime.watch(context)
         try:
             outcome: EditOutcome = self.runtime.edits.edit(
                 method, facts, options, dry_run=request.dry_run, description=request.description,
-                should_stop=watch.gave_up, idempotency_key=request.idempotency_key,
+                should_stop=watch.gave_up, idempotency_key=request.idempotency_key, max_drift=max_drift,
             )
         except BackendLacksCapability as error:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(error.args[0])) from None
@@ -131,6 +138,12 @@ class EditingServicer(pb_grpc.EditingServicer):
             notes=outcome.notes,
             replayed=outcome.replayed,
         )
+        if outcome.drift is not None:
+            check = outcome.drift
+            response.drift.CopyFrom(pb.DriftCheck(
+                kl=check.kl, top1_agreement=check.top1_agreement,
+                budget=pb.DriftBudget(max_kl=check.budget.max_kl,
+                                      min_top1_agreement=check.budget.min_top1_agreement)))
         for report in outcome.reports:
             response.facts.append(
                 pb.FactReport(

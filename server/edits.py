@@ -35,6 +35,7 @@ from editserve.editing.facts import Fact, validate_facts
 from editserve.editing.memory import LAYER_TYPE as MEMORY_LAYER
 from editserve.editing.registry import METHODS
 
+from .drift_budget import DriftBudget, DriftCheck
 from .errors import Diverged
 from .host import ModelHost
 from .idempotency import KeyConflict, request_digest, validate_key
@@ -111,6 +112,7 @@ class EditOutcome:
     notes: list[str] = field(default_factory=list)
     # the reply of an earlier Edit with the same idempotency key: nothing computed or applied now
     replayed: bool = False
+    drift: DriftCheck | None = None  # what the drift guard measured (None: no budget applied)
 
 
 def _report_from_json(data: dict) -> FactReport:
@@ -148,6 +150,11 @@ class EditManager:
         # journal and weights may disagree (compensation failed): the server turns NOT_SERVING
         self.on_divergence: Callable[[str], None] = lambda reason: None
         self.diverged = ""  # why, once it happened: every later edit or revert is refused
+        # the drift guard: (artifact) -> (mean KL, top-1 agreement) on the drift probes with the
+        # artifact previewed (the server's DriftMonitor.measure), and the server's default budget
+        self.measure_drift: Callable[[WeightDelta], tuple[float, float]] | None = None
+        self.drift_probes = 0
+        self.default_budget = DriftBudget()
         # newest journal revision last read (a shared journal's follower sets it; see replica.py)
         self.journal_revision = 0
 
@@ -315,23 +322,30 @@ class EditManager:
     def edit(
         self, method: str, facts: list[Fact], options: dict, *, dry_run: bool = False, description: str = "",
         report: bool = True, should_stop: StopCheck | None = None, idempotency_key: str = "",
+        max_drift: DriftBudget | None = None,
     ) -> EditOutcome:
         """:meth:`_edit` on the edit thread."""
         return self._on_worker(should_stop, "edit", method, lambda: self._edit(
             method, facts, options, dry_run=dry_run, description=description, report=report,
-            should_stop=should_stop, idempotency_key=idempotency_key))
+            should_stop=should_stop, idempotency_key=idempotency_key, max_drift=max_drift))
 
     def _edit(
         self, method: str, facts: list[Fact], options: dict, *, dry_run: bool = False, description: str = "",
         report: bool = True, should_stop: StopCheck | None = None, idempotency_key: str = "",
+        max_drift: DriftBudget | None = None,
     ) -> EditOutcome:
         """Compute, score (unless ``report`` is off), journal and apply one edit.
 
         ``should_stop`` (the caller gave up) is checked while waiting for the mutex, between
         compute steps, before scoring and inside the journal transaction right before its
         commit: Cancelled, with nothing journaled or applied. ``idempotency_key``: see
-        :mod:`.idempotency`.
+        :mod:`.idempotency`. ``max_drift`` overrides fields of the server's default drift
+        budget; an edit over the budget is PreconditionFailed before anything is journaled (a
+        dry run is checked the same way: it answers whether the edit would be accepted).
         """
+        budget = self.default_budget.over(max_drift)
+        if budget.active and self.measure_drift is None:
+            raise PreconditionFailed("max_drift: this server has no drift probes to check an edit against")
         if method not in self.methods:
             from .methods import unavailable_reason
 
@@ -387,13 +401,14 @@ class EditManager:
             try:
                 check_stop(should_stop, "the edit, before scoring it")
                 reports = self._scores(facts, delta) if report else []
+                drift = self._check_drift(method, delta, budget) if budget.active else None
             except Cancelled:
                 self.metrics.edits.labels(method, "abandoned").inc()
                 raise
             if dry_run:
                 self.metrics.edits.labels(method, "dry_run").inc()
                 return EditOutcome("", self.host.revision, False, reports, compute_seconds, 0.0, None, diagnostics,
-                                   notes)
+                                   notes, drift=drift)
             edit_id = self.journal.new_id()
             artifact, sha = self.journal.write_artifact(edit_id, delta)
             try:
@@ -439,7 +454,17 @@ class EditManager:
             self._publish()
             diagnostics = {**diagnostics, "write_lock_seconds": pause}
             return EditOutcome(edit_id, revision, True, reports, compute_seconds, apply_seconds,
-                               self.journal.get(edit_id), diagnostics, notes)
+                               self.journal.get(edit_id), diagnostics, notes, drift=drift)
+
+    def _check_drift(self, method: str, delta: WeightDelta, budget: DriftBudget) -> DriftCheck:
+        """The drift guard: measure the probes with the edit previewed; over ``budget``,
+        PreconditionFailed naming the figure (the caller has journaled nothing yet)."""
+        kl, agreement = self.measure_drift(delta)
+        why = budget.violation(kl, agreement, self.drift_probes)
+        if why:
+            self.metrics.edits.labels(method, "rejected_drift").inc()
+            raise PreconditionFailed(f"{why}; nothing was applied or journaled")
+        return DriftCheck(kl, agreement, budget)
 
     def _earlier(self, idempotency_key: str, digest: str) -> EditOutcome | None:
         """The original reply of the edit journaled under this key (None: no such edit yet)."""
