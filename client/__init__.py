@@ -26,6 +26,8 @@ from .types import (
     Fact,
     FactReport,
     Generation,
+    ImportedEdit,
+    ImportResult,
     ModelInfo,
     PromptScore,
     RevertResult,
@@ -36,7 +38,7 @@ from .types import (
 
 __all__ = [
     "AlreadyExists", "AsyncEditserveClient", "Cancelled", "ContinuationScore", "DeadlineExceeded", "DriftCheck", "EditInfo", "EditResult", "EditserveClient",
-    "EditserveError", "Fact", "FactReport", "FailedPrecondition", "Generation", "GenerationStream",
+    "EditserveError", "Fact", "FactReport", "FailedPrecondition", "Generation", "GenerationStream", "ImportedEdit", "ImportResult",
     "InvalidArgument", "ModelInfo", "NotFound", "PermissionDenied", "PromptScore", "ResourceExhausted",
     "RevertResult", "Route", "StreamChunk", "TraceResult", "Unauthenticated", "Unavailable", "Unimplemented", "new_idempotency_key",
 ]

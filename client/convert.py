@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from editserve.editing.registry import METHODS as REGISTRY
 
@@ -17,6 +17,8 @@ from .types import (
     Fact,
     FactReport,
     Generation,
+    ImportedEdit,
+    ImportResult,
     ModelInfo,
     PromptScore,
     RevertResult,
@@ -110,7 +112,8 @@ def model_info(reply: ipb.ModelInfo) -> ModelInfo:
         active_edits=reply.active_edits, backend=reply.backend, default_max_new_tokens=reply.default_max_new_tokens,
         max_prompt_tokens=reply.max_prompt_tokens, max_new_tokens_limit=reply.max_new_tokens_limit,
         has_chat_template=reply.has_chat_template, weights_digest=reply.weights_digest, journal=reply.journal,
-        journal_revision=reply.journal_revision,
+        journal_revision=reply.journal_revision, drift_kl=reply.drift_kl,
+        drift_top1_agreement=reply.drift_top1_agreement, drift_revision=reply.drift_revision,
     )
 
 
@@ -156,9 +159,9 @@ def edit_request(
     facts = [facts] if isinstance(facts, Fact) else list(facts)
     request = epb.EditRequest(method=METHODS[method], facts=[_fact_pb(f) for f in facts], dry_run=dry_run,
                               description=description, idempotency_key=idempotency_key or "")
-    if max_drift_kl is not None or min_top1_agreement is not None:
-        request.max_drift.CopyFrom(epb.DriftBudget(max_kl=max_drift_kl or 0.0,
-                                                   min_top1_agreement=min_top1_agreement or 0.0))
+    budget = _drift_budget(max_drift_kl, min_top1_agreement)
+    if budget is not None:
+        request.max_drift.CopyFrom(budget)
     if options:
         target = getattr(request, OPTION_FIELDS[method])
         for key, value in options.items():
@@ -203,9 +206,40 @@ def edit_result(reply: epb.EditResponse) -> EditResult:
         compute_seconds=reply.compute_seconds, apply_seconds=reply.apply_seconds,
         edit=edit_info(reply.edit) if reply.HasField("edit") else None,
         notes=list(reply.notes), replayed=reply.replayed,
-        drift=DriftCheck(reply.drift.kl, reply.drift.top1_agreement, reply.drift.budget.max_kl,
-                         reply.drift.budget.min_top1_agreement) if reply.HasField("drift") else None,
+        drift=_drift(reply.drift) if reply.HasField("drift") else None,
     )
+
+
+IMPORT_CHUNK_BYTES = 1 << 20
+
+
+def _drift_budget(max_drift_kl: float | None, min_top1_agreement: float | None) -> epb.DriftBudget | None:
+    if max_drift_kl is None and min_top1_agreement is None:
+        return None
+    return epb.DriftBudget(max_kl=max_drift_kl or 0.0, min_top1_agreement=min_top1_agreement or 0.0)
+
+
+def import_requests(bundle: bytes, *, dry_run: bool = False, max_drift_kl: float | None = None,
+                    min_top1_agreement: float | None = None) -> Iterator[epb.ImportEditsRequest]:
+    """The bundle in 1 MiB messages; the first carries the options."""
+    budget = _drift_budget(max_drift_kl, min_top1_agreement)
+    for start in range(0, max(len(bundle), 1), IMPORT_CHUNK_BYTES):
+        request = epb.ImportEditsRequest(data=bundle[start:start + IMPORT_CHUNK_BYTES])
+        if start == 0:
+            request.dry_run = dry_run
+            if budget is not None:
+                request.max_drift.CopyFrom(budget)
+        yield request
+
+
+def _drift(message: epb.DriftCheck) -> DriftCheck:
+    return DriftCheck(message.kl, message.top1_agreement, message.budget.max_kl, message.budget.min_top1_agreement)
+
+
+def import_result(reply: epb.ImportEditsResponse) -> ImportResult:
+    return ImportResult(
+        edits=[ImportedEdit(e.source_edit_id, e.edit_id, e.revision, e.skipped, e.sha256) for e in reply.edits],
+        revision=reply.revision, drift=_drift(reply.drift) if reply.HasField("drift") else None)
 
 
 def revert_result(reply: epb.RevertResponse) -> RevertResult:

@@ -19,6 +19,7 @@ from .types import (
     EditResult,
     Fact,
     Generation,
+    ImportResult,
     ModelInfo,
     RevertResult,
     StreamChunk,
@@ -151,6 +152,25 @@ class EditserveClient:
 
     def get_edit(self, edit_id: str, *, timeout: float | None = None) -> EditInfo:
         return convert.edit_info(self._call(self._editing.GetEdit, epb.GetEditRequest(edit_id=edit_id), timeout))
+
+    def export_edits(self, edit_ids: Sequence[str] = (), *, timeout: float | None = None) -> bytes:
+        """The bundle of the named edits (default: every active one): their artifacts, facts and
+        the base model's fingerprint, for :meth:`import_edits` on another server."""
+        try:
+            chunks = self._editing.ExportEdits(epb.ExportEditsRequest(edit_ids=list(edit_ids)),
+                                               timeout=timeout if timeout is not None else self.timeout,
+                                               metadata=self._metadata)
+            return b"".join(chunk.data for chunk in chunks)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def import_edits(self, bundle: bytes, *, dry_run: bool = False, max_drift_kl: float | None = None,
+                     min_top1_agreement: float | None = None, timeout: float | None = None) -> ImportResult:
+        """Apply a bundle's edits here (the same bytes, nothing recomputed); those already
+        active here are skipped. ``dry_run``: check it (model, files, drift budget) only."""
+        requests = convert.import_requests(bundle, dry_run=dry_run, max_drift_kl=max_drift_kl,
+                                           min_top1_agreement=min_top1_agreement)
+        return convert.import_result(self._call(self._editing.ImportEdits, requests, timeout))
 
     def trace(self, prompt: str, subject: str, *, timeout: float | None = None, **options) -> TraceResult:
         """``options``: answer, samples, noise_scale, window, seed, kinds (hidden/mlp/attn),

@@ -72,6 +72,9 @@ class ModelInfo:
     weights_digest: str = ""
     journal: str = ""  # "sqlite" or "postgresql" (shared by a fleet)
     journal_revision: int = 0  # newest journal revision this server has read (> revision: catching up)
+    drift_kl: float = 0.0  # drift from the unedited model on the probes, measured at drift_revision
+    drift_top1_agreement: float = 1.0
+    drift_revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,22 @@ class EditResult:
     # the original reply of an earlier Edit with the same idempotency key (nothing done now)
     replayed: bool = False
     drift: DriftCheck | None = None  # set when a drift budget applied
+
+
+@dataclass(frozen=True)
+class ImportedEdit:
+    source_edit_id: str  # its id where the bundle came from
+    edit_id: str  # its id here; empty when skipped or a dry run
+    revision: int
+    skipped: bool  # its artifact was already active here
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    edits: list[ImportedEdit]
+    revision: int
+    drift: DriftCheck | None = None  # set when a drift budget applied (the whole bundle previewed)
 
 
 @dataclass(frozen=True)

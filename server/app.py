@@ -149,6 +149,7 @@ class EditserveServer:
             self.follower = JournalFollower(journal, manager, metrics, config.journal_poll_seconds)
             self.follower.start()
         self.runtime.host, self.runtime.backend, self.runtime.edits = host, backend, manager
+        self.runtime.drift = drift
         metrics.model_info.info({
             "model": config.model, "model_type": host.adapter.model_type, "dtype": config.dtype,
             "device": device, "backend": backend.name, "layers": str(host.adapter.num_layers),

@@ -14,6 +14,7 @@ MAX_EDITOR_IDENTITIES = 1000
 MAX_IDENTITY_CHARS = 256
 MAX_SHUTDOWN_GRACE_SECONDS = 600.0
 MAX_PREFIX_CACHE_MB = 1 << 20
+MAX_BUNDLE_MB = 64 << 10
 BACKENDS = ("hf", "vllm")
 JOURNAL_URL_SCHEMES = ("postgresql://", "postgres://")
 MIN_JOURNAL_POLL_SECONDS = 0.05
@@ -85,6 +86,9 @@ class ServeConfig:
     # these is refused before it is journaled; 0: no limit. An Edit's max_drift overrides them.
     max_drift_kl: float = 0.0  # nats, mean KL(unedited || edited)
     min_drift_top1_agreement: float = 0.0  # share of probes whose top token is unchanged
+    # largest edit bundle ImportEdits accepts (MiB; held in memory while it is checked). One
+    # FT-L edit of an 8B model's MLP projection is ~235 MB in fp32 (docs/ARCHITECTURE.md)
+    max_bundle_mb: int = 1024
     # --- a fleet sharing one edit set (docs/OPERATIONS.md) ---
     # PostgreSQL connection URL (postgresql://user@host:5432/db) of a journal shared by every
     # replica; empty: the embedded SQLite journal in state_dir, owned by this server alone.
@@ -125,6 +129,9 @@ class ServeConfig:
         if isinstance(self.malloc_arenas, bool) or not isinstance(self.malloc_arenas, int) \
                 or not 0 <= self.malloc_arenas <= 64:
             raise ValueError(f"malloc_arenas must be an integer in [0, 64], got {self.malloc_arenas!r}")
+        if isinstance(self.max_bundle_mb, bool) or not isinstance(self.max_bundle_mb, int) \
+                or not 1 <= self.max_bundle_mb <= MAX_BUNDLE_MB:
+            raise ValueError(f"max_bundle_mb must be an integer in [1, {MAX_BUNDLE_MB}], got {self.max_bundle_mb!r}")
         if not 1 <= self.max_edit_facts <= 100_000:
             raise ValueError(f"max_edit_facts must be in [1, 100000], got {self.max_edit_facts}")
         grace = self.shutdown_grace_seconds

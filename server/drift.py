@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import ExitStack
 
 import torch
 
@@ -33,6 +34,8 @@ class DriftMonitor:
         self.probes = load_probes()
         self._stable = stable_weights
         self._reference = next_token_logits(host.model, host.tokenizer, self.probes)
+        # (mean KL, top-1 agreement, revision measured at) of the last refresh
+        self.latest: tuple[float, float, int] = (0.0, 1.0, host.revision)
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
@@ -65,26 +68,33 @@ class DriftMonitor:
         self.metrics.drift_top1.set(agreement)
         self.metrics.drift_refreshed.set(time.time())
 
-    def _logits(self, artifact: Artifact | None = None) -> torch.Tensor:
+    def _logits(self, artifacts: list[Artifact] = ()) -> torch.Tensor:
         """Next-token logits on the probes as serving would compute them (through a SERAC
-        memory's counterfactual path where a probe is in scope), with ``artifact`` previewed."""
-        memory = isinstance(artifact, RuntimeLayer) and artifact.layer_type == MEMORY_LAYER
-        prompts, _matches = self.host.routed_prompts(self.probes, [("preview", artifact)] if memory else [])
-        if artifact is None or memory:
-            return next_token_logits(self.host.model, self.host.tokenizer, prompts)
-        with preview(self.host.model, artifact):
+        memory's counterfactual path where a probe is in scope), with ``artifacts`` previewed
+        together (SERAC memories join the routing, the others are previewed as hooks)."""
+        def is_memory(a: Artifact) -> bool:
+            return isinstance(a, RuntimeLayer) and a.layer_type == MEMORY_LAYER
+
+        extra = [(f"preview-{i}", a) for i, a in enumerate(artifacts) if is_memory(a)]
+        prompts, _matches = self.host.routed_prompts(self.probes, extra)
+        with ExitStack() as stack:
+            for artifact in artifacts:
+                if not is_memory(artifact):
+                    stack.enter_context(preview(self.host.model, artifact))
             return next_token_logits(self.host.model, self.host.tokenizer, prompts)
 
-    def measure(self, artifact: Artifact) -> tuple[float, float]:
-        """(mean KL, top-1 agreement) against the unedited model with ``artifact`` previewed
+    def measure(self, artifacts: list[Artifact]) -> tuple[float, float]:
+        """(mean KL, top-1 agreement) against the unedited model with ``artifacts`` previewed
         on top of the served edits: the drift guard's figures. The caller holds the edit
         mutex (the edit thread, before journaling), so it is not taken here."""
-        return distribution_drift(self._reference, self._logits(artifact))
+        return distribution_drift(self._reference, self._logits(artifacts))
 
     def refresh(self) -> tuple[float, float]:
         with self._stable:
             current = self._logits()
+            revision = self.host.revision
         kl, agreement = distribution_drift(self._reference, current)
+        self.latest = (kl, agreement, revision)
         per_probe = [distribution_drift(self._reference[i : i + 1], current[i : i + 1])[0] for i in range(len(self.probes))]
         self._publish(kl, max(per_probe), agreement)
         return kl, agreement

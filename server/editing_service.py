@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 
 import grpc
 
@@ -13,13 +14,22 @@ from editserve.editing.errors import Cancelled
 from editserve.editing.facts import Fact
 from editserve.editing.registry import METHODS
 
-from .drift_budget import DriftBudget
+from .drift_budget import DriftBudget, DriftCheck
 from .edits import BackendLacksCapability, EditOutcome, MethodUnavailable, UnknownEdit
 from .journal import EditRecord
 from .rpc import ServiceError, invalid, rpc_handler
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+BUNDLE_CHUNK_BYTES = 1 << 20  # ExportEdits streams the bundle in chunks of this size
+MAX_EDIT_ID_CHARS = 64
+
+
+def _drift_pb(check: DriftCheck) -> pb.DriftCheck:
+    return pb.DriftCheck(kl=check.kl, top1_agreement=check.top1_agreement,
+                         budget=pb.DriftBudget(max_kl=check.budget.max_kl,
+                                               min_top1_agreement=check.budget.min_top1_agreement))
 
 METHOD_NAMES = {pb.EditMethod.Value(spec.proto_enum): name for name, spec in METHODS.items()}
 METHOD_ENUMS = {v: k for k, v in METHOD_NAMES.items()}
@@ -139,11 +149,7 @@ class EditingServicer(pb_grpc.EditingServicer):
             replayed=outcome.replayed,
         )
         if outcome.drift is not None:
-            check = outcome.drift
-            response.drift.CopyFrom(pb.DriftCheck(
-                kl=check.kl, top1_agreement=check.top1_agreement,
-                budget=pb.DriftBudget(max_kl=check.budget.max_kl,
-                                      min_top1_agreement=check.budget.min_top1_agreement)))
+            response.drift.CopyFrom(_drift_pb(outcome.drift))
         for report in outcome.reports:
             response.facts.append(
                 pb.FactReport(
@@ -186,6 +192,56 @@ class EditingServicer(pb_grpc.EditingServicer):
             return edit_info(self.runtime.edits.get(request.edit_id))
         except UnknownEdit as error:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, error.args[0]) from None
+
+    @rpc_handler(_metrics, "ExportEdits", streaming=True)
+    def ExportEdits(self, request: pb.ExportEditsRequest, context: grpc.ServicerContext) -> Iterator[pb.BundleChunk]:
+        self.runtime.require_ready()
+        if any(not 1 <= len(i) <= MAX_EDIT_ID_CHARS for i in request.edit_ids):
+            raise invalid(f"edit_ids: each id needs 1 to {MAX_EDIT_ID_CHARS} characters")
+        watch = self.runtime.watch(context)
+        try:
+            data = self.runtime.edits.export_bundle(list(request.edit_ids), should_stop=watch.gave_up)
+        except UnknownEdit as error:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, error.args[0]) from None
+        except Cancelled as error:
+            raise watch.error(str(error)) from None
+        for start in range(0, len(data), BUNDLE_CHUNK_BYTES):
+            yield pb.BundleChunk(data=data[start:start + BUNDLE_CHUNK_BYTES])
+
+    @rpc_handler(_metrics, "ImportEdits")
+    def ImportEdits(self, requests: Iterator[pb.ImportEditsRequest], context: grpc.ServicerContext
+                    ) -> pb.ImportEditsResponse:
+        self.runtime.require_ready()
+        with self.runtime.heavy_slot("edit"):
+            limit = self.runtime.config.max_bundle_mb << 20
+            parts, size, first = [], 0, None
+            for request in requests:
+                first = first or request
+                size += len(request.data)
+                if size > limit:
+                    raise invalid(f"the bundle is over {self.runtime.config.max_bundle_mb} MiB, the server's "
+                                  "max_bundle_mb")
+                parts.append(request.data)
+            if first is None or not size:
+                raise invalid("the bundle is empty")
+            max_drift = None
+            if first.HasField("max_drift"):
+                try:
+                    max_drift = DriftBudget(first.max_drift.max_kl, first.max_drift.min_top1_agreement)
+                except ValueError as error:
+                    raise invalid(str(error)) from None
+            watch = self.runtime.watch(context)
+            try:
+                outcome = self.runtime.edits.import_bundle(b"".join(parts), max_drift=max_drift, dry_run=first.dry_run,
+                                                          should_stop=watch.gave_up)
+            except Cancelled as error:
+                raise watch.error(str(error)) from None
+        response = pb.ImportEditsResponse(revision=outcome.revision, edits=[
+            pb.ImportedEdit(source_edit_id=e.source_edit_id, edit_id=e.edit_id, revision=e.revision,
+                            skipped=e.skipped, sha256=e.sha256) for e in outcome.edits])
+        if outcome.drift is not None:
+            response.drift.CopyFrom(_drift_pb(outcome.drift))
+        return response
 
     @rpc_handler(_metrics, "Trace")
     def Trace(self, request: pb.TraceRequest, context: grpc.ServicerContext) -> pb.TraceResponse:

@@ -20,21 +20,25 @@ Trust rules kept here (docs/RELIABILITY.md, "Guarantees"):
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import TypeVar
 
 from editserve.editing.artifacts import RuntimeLayer, WeightDelta, preview
+from editserve.editing.artifacts import load_artifact as load_artifact_file
 from editserve.editing.errors import Cancelled, InvalidRequest, PreconditionFailed, StopCheck, check_stop
 from editserve.editing.facts import Fact, validate_facts
 from editserve.editing.memory import LAYER_TYPE as MEMORY_LAYER
-from editserve.editing.registry import METHODS
+from editserve.editing.registry import METHODS, ArtifactKind
 
+from .bundle import MAX_BUNDLE_EDITS, BundledEdit, read_bundle, write_bundle
 from .drift_budget import DriftBudget, DriftCheck
 from .errors import Diverged
 from .host import ModelHost
@@ -115,6 +119,22 @@ class EditOutcome:
     drift: DriftCheck | None = None  # what the drift guard measured (None: no budget applied)
 
 
+@dataclass(frozen=True)
+class ImportedEdit:
+    source_edit_id: str
+    edit_id: str  # empty: skipped, or a dry run
+    revision: int
+    skipped: bool  # its artifact was already active here
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ImportOutcome:
+    edits: list[ImportedEdit]
+    revision: int
+    drift: DriftCheck | None
+
+
 def _report_from_json(data: dict) -> FactReport:
     fact = data["fact"]
     fact = Fact(**{**fact, "paraphrase_prompts": tuple(fact.get("paraphrase_prompts", ())),
@@ -152,7 +172,7 @@ class EditManager:
         self.diverged = ""  # why, once it happened: every later edit or revert is refused
         # the drift guard: (artifact) -> (mean KL, top-1 agreement) on the drift probes with the
         # artifact previewed (the server's DriftMonitor.measure), and the server's default budget
-        self.measure_drift: Callable[[WeightDelta], tuple[float, float]] | None = None
+        self.measure_drift: Callable[[list[WeightDelta]], tuple[float, float]] | None = None
         self.drift_probes = 0
         self.default_budget = DriftBudget()
         # newest journal revision last read (a shared journal's follower sets it; see replica.py)
@@ -459,7 +479,7 @@ class EditManager:
     def _check_drift(self, method: str, delta: WeightDelta, budget: DriftBudget) -> DriftCheck:
         """The drift guard: measure the probes with the edit previewed; over ``budget``,
         PreconditionFailed naming the figure (the caller has journaled nothing yet)."""
-        kl, agreement = self.measure_drift(delta)
+        kl, agreement = self.measure_drift([delta])
         why = budget.violation(kl, agreement, self.drift_probes)
         if why:
             self.metrics.edits.labels(method, "rejected_drift").inc()
@@ -630,6 +650,115 @@ class EditManager:
             self.metrics.reverts.labels("ok").inc()
             self._publish()
             return revision, seconds
+
+    # --- bundles: moving edits between servers without recomputing them ----------------------
+    def export_bundle(self, edit_ids: list[str], should_stop: StopCheck | None = None) -> bytes:
+        """The bundle (:mod:`.bundle`) of the named edits, in journal order, or of every active
+        one; read on the edit thread so the set cannot change while it is written."""
+        if len(edit_ids) > MAX_BUNDLE_EDITS or len(set(edit_ids)) != len(edit_ids):
+            raise InvalidRequest(f"edit_ids: at most {MAX_BUNDLE_EDITS} distinct ids")
+
+        def work() -> bytes:
+            if edit_ids:
+                records = sorted((self.get(i) for i in edit_ids), key=lambda r: r.seq)
+            else:
+                records = self.journal.list()
+            bad = [r.edit_id for r in records if r.quarantined]
+            if bad:
+                raise PreconditionFailed(f"edits {bad} are quarantined (their artifact is bad): they cannot be exported")
+            if not records:
+                raise PreconditionFailed("there is no active edit to export")
+            edits = [BundledEdit(r.edit_id, r.method, r.kind, r.facts, r.options, r.layers, r.parameters,
+                                 r.delta_norm, r.compute_seconds, r.description, r.sha256,
+                                 self.journal.artifact_bytes(r)) for r in records]
+            return write_bundle(self.host.name, self.host.fingerprint(), self.host.revision, edits)
+
+        return self.run_stable(should_stop, "export", work)
+
+    def import_bundle(self, data: bytes, *, max_drift: DriftBudget | None = None, dry_run: bool = False,
+                      should_stop: StopCheck | None = None) -> ImportOutcome:
+        """Apply a bundle's edits (each a new journaled edit, in the bundle's order), skipping
+        those whose artifact is already active here. Everything is checked first: the format,
+        the base model, each artifact's sha256, kind and fit, the facts, and the drift budget
+        with every edit to apply previewed together; a failing check applies nothing."""
+        manifest, bundled = read_bundle(data, self.host.fingerprint())
+        budget = self.default_budget.over(max_drift)
+        if budget.active and self.measure_drift is None:
+            raise PreconditionFailed("max_drift: this server has no drift probes to check an import against")
+        artifacts = [self._bundled_artifact(i, edit) for i, edit in enumerate(bundled)]
+        origin = (f"imported from a bundle of {manifest.get('model')!r} exported at its revision "
+                  f"{manifest.get('exported_revision')}")
+        return self._on_worker(should_stop, "import", "", lambda: self._import(
+            bundled, artifacts, budget, dry_run, should_stop, origin))
+
+    def _bundled_artifact(self, i: int, edit: BundledEdit) -> WeightDelta:
+        try:
+            facts = [Fact(**{**f, "paraphrase_prompts": tuple(f.get("paraphrase_prompts", ())),
+                             "neighborhood_prompts": tuple(f.get("neighborhood_prompts", ()))}) for f in edit.facts]
+            validate_facts(facts)
+        except (TypeError, AttributeError, InvalidRequest) as error:
+            raise InvalidRequest(f"bundle: edits[{i}].facts are not valid facts ({error})") from None
+        if len(edit.description) > MAX_DESCRIPTION_CHARS:
+            raise InvalidRequest(f"bundle: edits[{i}].description is over {MAX_DESCRIPTION_CHARS} characters")
+        with tempfile.NamedTemporaryFile(dir=self.journal.artifacts, prefix=".import-", suffix=".safetensors") as f:
+            f.write(edit.data)
+            f.flush()
+            try:
+                artifact = load_artifact_file(Path(f.name), expected=ArtifactKind(edit.kind))
+                self.host.check_delta(artifact)
+            except ValueError as error:  # ArtifactError too: another kind, unknown format, misfit
+                raise PreconditionFailed(f"bundle: edits[{i}] ({edit.method}) cannot be applied to this server: "
+                                         f"{error}") from None
+        return artifact
+
+    def _import(self, bundled: list[BundledEdit], artifacts: list, budget: DriftBudget, dry_run: bool,
+                should_stop: StopCheck | None, origin: str) -> ImportOutcome:
+        with self._holding_mutex(should_stop, "edit", "import"):
+            self._refuse_if_diverged()
+            self._follow_locked()
+            active = {r.sha256 for r in self.journal.list()}
+            results, todo = [], []
+            for edit, artifact in zip(bundled, artifacts, strict=True):
+                skipped = edit.sha256 in active
+                active.add(edit.sha256)
+                results.append(ImportedEdit(edit.source_edit_id, "", 0, skipped, edit.sha256))
+                if not skipped:
+                    todo.append((len(results) - 1, edit, artifact))
+            drift = None
+            if budget.active and todo:
+                kl, agreement = self.measure_drift([a for _, _, a in todo])
+                why = budget.violation(kl, agreement, self.drift_probes)
+                if why:
+                    self.metrics.edits.labels("import", "rejected_drift").inc()
+                    raise PreconditionFailed(f"{why} (the bundle's {len(todo)} edits together); nothing was applied "
+                                             "or journaled")
+                drift = DriftCheck(kl, agreement, budget)
+            check_stop(should_stop, "the import, before it was journaled")
+            if dry_run:
+                return ImportOutcome(results, self.host.revision, drift)
+            for index, edit, artifact in todo:
+                edit_id = self.journal.new_id()
+                name = f"{edit_id}.safetensors"
+                self.journal.write_bytes(name, edit.data)
+                try:
+                    revision = self.journal.record_apply(
+                        edit_id=edit_id, method=edit.method, kind=edit.kind, facts=edit.facts, options=edit.options,
+                        layers=edit.layers, parameters=edit.parameters, delta_norm=edit.delta_norm,
+                        compute_seconds=edit.compute_seconds, description=edit.description, artifact=name,
+                        sha256=edit.sha256, outcome={"reports": [], "notes": [f"{origin} (edit {edit.source_edit_id})"]})
+                except BaseException:
+                    self.journal.discard_artifact(name)
+                    raise
+                try:
+                    self._apply_others_first(revision)
+                    self.host.apply(edit_id, artifact, revision)
+                except Exception as error:
+                    self._compensate_apply(edit_id, name, revision, artifact, error)
+                    raise
+                self.metrics.edits.labels(edit.method, "imported").inc()
+                results[index] = replace(results[index], edit_id=edit_id, revision=revision)
+            self._publish()
+            return ImportOutcome(results, self.host.revision, drift)
 
     def get(self, edit_id: str) -> EditRecord:
         record = self.journal.get(edit_id)

@@ -272,6 +272,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             journal="postgresql" if self.runtime.edits.journal.shared else "sqlite",
             journal_revision=max(self.runtime.edits.journal_revision, host.revision),
         )
+        if self.runtime.drift is not None:
+            info.drift_kl, info.drift_top1_agreement, info.drift_revision = self.runtime.drift.latest
         if request.include_weights_digest:
             info.weights_digest = host.weights_digest()
         return info

@@ -214,6 +214,14 @@ class ArtifactFiles:
         path = self.artifacts / record.artifact
         return path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == record.sha256
 
+    def artifact_bytes(self, record: EditRecord) -> bytes:
+        """The bytes of the edit's artifact file, checked against its sha256 (an export)."""
+        path = self.artifacts / record.artifact
+        data = path.read_bytes() if path.exists() else b""
+        if hashlib.sha256(data).hexdigest() != record.sha256:
+            raise JournalError(f"artifact {path} of edit {record.edit_id} is missing or corrupted")
+        return data
+
     def load_file(self, record: EditRecord) -> Artifact:
         """The edit's artifact file, checked against its sha256 and loaded as the kind its row records."""
         path = self.artifacts / record.artifact

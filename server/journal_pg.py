@@ -304,9 +304,17 @@ class PostgresJournal(ArtifactFiles):
         return [tuple(row) for row in self._read(
             "SELECT revision, kind, edit_id FROM editserve_events WHERE revision > %s ORDER BY revision", (revision,))]
 
+    def artifact_bytes(self, record: EditRecord) -> bytes:
+        self._ensure_local(record)
+        return super().artifact_bytes(record)
+
     def load_artifact(self, record: EditRecord) -> Artifact:
         """The edit's artifact: the local copy if it matches the row's sha256, else the
         database's bytes (checked, then kept as the local copy)."""
+        self._ensure_local(record)
+        return self.load_file(record)
+
+    def _ensure_local(self, record: EditRecord) -> None:
         if not self.file_matches(record):
             found = self._read("SELECT data FROM editserve_artifacts WHERE edit_id = %s", (record.edit_id,))
             if not found:
@@ -316,7 +324,6 @@ class PostgresJournal(ArtifactFiles):
                 raise JournalError(f"the artifact of edit {record.edit_id} in the journal database is corrupted "
                                    "(sha256 mismatch)")
             self.write_bytes(record.artifact, data)
-        return self.load_file(record)
 
     def remove_orphans(self) -> list[str]:
         """Delete local copies no row refers to (an edit this replica computed whose commit

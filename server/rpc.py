@@ -118,18 +118,39 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or not method.startswith(self.prefixes) or handler.request_deserializer is None \
-                or handler.request_streaming:
+                or handler.stream_stream is not None:
             return handler
         rpc = method.rsplit("/", 1)[-1]
 
+        def refuse_if_undecodable(request, context: grpc.ServicerContext):
+            if isinstance(request, _Undecodable):
+                self.on_refused(rpc, grpc.StatusCode.INVALID_ARGUMENT)
+                log.info("%s from %s: undecodable request: %s", rpc, context.peer(), request.error)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request is not a valid {rpc} request message (it does not parse)")
+            return request
+
         def wrap(behavior):
             def checked(request, context: grpc.ServicerContext):
+                return behavior(refuse_if_undecodable(request, context), context)
+
+            return checked
+
+        def checked_messages(requests, context: grpc.ServicerContext):
+            """A client stream's messages as the handler reads them: an undecodable one ends the
+            call as INVALID_ARGUMENT through the handler's own status mapping (it is raised
+            inside the handler, where an abort would read as an internal error)."""
+            for request in requests:
                 if isinstance(request, _Undecodable):
-                    self.on_refused(rpc, grpc.StatusCode.INVALID_ARGUMENT)
-                    log.info("%s from %s: undecodable request: %s", rpc, context.peer(), request.error)
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"the request is not a valid {rpc} request message (it does not parse)")
-                return behavior(request, context)
+                    log.info("%s from %s: undecodable stream message: %s", rpc, context.peer(), request.error)
+                    raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"a message of the {rpc} stream is not a valid request message (it does not "
+                                       "parse)")
+                yield request
+
+        def wrap_stream(behavior):
+            def checked(requests, context: grpc.ServicerContext):
+                return behavior(checked_messages(requests, context), context)
 
             return checked
 
@@ -137,6 +158,8 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
                        "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **serializers)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(wrap_stream(handler.stream_unary), **serializers)
         return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), **serializers)
 
 

@@ -24,6 +24,7 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     from .backends.base import GenerationBackend
+    from .drift import DriftMonitor
     from .edits import EditManager
     from .host import ModelHost
 
@@ -36,6 +37,7 @@ class Runtime:
     host: ModelHost | None = None
     backend: GenerationBackend | None = None
     edits: EditManager | None = None
+    drift: DriftMonitor | None = None
     # why RPCs answer UNAVAILABLE while ``ready`` is clear after start-up (shutting down, or
     # journal and weights diverged); empty while loading
     unavailable_reason: str = ""

@@ -60,6 +60,7 @@ class Rpc:
     input: Descriptor
     output: type[Message]
     streaming: bool
+    client_streaming: bool = False  # the payload is sent as the stream's one message
 
     @property
     def path(self) -> str:
@@ -79,7 +80,8 @@ def declared_rpcs() -> list[Rpc]:
     for service in (INFERENCE, EDITING):
         for method in service.methods:
             out.append(Rpc(service.full_name, method.name, method.input_type,
-                           message_factory.GetMessageClass(method.output_type), method.server_streaming))
+                           message_factory.GetMessageClass(method.output_type), method.server_streaming,
+                           method.client_streaming))
     return out
 
 
@@ -238,6 +240,10 @@ class FuzzSession:
     def send(self, rpc: Rpc, payload: bytes, credential: str) -> Outcome:
         metadata = metadata_for(credential)
         try:
+            if rpc.client_streaming:
+                call = self.channel.stream_unary(rpc.path, request_serializer=None,
+                                                 response_deserializer=rpc.output.FromString)
+                return Outcome(S.OK, "", call(iter([payload]), timeout=self.call_timeout, metadata=metadata))
             if rpc.streaming:
                 call = self.channel.unary_stream(rpc.path, request_serializer=None,
                                                  response_deserializer=rpc.output.FromString)
