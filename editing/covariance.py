@@ -20,6 +20,7 @@ import hashlib
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -237,7 +238,8 @@ def load_or_estimate_layers(model, tokenizer, adapter: ArchitectureAdapter, *, f
         for layer, (moment, count) in estimated.items():
             path = cache_path(cache_dir, fingerprint, layer, src, tokens)
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+            # unique per writer: replicas sharing one cache volume are all PID 1 in their containers
+            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
             save_file({"mom2": moment.contiguous(), "count": torch.tensor([count])}, str(partial),
                       metadata={"layer": str(layer), "source": src.tag, "tokens": str(tokens)})
             os.replace(partial, path)
