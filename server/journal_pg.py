@@ -48,6 +48,7 @@ PG_SCHEMA_VERSION = 1
 CHANNEL = "editserve_journal"  # NOTIFY channel: the payload is the committed revision
 _LOCK_KEY = 0x65646974  # advisory lock every writer holds: one event at a time, fleet-wide
 CONNECT_TIMEOUT_SECONDS = 10
+ARTIFACT_CHUNK_BYTES = 64 << 20  # rows of editserve_artifacts (a bytea holds at most 1 GB)
 
 _TABLES = (
     "CREATE TABLE IF NOT EXISTS editserve_meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -80,9 +81,13 @@ _TABLES = (
     edit_id TEXT NOT NULL REFERENCES editserve_edits(edit_id),
     at DOUBLE PRECISION NOT NULL
 )""",
+    # in chunks: a bytea value holds at most 1 GB, and a 10,000-fact MEMIT edit of an 8B model
+    # is ~4 GB (docs/ARCHITECTURE.md, "Cost model of a fleet")
     """CREATE TABLE IF NOT EXISTS editserve_artifacts(
-    edit_id TEXT PRIMARY KEY REFERENCES editserve_edits(edit_id),
-    data BYTEA NOT NULL
+    edit_id TEXT NOT NULL REFERENCES editserve_edits(edit_id),
+    chunk INTEGER NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (edit_id, chunk)
 )""",
 )
 
@@ -224,7 +229,9 @@ class PostgresJournal(ArtifactFiles):
                  json.dumps(parameters), delta_norm, time.time(), compute_seconds, description, artifact, sha256,
                  revision, kind, idempotency_key or None, request_sha256, json.dumps(outcome or {})),
             )
-            cursor.execute("INSERT INTO editserve_artifacts VALUES (%s, %s)", (edit_id, data))
+            for chunk, start in enumerate(range(0, max(len(data), 1), ARTIFACT_CHUNK_BYTES)):
+                cursor.execute("INSERT INTO editserve_artifacts VALUES (%s, %s, %s)",
+                               (edit_id, chunk, data[start:start + ARTIFACT_CHUNK_BYTES]))
             self._event(cursor, revision, "apply", edit_id)
             if check is not None:
                 check()
@@ -316,10 +323,11 @@ class PostgresJournal(ArtifactFiles):
 
     def _ensure_local(self, record: EditRecord) -> None:
         if not self.file_matches(record):
-            found = self._read("SELECT data FROM editserve_artifacts WHERE edit_id = %s", (record.edit_id,))
+            found = self._read("SELECT data FROM editserve_artifacts WHERE edit_id = %s ORDER BY chunk",
+                               (record.edit_id,))
             if not found:
                 raise JournalError(f"the artifact of edit {record.edit_id} is missing from the journal database")
-            data = bytes(found[0][0])
+            data = b"".join(bytes(row[0]) for row in found)
             if hashlib.sha256(data).hexdigest() != record.sha256:
                 raise JournalError(f"the artifact of edit {record.edit_id} in the journal database is corrupted "
                                    "(sha256 mismatch)")

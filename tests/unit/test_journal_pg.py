@@ -7,6 +7,7 @@ import psycopg
 import pytest
 import torch
 
+from editserve.editing.artifacts import WeightDelta
 from editserve.server.journal import DuplicateKey, JournalError, JournalUnavailable
 from editserve.server.journal_pg import CHANNEL, PostgresJournal
 from tests.unit.test_journal import _delta, _record
@@ -126,3 +127,17 @@ def test_a_dropped_connection_is_replaced_and_an_unreachable_database_is_unavail
     assert len(after) == 1 and after != before  # on a new connection
     with pytest.raises(JournalUnavailable, match="cannot reach"):
         PostgresJournal("postgresql://nobody@127.0.0.1:1/none", tmp_path / "x", "fp")
+
+
+def test_large_artifacts_are_stored_in_chunks_and_read_back_whole(postgres_url, tmp_path, monkeypatch):
+    import editserve.server.journal_pg as journal_pg
+
+    monkeypatch.setattr(journal_pg, "ARTIFACT_CHUNK_BYTES", 100)  # a bytea holds 1 GB; here, 100 bytes
+    a, b = _pair(postgres_url, tmp_path)
+    big = WeightDelta(dense={"m.weight": torch.arange(300.0).reshape(10, 30)})
+    _record(a, "big", big)
+    with psycopg.connect(postgres_url) as conn:
+        chunks = conn.execute("SELECT COUNT(*), MAX(length(data)) FROM editserve_artifacts").fetchone()
+    size = (tmp_path / "a" / "artifacts" / "big.safetensors").stat().st_size
+    assert chunks == (-(-size // 100), 100)
+    assert torch.equal(b.load_artifact(b.get("big")).delta("m.weight"), big.delta("m.weight"))
