@@ -26,6 +26,14 @@ BUNDLE_CHUNK_BYTES = 1 << 20  # ExportEdits streams the bundle in chunks of this
 MAX_EDIT_ID_CHARS = 64
 
 
+def _budget(request: pb.EditRequest | pb.ImportEditsRequest) -> DriftBudget:
+    """The request's max_drift, checked (INVALID_ARGUMENT naming the field and its bounds)."""
+    try:
+        return DriftBudget(request.max_drift.max_kl, request.max_drift.min_top1_agreement)
+    except ValueError as error:
+        raise invalid(str(error)) from None
+
+
 def _drift_pb(check: DriftCheck) -> pb.DriftCheck:
     return pb.DriftCheck(kl=check.kl, top1_agreement=check.top1_agreement,
                          budget=pb.DriftBudget(max_kl=check.budget.max_kl,
@@ -120,12 +128,7 @@ class EditingServicer(pb_grpc.EditingServicer):
                  paraphrase_prompts=tuple(f.paraphrase_prompts), neighborhood_prompts=tuple(f.neighborhood_prompts))
             for f in request.facts
         ]
-        max_drift = None
-        if request.HasField("max_drift"):
-            try:
-                max_drift = DriftBudget(request.max_drift.max_kl, request.max_drift.min_top1_agreement)
-            except ValueError as error:
-                raise invalid(str(error)) from None
+        max_drift = _budget(request) if request.HasField("max_drift") else None
         watch = self.runtime.watch(context)
         try:
             outcome: EditOutcome = self.runtime.edits.edit(
@@ -224,12 +227,7 @@ class EditingServicer(pb_grpc.EditingServicer):
                 parts.append(request.data)
             if first is None or not size:
                 raise invalid("the bundle is empty")
-            max_drift = None
-            if first.HasField("max_drift"):
-                try:
-                    max_drift = DriftBudget(first.max_drift.max_kl, first.max_drift.min_top1_agreement)
-                except ValueError as error:
-                    raise invalid(str(error)) from None
+            max_drift = _budget(first) if first.HasField("max_drift") else None
             watch = self.runtime.watch(context)
             try:
                 outcome = self.runtime.edits.import_bundle(b"".join(parts), max_drift=max_drift, dry_run=first.dry_run,
