@@ -33,6 +33,13 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 # (gRPC probes are GA since 1.27; kubernetes-validate ships schemas from 1.25 on).
 K8S_VERSION = "1.33"
 OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
+# a canary is one more server beside a fleet overlay, applied after it in the same namespace: it
+# renders only what makes it a server of its own and relies on the fleet's Service, NetworkPolicy,
+# ServiceMonitor and PrometheusRule for the rest
+CANARIES = [o for o in OVERLAYS if o.endswith("-canary")]
+SERVERS = [o for o in OVERLAYS if o not in CANARIES]
+# the fleets each canary may be applied beside (a one-replica overlay is a fleet of one)
+CANARY_FLEETS = [(c, f) for c in CANARIES for f in SERVERS if f.split("-")[0] == c.split("-")[0]]
 # Prometheus Operator kinds: no schema in kubernetes-validate, checked structurally below
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 # Secrets the manifests refer to and the operator creates (never rendered: no credential in git)
@@ -91,8 +98,48 @@ def _one(docs: list[dict], kind: str, name: str | None = None) -> dict:
     return found[0]
 
 
+def _deployment(docs: list[dict]) -> dict:
+    """The overlay's one Deployment (`editserve`, or `editserve-canary` for a canary)."""
+    return _one(docs, "Deployment")
+
+
 def _pod(docs: list[dict]) -> dict:
-    return _one(docs, "Deployment", "editserve")["spec"]["template"]["spec"]
+    return _deployment(docs)["spec"]["template"]["spec"]
+
+
+def _pod_labels(docs: list[dict]) -> dict:
+    return _deployment(docs)["spec"]["template"]["metadata"]["labels"]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Whether a Service selector (or matchLabels) picks pods with these labels."""
+    return selector.items() <= labels.items()
+
+
+def _quantity(value: str) -> int:
+    """A Kubernetes binary quantity (what these manifests use) in bytes."""
+    number, unit = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", value).groups()
+    return int(number) * 1024 ** (("", "Ki", "Mi", "Gi", "Ti").index(unit or ""))
+
+
+def _relabel(labels: dict, relabelings: list[dict]) -> dict:
+    """Prometheus' `replace` relabeling (the only action used here) of a target's labels."""
+    labels = dict(labels)
+    for rule in relabelings:
+        assert rule.get("action", "replace").lower() == "replace", rule
+        value = rule.get("separator", ";").join(labels.get(name, "") for name in rule.get("sourceLabels", []))
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        if match:
+            replacement = re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", rule.get("replacement", "$1"))
+            labels[rule["targetLabel"]] = match.expand(replacement)
+    return labels
+
+
+def _scrape_target(service: str, pod_labels: dict) -> dict:
+    """The labels Prometheus' endpoints discovery gives a pod behind a Service, job included
+    (the Prometheus Operator sets job to the Service's name before the ServiceMonitor's relabelings)."""
+    meta = {"__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", k): v for k, v in pod_labels.items()}
+    return {"job": service, "__meta_kubernetes_service_name": service, **meta}
 
 
 def _server(pod: dict) -> dict:
@@ -126,8 +173,13 @@ def _is_gpu(overlay: str) -> bool:
     return overlay.startswith("gpu")
 
 
+def _is_canary(overlay: str) -> bool:
+    return overlay in CANARIES
+
+
 def test_overlays_are_the_documented_set():
-    assert OVERLAYS == ["cpu", "cpu-fleet", "gpu", "gpu-fleet"]
+    assert OVERLAYS == ["cpu", "cpu-canary", "cpu-fleet", "gpu", "gpu-fleet"]
+    assert CANARY_FLEETS == [("cpu-canary", "cpu"), ("cpu-canary", "cpu-fleet")]
 
 
 def test_deploy_files_parse():
@@ -175,6 +227,8 @@ def test_every_rendered_resource_is_valid(overlay):
     docs = _render(overlay)
     kinds = {d["kind"] for d in docs}
     expected = {"ConfigMap", "Service", "PersistentVolumeClaim", "Deployment", "NetworkPolicy", *CRD_KINDS}
+    if _is_canary(overlay):  # the fleet's NetworkPolicy, monitoring and PodDisruptionBudget cover it
+        expected = {"ConfigMap", "Service", "PersistentVolumeClaim", "Deployment"}
     assert kinds == (expected | {"PodDisruptionBudget"} if _is_fleet(overlay) else expected)
     for doc in docs:
         if doc["kind"] == "ServiceMonitor":
@@ -294,7 +348,7 @@ def test_deployment_reads_the_editor_token_from_a_secret_mount(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_single_replica_or_fleet_with_a_shared_journal(overlay):
     docs = _render(overlay)
-    deployment = _one(docs, "Deployment", "editserve")
+    deployment = _one(docs, "Deployment", "editserve-canary" if _is_canary(overlay) else "editserve")
     pod = _pod(docs)
     args = _server(pod)["args"]
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -320,9 +374,17 @@ def test_single_replica_or_fleet_with_a_shared_journal(overlay):
         assert deployment["spec"]["replicas"] == 1
         assert deployment["spec"]["strategy"] == {"type": "Recreate"}, "never two writers on one SQLite journal"
         assert _flag(args, "--journal-url") is None
-        assert volumes["state"]["persistentVolumeClaim"]["claimName"] == "editserve-state"
-        assert claims["editserve-state"]["spec"]["accessModes"] == ["ReadWriteOnce"]
-    assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == "editserve-cache"
+        assert not {e["name"] for e in _server(pod).get("env", [])} & {"EDITSERVE_JOURNAL_URL"}
+        state = "editserve-canary-state" if _is_canary(overlay) else "editserve-state"
+        assert volumes["state"]["persistentVolumeClaim"]["claimName"] == state
+        assert claims[state]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    if _is_canary(overlay):
+        # its own state volume only; the cache an emptyDir seeded from the image, counted in the
+        # container's ephemeral storage
+        assert set(claims) == {"editserve-canary-state"}
+        assert volumes["cache"]["emptyDir"]["sizeLimit"]
+    else:
+        assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == "editserve-cache"
 
 
 @needs_kubectl
@@ -351,7 +413,7 @@ def test_resources_match_the_backend(overlay):
 def test_references_between_resources_resolve(overlay):
     docs = _render(overlay)
     pod = _pod(docs)
-    labels = _one(docs, "Deployment", "editserve")["spec"]["template"]["metadata"]["labels"]
+    labels = _pod_labels(docs)
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
     for volume in pod["volumes"]:
         if "configMap" in volume:
@@ -366,8 +428,13 @@ def test_references_between_resources_resolve(overlay):
     container_ports = {p["name"] for p in _server(pod)["ports"]}
     services = [d for d in docs if d["kind"] == "Service"]
     for service in services:
-        assert service["spec"]["selector"].items() <= labels.items()
+        # a canary's `editserve-fleet` selects the fleet's pods (test_canary_beside_a_fleet)
+        if service["metadata"]["name"] != "editserve-fleet":
+            assert _selects(service["spec"]["selector"], labels), service["metadata"]["name"]
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
+    if _is_canary(overlay):
+        assert sorted(s["metadata"]["name"] for s in services) == ["editserve-canary", "editserve-fleet"]
+        return
     monitor = _one(docs, "ServiceMonitor")
     scraped = [s for s in services if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
                and any(p["name"] == "metrics" for p in s["spec"]["ports"])]
@@ -379,11 +446,89 @@ def test_references_between_resources_resolve(overlay):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", SERVERS)
 def test_prometheus_rule_carries_exactly_the_alerts_file(overlay):
     rule = _one(_render(overlay), "PrometheusRule")
     assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"], \
         "run `python deploy/prometheus/to_prometheusrule.py` after editing deploy/prometheus/alerts.yaml"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("canary", CANARIES)
+def test_canary_is_the_server_of_its_base_overlay_with_state_of_its_own(canary):
+    """The canary runs what its overlay's one-replica server runs (image, args, probes, hardening,
+    settings), under names of its own, so `kubectl apply/delete -k` of it never touches a fleet's objects."""
+    docs, base = _render(canary), _render(canary.removesuffix("-canary"))
+    pod, base_pod = _pod(docs), _pod(base)
+    for key in ("securityContext", "initContainers", "terminationGracePeriodSeconds", "automountServiceAccountToken",
+                "enableServiceLinks"):
+        assert pod[key] == base_pod[key], key
+    server, base_server = _server(pod), _server(base_pod)
+    assert {k: v for k, v in server.items() if k != "resources"} == \
+        {k: v for k, v in base_server.items() if k != "resources"}
+    # the same requests and limits, plus the cache emptyDir in the ephemeral storage
+    cache = _quantity({v["name"]: v for v in pod["volumes"]}["cache"]["emptyDir"]["sizeLimit"])
+    for kind in ("requests", "limits"):
+        own, of_base = dict(server["resources"][kind]), dict(base_server["resources"][kind])
+        assert _quantity(own.pop("ephemeral-storage")) - _quantity(of_base.pop("ephemeral-storage")) >= cache, kind
+        assert own == of_base, kind
+    config, base_config = (_one(d, "ConfigMap", _config_map_name(d, "config"))["data"] for d in (docs, base))
+    assert config == base_config, "the fleet's settings, drift budget included (promotion checks it again)"
+    for fleet in SERVERS:
+        theirs = {(d["kind"], d["metadata"]["name"]) for d in _render(fleet)}
+        clash = theirs & {(d["kind"], d["metadata"]["name"]) for d in docs}
+        assert not clash, f"{canary} and {fleet} both render {sorted(clash)}: deleting one deletes the other's"
+    assert _deployment(docs)["metadata"]["name"] == "editserve-canary"
+    assert _one(docs, "Service", "editserve-canary")["spec"].get("type", "ClusterIP") == "ClusterIP"
+
+
+@needs_kubectl
+@pytest.mark.parametrize(("canary", "fleet"), CANARY_FLEETS)
+def test_canary_beside_a_fleet(canary, fleet):
+    """Applied beside a fleet, the canary takes a share of the fleet Service's traffic, is reached
+    alone as editserve-canary:50051 (and the fleet alone as editserve-fleet:50051), shares no
+    journal or state with the fleet, and is covered (scraped once, policed) by the fleet's objects."""
+    ours, theirs = _render(canary), _render(fleet)
+    canary_labels, fleet_labels = _pod_labels(ours), _pod_labels(theirs)
+    # traffic: the fleet's Services (editserve, editserve-pods) send some of it to the canary
+    fleet_services = {d["metadata"]["name"]: d for d in theirs if d["kind"] == "Service"}
+    for name, service in fleet_services.items():
+        assert _selects(service["spec"]["selector"], canary_labels), f"{name} would not reach the canary"
+    # the CLI's two addresses: each Service picks one side only
+    only_canary = _one(ours, "Service", "editserve-canary")["spec"]
+    only_fleet = _one(ours, "Service", "editserve-fleet")["spec"]
+    assert _selects(only_canary["selector"], canary_labels) and not _selects(only_canary["selector"], fleet_labels)
+    assert _selects(only_fleet["selector"], fleet_labels) and not _selects(only_fleet["selector"], canary_labels)
+    for spec in (only_canary, only_fleet):
+        assert [(p["name"], p["port"]) for p in spec["ports"]] == [("grpc", GRPC_PORT)]
+    # two Deployments: the canary's never counts the fleet's pods as its own
+    canary_selector = _deployment(ours)["spec"]["selector"]["matchLabels"]
+    assert _selects(canary_selector, canary_labels) and not _selects(canary_selector, fleet_labels)
+    # journal and state: its own SQLite on its own volume; the fleet's untouched
+    canary_args = _server(_pod(ours))["args"]
+    assert _flag(canary_args, "--journal-url") is None and _flag(canary_args, "--journal-password-file") is None
+    canary_claims = {v["persistentVolumeClaim"]["claimName"] for v in _pod(ours)["volumes"] if "persistentVolumeClaim" in v}
+    fleet_claims = {v["persistentVolumeClaim"]["claimName"] for v in _pod(theirs)["volumes"] if "persistentVolumeClaim" in v}
+    assert canary_claims == {"editserve-canary-state"} and not canary_claims & fleet_claims
+    # the fleet's NetworkPolicy and PodDisruptionBudget cover the canary's pod as well
+    assert _selects(_one(theirs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"], canary_labels)
+    for budget in (d for d in theirs if d["kind"] == "PodDisruptionBudget"):
+        assert _selects(budget["spec"]["selector"]["matchLabels"], canary_labels)
+    # metrics: every Service the fleet's ServiceMonitor selects that has a `metrics` port, the
+    # canary's included; the canary's pod is behind exactly one (so scraped once), and scraped as a
+    # job of its own: its revision numbers are its own (EditserveReplicasServeDifferentRevisions
+    # compares the revisions within a job)
+    monitor = _one(theirs, "ServiceMonitor")["spec"]
+    scraped = [d for d in theirs + ours if d["kind"] == "Service"
+               and _selects(monitor["selector"]["matchLabels"], d["metadata"]["labels"])
+               and any(p["name"] == "metrics" for p in d["spec"]["ports"])]
+    assert [s["metadata"]["name"] for s in scraped] == ["editserve"]
+    [endpoint] = monitor["endpoints"]
+    relabelings = endpoint.get("relabelings", [])
+    assert _relabel(_scrape_target("editserve", canary_labels), relabelings)["job"] == "editserve-canary"
+    assert _relabel(_scrape_target("editserve", fleet_labels), relabelings)["job"] == "editserve"
+    rules = {r["alert"]: r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+    assert "by (namespace, job)" in rules["EditserveReplicasServeDifferentRevisions"]["expr"]
 
 
 def test_prometheus_rule_file_is_generated_from_the_alerts_file():
