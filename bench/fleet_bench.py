@@ -102,7 +102,11 @@ def main() -> None:
                         fact = Fact(*FACTS[i % len(FACTS)])
                         _settle(b, client_b)  # fan-out of an edit alone, not behind B's drift refresh
                         reply = client_a.edit(fact, method=method)
-                        fanout = _wait_revision(client_b, reply.revision)
+                        try:
+                            fanout = _wait_revision(client_b, reply.revision)
+                        except TimeoutError:
+                            print(b.log()[-4000:], file=sys.stderr)
+                            raise
                         size = (tmp / "a" / "artifacts" / f"{reply.edit_id}.safetensors").stat().st_size
                         rows.append({"compute_s": reply.compute_seconds, "fanout_s": fanout, "artifact_bytes": size})
                         client_a.revert(reply.edit_id)
