@@ -210,6 +210,10 @@ class ArtifactFiles:
             raise JournalError(f"artifact {artifact} holds a {written}, not the {kind} the edit records")
         return kind
 
+    def discard_artifact(self, name: str) -> None:
+        """Delete a file whose edit was never committed (or was taken back)."""
+        (self.artifacts / name).unlink(missing_ok=True)
+
     def file_matches(self, record: EditRecord) -> bool:
         path = self.artifacts / record.artifact
         return path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == record.sha256
