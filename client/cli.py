@@ -224,6 +224,41 @@ def edit(connection: Connection, prompt: str | None, subject: str | None, target
 
 
 @main.command()
+@click.argument("edit_ids", nargs=-1)
+@CONNECTION_OPTIONS
+@SET_OPTION
+@click.option("--dry-run", is_flag=True, help="Solve and report; replace nothing.")
+@click.option("--description", default="")
+@click.option("--max-drift-kl", type=float, default=None, help="Refuse if the probes' mean KL would pass this.")
+@click.option("--min-top1-agreement", type=float, default=None,
+              help="Refuse if the probes' top-1 agreement would fall under this.")
+@click.option("--json", "as_json", is_flag=True)
+def consolidate(edit_ids: tuple[str, ...], connection: Connection, settings: tuple[str, ...], dry_run: bool,
+                description: str, max_drift_kl: float | None, min_top1_agreement: float | None,
+                as_json: bool) -> None:
+    """Replace active ROME/MEMIT edits (default: all) by one joint MEMIT edit (one revision)."""
+    options = _edit_options("memit", None, settings)
+    with connection.client() as client:
+        try:
+            result = client.consolidate(edit_ids, dry_run=dry_run, description=description,
+                                        idempotency_key=None if dry_run else new_idempotency_key(),
+                                        max_drift_kl=max_drift_kl, min_top1_agreement=min_top1_agreement,
+                                        **options)
+        except EditserveError as error:
+            _fail(error)
+    if as_json:
+        _emit_json(result)
+        return
+    head = "dry run (nothing replaced)" if not result.applied else \
+        f"consolidation {result.edit_id} applied, revision {result.revision}"
+    rewrites = [r.rewrite.p_new_after for r in result.facts]
+    mean = sum(rewrites) / len(rewrites) if rewrites else 0.0
+    click.echo(f"{head}; solved in {result.compute_seconds:.1f}s; mean P(new) on the rewrites {mean:.3f}")
+    for note in result.notes:
+        click.echo(f"  note: {note}")
+
+
+@main.command()
 @click.argument("edit_id")
 @CONNECTION_OPTIONS
 def revert(edit_id: str, connection: Connection) -> None:

@@ -40,7 +40,7 @@ KIND_NAMES = {v: k for k, v in KINDS.items()}
 PRECISIONS = {"model": epb.TRACE_PRECISION_MODEL, "bf16": epb.TRACE_PRECISION_BF16}
 PRECISION_NAMES = {v: k for k, v in PRECISIONS.items()}
 EDIT_STATUS = {epb.EDIT_STATUS_ACTIVE: "active", epb.EDIT_STATUS_REVERTED: "reverted",
-               epb.EDIT_STATUS_QUARANTINED: "quarantined"}
+               epb.EDIT_STATUS_QUARANTINED: "quarantined", epb.EDIT_STATUS_CONSOLIDATED: "consolidated"}
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -191,7 +191,8 @@ def edit_info(message: epb.EditInfo) -> EditInfo:
         applied_revision=message.applied_revision, reverted_revision=message.reverted_revision,
         parameters=list(message.parameters), description=message.description,
         compute_seconds=message.compute_seconds, quarantine_reason=message.quarantine_reason,
-        idempotency_key=message.idempotency_key,
+        idempotency_key=message.idempotency_key, consolidates=list(message.consolidates),
+        consolidated_into=message.consolidated_into,
     )
 
 
@@ -208,6 +209,20 @@ def edit_result(reply: epb.EditResponse) -> EditResult:
         notes=list(reply.notes), replayed=reply.replayed,
         drift=_drift(reply.drift) if reply.HasField("drift") else None,
     )
+
+
+def consolidate_request(edit_ids: Sequence[str] = (), *, dry_run: bool = False, description: str = "",
+                        idempotency_key: str | None = None, max_drift_kl: float | None = None,
+                        min_top1_agreement: float | None = None, **options) -> epb.ConsolidateRequest:
+    """``options``: MEMIT's fields for the joint solve."""
+    request = epb.ConsolidateRequest(edit_ids=list(edit_ids), dry_run=dry_run, description=description,
+                                     idempotency_key=idempotency_key or "")
+    budget = _drift_budget(max_drift_kl, min_top1_agreement)
+    if budget is not None:
+        request.max_drift.CopyFrom(budget)
+    # the same option checks as an Edit's (unknown names, wrong types), on MEMIT's message
+    request.options.CopyFrom(edit_request(Fact("{} is", "x", "y"), method="memit", **options).memit)
+    return request
 
 
 IMPORT_CHUNK_BYTES = 1 << 20

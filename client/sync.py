@@ -143,6 +143,17 @@ class EditserveClient:
                                        min_top1_agreement=min_top1_agreement, **options)
         return convert.edit_result(self._call(self._editing.Edit, request, timeout))
 
+    def consolidate(self, edit_ids: Sequence[str] = (), *, dry_run: bool = False, description: str = "",
+                    idempotency_key: str | None = None, max_drift_kl: float | None = None,
+                    min_top1_agreement: float | None = None, timeout: float | None = None,
+                    **options) -> EditResult:
+        """Replace active ROME/MEMIT edits (default: all) by one joint MEMIT edit, one revision;
+        the replaced edits stay listed as "consolidated" and revertible (docs/LIFELONG.md)."""
+        request = convert.consolidate_request(edit_ids, dry_run=dry_run, description=description,
+                                              idempotency_key=idempotency_key, max_drift_kl=max_drift_kl,
+                                              min_top1_agreement=min_top1_agreement, **options)
+        return convert.edit_result(self._call(self._editing.Consolidate, request, timeout))
+
     def revert(self, edit_id: str, *, timeout: float | None = None) -> RevertResult:
         return convert.revert_result(self._call(self._editing.Revert, epb.RevertRequest(edit_id=edit_id), timeout))
 

@@ -102,7 +102,9 @@ class EditInfo:
     layers: list[int]
     delta_norm: float
     created_unix_seconds: float
-    status: str  # "active", "reverted" or "quarantined" (journaled, not applied: its artifact went bad)
+    # "active", "reverted", "quarantined" (journaled, not applied: its artifact went bad) or
+    # "consolidated" (served through the consolidation that replaced it)
+    status: str
     applied_revision: int
     reverted_revision: int
     parameters: list[str]
@@ -110,6 +112,8 @@ class EditInfo:
     compute_seconds: float
     quarantine_reason: str = ""
     idempotency_key: str = ""
+    consolidates: list[str] = field(default_factory=list)  # a consolidation: the edits it replaced
+    consolidated_into: str = ""  # status "consolidated": the consolidation serving it
 
 
 @dataclass(frozen=True)

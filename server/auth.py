@@ -61,6 +61,7 @@ POLICY: Mapping[str, Role] = MappingProxyType({
     _EDITING + "Trace": Role.EDITOR,
     _EDITING + "ExportEdits": Role.EDITOR,  # artifacts say what operators corrected, like ListEdits
     _EDITING + "ImportEdits": Role.EDITOR,
+    _EDITING + "Consolidate": Role.EDITOR,
 })
 # Services every caller may use; any other method not in POLICY needs an editor (deny by default).
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",

@@ -73,7 +73,7 @@ def _fact_pb(fact: dict) -> pb.Fact:
 
 
 _STATUS = {"active": pb.EDIT_STATUS_ACTIVE, "reverted": pb.EDIT_STATUS_REVERTED,
-           "quarantined": pb.EDIT_STATUS_QUARANTINED}
+           "quarantined": pb.EDIT_STATUS_QUARANTINED, "consolidated": pb.EDIT_STATUS_CONSOLIDATED}
 
 
 def edit_info(record: EditRecord) -> pb.EditInfo:
@@ -92,6 +92,8 @@ def edit_info(record: EditRecord) -> pb.EditInfo:
         compute_seconds=record.compute_seconds,
         quarantine_reason=record.quarantined,
         idempotency_key=record.idempotency_key,
+        consolidates=record.consolidates,
+        consolidated_into=record.consolidated_into,
     )
 
 
@@ -100,6 +102,32 @@ def _score_pb(score) -> pb.PromptScore:
         prompt=score.prompt, p_new_before=score.p_new_before, p_true_before=score.p_true_before,
         p_new_after=score.p_new_after, p_true_after=score.p_true_after,
     )
+
+
+def _edit_response(outcome: EditOutcome) -> pb.EditResponse:
+    response = pb.EditResponse(
+        edit_id=outcome.edit_id,
+        revision=outcome.revision,
+        applied=outcome.applied,
+        compute_seconds=outcome.compute_seconds,
+        apply_seconds=outcome.apply_seconds,
+        notes=outcome.notes,
+        replayed=outcome.replayed,
+    )
+    if outcome.drift is not None:
+        response.drift.CopyFrom(_drift_pb(outcome.drift))
+    for report in outcome.reports:
+        response.facts.append(
+            pb.FactReport(
+                fact=_fact_pb(report.fact.__dict__),
+                rewrite=_score_pb(report.rewrite),
+                paraphrase=[_score_pb(s) for s in report.paraphrase],
+                neighborhood=[_score_pb(s) for s in report.neighborhood],
+            )
+        )
+    if outcome.record is not None:
+        response.edit.CopyFrom(edit_info(outcome.record))
+    return response
 
 
 class EditingServicer(pb_grpc.EditingServicer):
@@ -142,29 +170,28 @@ class EditingServicer(pb_grpc.EditingServicer):
         except Cancelled as error:
             log.info("Edit (%s, %d facts) abandoned, nothing journaled: %s", method, len(facts), error)
             raise watch.error(str(error)) from None
-        response = pb.EditResponse(
-            edit_id=outcome.edit_id,
-            revision=outcome.revision,
-            applied=outcome.applied,
-            compute_seconds=outcome.compute_seconds,
-            apply_seconds=outcome.apply_seconds,
-            notes=outcome.notes,
-            replayed=outcome.replayed,
-        )
-        if outcome.drift is not None:
-            response.drift.CopyFrom(_drift_pb(outcome.drift))
-        for report in outcome.reports:
-            response.facts.append(
-                pb.FactReport(
-                    fact=_fact_pb(report.fact.__dict__),
-                    rewrite=_score_pb(report.rewrite),
-                    paraphrase=[_score_pb(s) for s in report.paraphrase],
-                    neighborhood=[_score_pb(s) for s in report.neighborhood],
-                )
-            )
-        if outcome.record is not None:
-            response.edit.CopyFrom(edit_info(outcome.record))
-        return response
+        return _edit_response(outcome)
+
+    @rpc_handler(_metrics, "Consolidate")
+    def Consolidate(self, request: pb.ConsolidateRequest, context: grpc.ServicerContext) -> pb.EditResponse:
+        self.runtime.require_ready()
+        if any(not 1 <= len(i) <= MAX_EDIT_ID_CHARS for i in request.edit_ids):
+            raise invalid(f"edit_ids: each id needs 1 to {MAX_EDIT_ID_CHARS} characters")
+        max_drift = _budget(request) if request.HasField("max_drift") else None
+        with self.runtime.heavy_slot("edit"):
+            watch = self.runtime.watch(context)
+            try:
+                outcome = self.runtime.edits.consolidate(
+                    list(request.edit_ids), _options_dict(request.options), dry_run=request.dry_run,
+                    description=request.description, should_stop=watch.gave_up,
+                    idempotency_key=request.idempotency_key, max_drift=max_drift)
+            except UnknownEdit as error:
+                raise ServiceError(grpc.StatusCode.NOT_FOUND, error.args[0]) from None
+            except MethodUnavailable as error:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(error.args[0])) from None
+            except Cancelled as error:
+                raise watch.error(str(error)) from None
+        return _edit_response(outcome)
 
     @rpc_handler(_metrics, "Revert")
     def Revert(self, request: pb.RevertRequest, context: grpc.ServicerContext) -> pb.RevertResponse:

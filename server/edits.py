@@ -26,10 +26,12 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
+
+import torch
 
 from editserve.editing.artifacts import RuntimeLayer, WeightDelta, preview
 from editserve.editing.artifacts import load_artifact as load_artifact_file
@@ -135,6 +137,32 @@ class ImportOutcome:
     drift: DriftCheck | None
 
 
+CONSOLIDATION_METHOD = "memit"  # one joint solve over many facts and layers
+CONSOLIDATABLE = frozenset({"rome", "memit"})  # edits a consolidation may replace
+
+
+def _fact_from_json(fact: dict) -> Fact:
+    return Fact(**{**fact, "paraphrase_prompts": tuple(fact.get("paraphrase_prompts", ())),
+                   "neighborhood_prompts": tuple(fact.get("neighborhood_prompts", ()))})
+
+
+def negated_sum(deltas: list[WeightDelta]) -> WeightDelta:
+    """-(sum of the deltas), still low-rank where they are: previewing it shows the model
+    without them (what a consolidation is solved on)."""
+    factors: dict[str, tuple] = {}
+    dense: dict = {}
+    for delta in deltas:
+        for name, (u, v) in delta.factors.items():
+            if name in factors:
+                pu, pv = factors[name]
+                factors[name] = (torch.cat([pu, -u], 1), torch.cat([pv, v], 1))
+            else:
+                factors[name] = (-u, v)
+        for name, change in delta.dense.items():
+            dense[name] = dense[name] - change if name in dense else -change
+    return WeightDelta(factors=factors, dense=dense)
+
+
 def _report_from_json(data: dict) -> FactReport:
     fact = data["fact"]
     fact = Fact(**{**fact, "paraphrase_prompts": tuple(fact.get("paraphrase_prompts", ())),
@@ -187,6 +215,8 @@ class EditManager:
         edits = []
         records, revision = self.journal.snapshot()
         for record in records:
+            if record.consolidated_into:  # served through the consolidation that replaced it
+                continue
             if record.quarantined:
                 log.warning("edit %s stays quarantined (%s); revert it to acknowledge", record.edit_id,
                             record.quarantined)
@@ -225,6 +255,12 @@ class EditManager:
         for revision, kind, edit_id in self.journal.events_after(self.host.revision):
             if upto is not None and revision > upto:
                 break
+            if self.journal.get(edit_id).consolidates:
+                # a consolidation made or undone elsewhere changes several edits at once: serve
+                # the journal's newest state as a whole (the events after it included)
+                self._resync(sorted(self.host.active_parameter_names()))
+                self.metrics.followed_events.labels("resync").inc()
+                return done + 1
             if kind == "apply":
                 pause = self._follow_apply(edit_id, revision)
             elif edit_id in self.host.active_edit_ids:
@@ -254,13 +290,16 @@ class EditManager:
             return self.host.advance(revision)
         return self.host.apply(edit_id, artifact, revision)
 
-    def _apply_others_first(self, revision: int) -> None:
+    def _apply_others_first(self, revision: int) -> bool:
         """Our event got ``revision``; events other replicas committed between the served
         revision and it are applied first, so every server applies the same events in the
         same order (our change was computed before theirs were applied here: its delta is
-        added on top of them, as when an earlier edit is reverted; docs/ARCHITECTURE.md)."""
+        added on top of them, as when an earlier edit is reverted; docs/ARCHITECTURE.md).
+        Returns whether our own event is already served (a consolidation among theirs made
+        this server load the journal's newest state, ours included)."""
         if revision > self.host.revision + 1:
             self._follow_locked(upto=revision - 1)
+        return self.host.revision >= revision
 
     def _quarantine(self, record: EditRecord, reason: str) -> None:
         moved = self.journal.quarantine(record.edit_id, reason)
@@ -280,8 +319,10 @@ class EditManager:
         self.on_change()
 
     # --- scoring -------------------------------------------------------------------------
-    def _scores(self, facts: list[Fact], delta: WeightDelta | None) -> list[FactReport]:
-        """P(target_new) and P(target_true) on each fact's prompts, before and after."""
+    def _scores(self, facts: list[Fact], delta: WeightDelta | None, removed: WeightDelta | None = None
+                ) -> list[FactReport]:
+        """P(target_new) and P(target_true) on each fact's prompts, before and after (after:
+        ``delta`` added and, for a consolidation, ``removed`` taken away)."""
         prompts: list[tuple[int, str, str]] = []  # (fact index, group, prompt)
         for i, fact in enumerate(facts):
             prompts.append((i, "rewrite", fact.text))
@@ -295,7 +336,10 @@ class EditManager:
         if isinstance(delta, RuntimeLayer) and delta.layer_type == MEMORY_LAYER:
             after = self._routed_score(queries, targets, extra=[("preview", delta)])
         elif delta is not None:
-            with preview(self.host.model, delta):
+            with ExitStack() as stack:
+                for change in (removed, delta):
+                    if change is not None:
+                        stack.enter_context(preview(self.host.model, change))
                 after = self._routed_score(queries, targets)
         else:
             after = before
@@ -461,8 +505,7 @@ class EditManager:
                 raise
             applied_at = time.perf_counter()
             try:
-                self._apply_others_first(revision)
-                pause = self.host.apply(edit_id, delta, revision)
+                pause = 0.0 if self._apply_others_first(revision) else self.host.apply(edit_id, delta, revision)
             except Exception as error:
                 self._compensate_apply(edit_id, artifact, revision, delta, error)
                 self.metrics.edits.labels(method, "failed").inc()
@@ -545,14 +588,15 @@ class EditManager:
                      reason)
         self.on_divergence(reason)
 
-    def _resync(self, names: list[str]) -> None:
+    def _resync(self, names: list[str]) -> float:
         """Serve exactly what the journal says (its active edits, read back from their checked
         files), whatever a failed apply or revert left in memory: ``names`` are the tensors it
         may have touched. Costs a replay (about 0.4 s per 1000 edits), on a failure path only."""
         records, revision = self.journal.snapshot()
-        edits = [(r.edit_id, self.journal.load_artifact(r)) for r in records if not r.quarantined]
-        self.host.load_state(edits, revision, also=names)
+        edits = [(r.edit_id, self.journal.load_artifact(r)) for r in records if r.applied]
+        pause = self.host.load_state(edits, revision, also=names)
         self._publish()
+        return pause
 
     def _compensate_apply(self, edit_id: str, artifact: str, revision: int, delta, error: Exception) -> None:
         """The apply failed after its commit: take the commit back (and the weights the swap
@@ -635,8 +679,13 @@ class EditManager:
             started = time.perf_counter()
             revision = self.journal.record_revert(edit_id)
             try:
-                self._apply_others_first(revision)
-                if record.quarantined:  # never applied since its artifact went bad: nothing to remove
+                if record.consolidates or record.consolidated_into:
+                    # several edits change at once (the consolidation's members are served on
+                    # their own again): serve the journal's state as a whole, exactly replayed
+                    pause = self._resync(sorted(self.host.active_parameter_names() | set(record.parameters)))
+                elif self._apply_others_first(revision):
+                    pause = 0.0
+                elif record.quarantined:  # never applied since its artifact went bad: nothing to remove
                     pause = self.host.advance(revision)
                 else:
                     pause = self.host.revert(edit_id, revision)
@@ -650,6 +699,119 @@ class EditManager:
             self.metrics.reverts.labels("ok").inc()
             self._publish()
             return revision, seconds
+
+    # --- consolidation: many accumulated edits replaced by one joint solve --------------------
+    def consolidate(self, edit_ids: list[str], options: dict, *, dry_run: bool = False, description: str = "",
+                    should_stop: StopCheck | None = None, idempotency_key: str = "",
+                    max_drift: DriftBudget | None = None) -> EditOutcome:
+        """Replace active ROME/MEMIT edits (the named ones, or all) by one MEMIT edit solved
+        for all their facts together on the weights without them, as one new revision
+        (docs/LIFELONG.md, "Consolidation"). The replaced edits stay in the journal, listed
+        as consolidated: reverting the consolidation serves them again exactly, and reverting
+        one of them serves the others on their own, as if never consolidated."""
+        validate_key(idempotency_key, dry_run=dry_run)
+        if len(set(edit_ids)) != len(edit_ids) or len(edit_ids) > MAX_BUNDLE_EDITS:
+            raise InvalidRequest(f"edit_ids: at most {MAX_BUNDLE_EDITS} distinct ids")
+        if options.get("preserve"):
+            raise InvalidRequest("options.preserve: a consolidation is solved on the weights without the edits it "
+                                 "replaces; keeping other edits' keys is not supported for it yet")
+        if len(description) > MAX_DESCRIPTION_CHARS:
+            raise InvalidRequest(f"description is {len(description)} characters, over the limit of "
+                                 f"{MAX_DESCRIPTION_CHARS}")
+        budget = self.default_budget.over(max_drift)
+        if budget.active and self.measure_drift is None:
+            raise PreconditionFailed("max_drift: this server has no drift probes to check an edit against")
+        if CONSOLIDATION_METHOD not in self.methods:
+            raise MethodUnavailable(f"consolidation solves with {CONSOLIDATION_METHOD}, which this server does not "
+                                    "offer")
+        return self._on_worker(should_stop, "edit", CONSOLIDATION_METHOD, lambda: self._consolidate(
+            edit_ids, options, dry_run, description, should_stop, idempotency_key, budget))
+
+    def _consolidate(self, edit_ids: list[str], options: dict, dry_run: bool, description: str,
+                     should_stop: StopCheck | None, idempotency_key: str, budget: DriftBudget) -> EditOutcome:
+        method = CONSOLIDATION_METHOD
+        digest = request_digest("consolidate", [], {"edit_ids": sorted(edit_ids), **options}, description) \
+            if idempotency_key else ""
+        with self._holding_mutex(should_stop, "edit", method):
+            self._refuse_if_diverged()
+            self._follow_locked()
+            if idempotency_key and (earlier := self._earlier(idempotency_key, digest)) is not None:
+                return earlier
+            records = [self.get(i) for i in edit_ids] if edit_ids else \
+                [r for r in self.journal.list() if r.applied and r.method in CONSOLIDATABLE]
+            for record in records:
+                if not record.applied or record.method not in CONSOLIDATABLE:
+                    raise PreconditionFailed(f"edit {record.edit_id} ({record.method}, {record.state}) cannot be "
+                                             f"consolidated: only active {sorted(CONSOLIDATABLE)} edits can")
+            if len(records) < 2:
+                raise PreconditionFailed(f"a consolidation replaces at least 2 active ROME or MEMIT edits; "
+                                         f"{len(records)} found")
+            facts = [_fact_from_json(f) for r in records for f in r.facts]
+            limit = min(METHODS[method].max_facts, self.max_facts)
+            if len(facts) > limit:
+                raise PreconditionFailed(f"the {len(records)} edits hold {len(facts)} facts, over the limit of "
+                                         f"{limit} for one {method} edit")
+            ids = [r.edit_id for r in records]
+            removed = negated_sum([self.host.active_artifact(i) for i in ids])
+            started = time.perf_counter()
+            try:
+                with preview(self.host.model, removed):  # solved on the weights without them, in this thread
+                    delta, diagnostics = self.methods[method](facts, options, should_stop)
+                if not delta.is_finite():
+                    raise PreconditionFailed("the optimisation produced NaN or inf; the model is unchanged")
+                self.host.check_delta(delta)
+            except Cancelled:
+                self.metrics.edits.labels(method, "abandoned").inc()
+                raise
+            except Exception:
+                self.metrics.edits.labels(method, "failed").inc()
+                raise
+            compute_seconds = time.perf_counter() - started
+            self.metrics.edit_compute.labels(method).observe(compute_seconds)
+            check_stop(should_stop, "the consolidation, before scoring it")
+            reports = self._scores(facts, delta, removed)
+            drift = None
+            if budget.active:
+                kl, agreement = self.measure_drift([removed, delta])
+                why = budget.violation(kl, agreement, self.drift_probes)
+                if why:
+                    self.metrics.edits.labels(method, "rejected_drift").inc()
+                    raise PreconditionFailed(f"{why}; nothing was applied or journaled")
+                drift = DriftCheck(kl, agreement, budget)
+            notes = [f"consolidates {len(ids)} edits ({len(facts)} facts): {', '.join(ids)}"]
+            if dry_run:
+                self.metrics.edits.labels(method, "dry_run").inc()
+                return EditOutcome("", self.host.revision, False, reports, compute_seconds, 0.0, None, diagnostics,
+                                   notes, drift=drift)
+            edit_id = self.journal.new_id()
+            artifact, sha = self.journal.write_artifact(edit_id, delta)
+            try:
+                revision = self.journal.record_apply(
+                    edit_id=edit_id, method=method, kind=delta.kind.value, facts=[asdict(f) for f in facts],
+                    options=options, layers=[int(x) for x in diagnostics.get("layers", [])],
+                    parameters=delta.parameter_names, delta_norm=delta.norm(), compute_seconds=compute_seconds,
+                    description=description or f"consolidation of {len(ids)} edits", artifact=artifact,
+                    sha256=sha, idempotency_key=idempotency_key, request_sha256=digest,
+                    outcome={"reports": [asdict(r) for r in reports], "notes": notes}, consolidates=ids,
+                    check=lambda: check_stop(should_stop, "the consolidation, before it was journaled"))
+            except BaseException:
+                self.journal.discard_artifact(artifact)
+                raise
+            applied_at = time.perf_counter()
+            try:
+                pause = 0.0 if self._apply_others_first(revision) else self.host.replace(set(ids), edit_id, delta,
+                                                                                          revision)
+            except Exception as error:
+                self._compensate_apply(edit_id, artifact, revision, delta, error)
+                self.metrics.edits.labels(method, "failed").inc()
+                raise
+            apply_seconds = time.perf_counter() - applied_at
+            self.metrics.weight_swap_pause.labels("apply").observe(pause)
+            self.metrics.edits.labels(method, "consolidated").inc()
+            self._publish()
+            return EditOutcome(edit_id, revision, True, reports, compute_seconds, apply_seconds,
+                               self.journal.get(edit_id), {**diagnostics, "write_lock_seconds": pause}, notes,
+                               drift=drift)
 
     # --- bundles: moving edits between servers without recomputing them ----------------------
     def export_bundle(self, edit_ids: list[str], should_stop: StopCheck | None = None) -> bytes:
@@ -693,8 +855,7 @@ class EditManager:
 
     def _bundled_artifact(self, i: int, edit: BundledEdit) -> WeightDelta:
         try:
-            facts = [Fact(**{**f, "paraphrase_prompts": tuple(f.get("paraphrase_prompts", ())),
-                             "neighborhood_prompts": tuple(f.get("neighborhood_prompts", ()))}) for f in edit.facts]
+            facts = [_fact_from_json(f) for f in edit.facts]
             validate_facts(facts)
         except (TypeError, AttributeError, InvalidRequest) as error:
             raise InvalidRequest(f"bundle: edits[{i}].facts are not valid facts ({error})") from None
@@ -750,8 +911,8 @@ class EditManager:
                     self.journal.discard_artifact(name)
                     raise
                 try:
-                    self._apply_others_first(revision)
-                    self.host.apply(edit_id, artifact, revision)
+                    if not self._apply_others_first(revision):
+                        self.host.apply(edit_id, artifact, revision)
                 except Exception as error:
                     self._compensate_apply(edit_id, name, revision, artifact, error)
                     raise

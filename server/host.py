@@ -161,6 +161,17 @@ class ModelHost:
     def active_edit_ids(self) -> list[str]:
         return [a.edit_id for a in self._active]
 
+    def active_parameter_names(self) -> set[str]:
+        """Every tensor some active weight delta changes (what a resync must recompose)."""
+        return {n for d in _weight_deltas(self._active) for n in d.parameter_names}
+
+    def active_artifact(self, edit_id: str) -> Artifact:
+        """The artifact of an active edit, as applied (KeyError if it is not active)."""
+        for active in self._active:
+            if active.edit_id == edit_id:
+                return active.delta
+        raise KeyError(edit_id)
+
     def active_keys(self, name: str) -> torch.Tensor | None:
         """The keys [d_in, m] the active weight deltas wrote into parameter ``name`` (as a
         compact matrix with the same Gram once they outnumber d_in), or None: what an edit
@@ -246,6 +257,16 @@ class ModelHost:
         prepared = self._prepare(active, delta.parameter_names)
         return self._commit(active, prepared, revision)
 
+    def replace(self, remove: set[str], edit_id: str, delta: Artifact, revision: int) -> float:
+        """Swap the active edits ``remove`` for one edit (a consolidation), in one commit."""
+        self.check_delta(delta)
+        gone = [a for a in self._active if a.edit_id in remove]
+        if len(gone) != len(remove):
+            raise KeyError(sorted(remove - {a.edit_id for a in gone}))
+        active = [a for a in self._active if a.edit_id not in remove] + [_Active(edit_id, delta)]
+        names = {n for a in gone for n in a.delta.parameter_names} | set(delta.parameter_names)
+        return self._commit(active, self._prepare(active, sorted(names)), revision)
+
     def revert(self, edit_id: str, revision: int) -> float:
         target = next((a for a in self._active if a.edit_id == edit_id), None)
         if target is None:
@@ -262,7 +283,7 @@ class ModelHost:
             self.revision = revision
             return time.perf_counter() - started
 
-    def load_state(self, edits: list[tuple[str, Artifact]], revision: int, also: Iterable[str] = ()) -> None:
+    def load_state(self, edits: list[tuple[str, Artifact]], revision: int, also: Iterable[str] = ()) -> float:
         """Replay: apply a whole active set at once (start-up), setting the revision. ``also``
         names tensors to recompute although no edit of the set touches them: after a failed
         apply or revert, the tensors it may have swapped half-way go back to base + deltas
@@ -270,7 +291,7 @@ class ModelHost:
         active = [_Active(i, d) for i, d in edits]
         names = sorted({n for _, d in edits for n in d.parameter_names} | set(also))
         prepared = self._prepare(active, names)
-        self._commit(active, prepared, revision)
+        return self._commit(active, prepared, revision)
 
     def weights_digest(self) -> str:
         """sha256 over every parameter's bytes, in name order, then over the hosted runtime

@@ -44,7 +44,7 @@ from editserve.editing.registry import ArtifactKind
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 QUARANTINE_DIR = "quarantine"  # under artifacts/: files of quarantined edits, kept for inspection
 
 # One column definition for new journals and for the ALTERs of a migration, so both layouts
@@ -60,7 +60,13 @@ _V3_COLUMNS = (
     ("outcome", "outcome TEXT NOT NULL DEFAULT '{}'"),  # the reply's reports and notes (JSON)
     ("quarantined", "quarantined TEXT NOT NULL DEFAULT ''"),  # why; empty: not quarantined
 )
-_COLUMN_DEFS = (("kind", _KIND_COLUMN), *_V3_COLUMNS)
+# Schema 4: consolidation (docs/LIFELONG.md). An edit that replaced others lists them; an edit
+# replaced by one names it, and stays "active" in the log but is not applied while it is.
+_V4_COLUMNS = (
+    ("consolidates", "consolidates TEXT NOT NULL DEFAULT '[]'"),  # JSON list of edit ids
+    ("consolidated_into", "consolidated_into TEXT NOT NULL DEFAULT ''"),
+)
+_COLUMN_DEFS = (("kind", _KIND_COLUMN), *_V3_COLUMNS, *_V4_COLUMNS)
 _KEY_INDEX = ("CREATE UNIQUE INDEX IF NOT EXISTS edits_idempotency_key ON edits(idempotency_key) "
               "WHERE idempotency_key IS NOT NULL")
 
@@ -97,7 +103,7 @@ _TABLES = (
 _EDIT_COLUMNS = (
     "edit_id, seq, method, facts, options, layers, parameters, delta_norm, created, compute_seconds, "
     "description, artifact, sha256, status, applied_revision, reverted_revision, kind, "
-    "idempotency_key, request_sha256, outcome, quarantined"
+    "idempotency_key, request_sha256, outcome, quarantined, consolidates, consolidated_into"
 )
 
 
@@ -128,11 +134,23 @@ class EditRecord:
     request_sha256: str = ""
     outcome: dict = field(default_factory=dict)  # the original reply's reports and notes
     quarantined: str = ""  # why the edit's artifact could not be replayed; empty: it can
+    consolidates: list[str] = field(default_factory=list)  # the edits this one replaced (consolidation)
+    consolidated_into: str = ""  # the consolidation replacing this edit while it is active
 
     @property
     def state(self) -> str:
-        """"active", "reverted" or "quarantined" (active in the journal, not applied)."""
-        return "quarantined" if self.status == "active" and self.quarantined else self.status
+        """"active", "reverted", "quarantined" (active in the journal, not applied) or
+        "consolidated" (active in the journal, served through the edit that replaced it)."""
+        if self.status == "active" and self.quarantined:
+            return "quarantined"
+        if self.status == "active" and self.consolidated_into:
+            return "consolidated"
+        return self.status
+
+    @property
+    def applied(self) -> bool:
+        """Whether its own artifact is part of what is served."""
+        return self.state == "active"
 
 
 class DuplicateKey(JournalError):
@@ -155,11 +173,12 @@ def _fsync_dir(path: Path) -> None:
 def record_from_row(row: tuple) -> EditRecord:
     """An :class:`EditRecord` from a row of :data:`_EDIT_COLUMNS` (both journals' layout)."""
     (edit_id, seq, method, facts, options, layers, parameters, norm, created, compute, description,
-     artifact, sha, status, applied, reverted, kind, key, request_sha, outcome, quarantined) = row
+     artifact, sha, status, applied, reverted, kind, key, request_sha, outcome, quarantined, consolidates,
+     consolidated_into) = row
     return EditRecord(edit_id, seq, method, json.loads(facts), json.loads(options), json.loads(layers),
                       json.loads(parameters), norm, created, compute, description, artifact, sha,
                       status, applied, reverted, kind, key or "", request_sha, json.loads(outcome),
-                      quarantined)
+                      quarantined, json.loads(consolidates), consolidated_into)
 
 
 class ArtifactFiles:
@@ -316,7 +335,7 @@ class Journal(ArtifactFiles):
             if version == "1":
                 self._migrate_v1(stored, fingerprint, legacy)
                 self._migrate_v2()
-            elif version == "2":
+            elif version in ("2", "3"):
                 if stored != fingerprint:
                     raise self._other_model(stored, fingerprint)
                 self._migrate_v2()
@@ -360,14 +379,15 @@ class Journal(ArtifactFiles):
         self._db.execute(_KEY_INDEX)
 
     def _migrate_v2(self) -> None:
-        """Schema 2 -> 3 inside the caller's transaction: idempotency key (unique), request
-        digest, reply outcome and quarantine columns; old edits have no key and are not
-        quarantined. Replay is unchanged for them."""
+        """Schema 2 or 3 -> 4 inside the caller's transaction: the columns each lacks, added
+        with defaults that describe its edits as they were (schema 3: idempotency key, request
+        digest, reply outcome, quarantine; schema 4: consolidation, none of it yet). Replay is
+        unchanged for them."""
+        before = self.schema_version()
         self._add_missing_columns()
         self._set_meta("schema_version", str(SCHEMA_VERSION))
         edits = self._db.execute("SELECT COUNT(*) FROM edits").fetchone()[0]
-        log.info("journal %s: migrated schema 2 -> %d (%d edits, no idempotency keys)", self.dir, SCHEMA_VERSION,
-                 edits)
+        log.info("journal %s: migrated schema %d -> %d (%d edits)", self.dir, before, SCHEMA_VERSION, edits)
 
     def schema_version(self) -> int:
         return int(self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
@@ -398,8 +418,11 @@ class Journal(ArtifactFiles):
         request_sha256: str = "",
         outcome: dict | None = None,
         check: Callable[[], None] | None = None,
+        consolidates: list[str] = (),
     ) -> int:
         """Commit the edit row and its apply event in one transaction; returns the new revision.
+        ``consolidates``: the active edits this one replaces (each is marked consolidated into
+        it in the same transaction; JournalError if one is no longer active and unreplaced).
 
         ``kind`` is required (no default) and must match the artifact file's header: a row
         that disagrees with its file would only fail at the next start-up's replay.
@@ -414,16 +437,23 @@ class Journal(ArtifactFiles):
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM edits").fetchone()[0]
             try:
                 self._db.execute(
-                    f"INSERT INTO edits ({_EDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'active',?,0,?,?,?,?,'')",
+                    f"INSERT INTO edits ({_EDIT_COLUMNS}) VALUES "
+                    "(?,?,?,?,?,?,?,?,?,?,?,?,?,'active',?,0,?,?,?,?,'',?,'')",
                     (edit_id, seq, method, json.dumps(facts), json.dumps(options), json.dumps(layers),
                      json.dumps(parameters), delta_norm, time.time(), compute_seconds, description,
                      artifact, sha256, revision, kind, idempotency_key or None, request_sha256,
-                     json.dumps(outcome or {})),
+                     json.dumps(outcome or {}), json.dumps(list(consolidates))),
                 )
             except sqlite3.IntegrityError as error:
                 if idempotency_key and self._by_key_locked(idempotency_key):
                     raise DuplicateKey(f"idempotency_key {idempotency_key!r} is already journaled") from error
                 raise
+            for member in consolidates:
+                changed = self._db.execute(
+                    "UPDATE edits SET consolidated_into = ? WHERE edit_id = ? AND status = 'active' "
+                    "AND consolidated_into = '' AND quarantined = ''", (edit_id, member)).rowcount
+                if changed != 1:
+                    raise JournalError(f"edit {member} is no longer active on its own: it cannot be consolidated")
             self._db.execute("INSERT INTO events VALUES (?, 'apply', ?, ?)", (revision, edit_id, time.time()))
             if check is not None:
                 check()
@@ -436,6 +466,7 @@ class Journal(ArtifactFiles):
             self._db.execute("BEGIN IMMEDIATE")
             self._require_last_event(revision, "apply", edit_id)
             self._db.execute("DELETE FROM events WHERE revision = ?", (revision,))
+            self._db.execute("UPDATE edits SET consolidated_into = '' WHERE consolidated_into = ?", (edit_id,))
             self._db.execute("DELETE FROM edits WHERE edit_id = ?", (edit_id,))
 
     def undo_revert(self, edit_id: str, revision: int) -> None:
@@ -446,6 +477,11 @@ class Journal(ArtifactFiles):
             self._db.execute("DELETE FROM events WHERE revision = ?", (revision,))
             self._db.execute("UPDATE edits SET status = 'active', reverted_revision = 0 WHERE edit_id = ?",
                              (edit_id,))
+            members = json.loads(self._db.execute("SELECT consolidates FROM edits WHERE edit_id = ?",
+                                                  (edit_id,)).fetchone()[0])
+            for member in members:  # a consolidation's revert freed them: they are replaced again
+                self._db.execute("UPDATE edits SET consolidated_into = ? WHERE edit_id = ? AND status = 'active'",
+                                 (edit_id, member))
 
     def _require_last_event(self, revision: int, kind: str, edit_id: str) -> None:
         last = self._db.execute("SELECT revision, kind, edit_id FROM events ORDER BY revision DESC LIMIT 1").fetchone()
@@ -467,17 +503,29 @@ class Journal(ArtifactFiles):
         return moved
 
     def record_revert(self, edit_id: str) -> int:
+        """Commit the revert of an edit; returns the new revision. Reverting a consolidation
+        makes the edits it replaced active on their own again; reverting an edit that is
+        consolidated first reverts its consolidation (its own event), then the edit: the others
+        it replaced are served on their own again, exactly as if never consolidated."""
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            status = self._db.execute("SELECT status FROM edits WHERE edit_id = ?", (edit_id,)).fetchone()
-            if status is None or status[0] != "active":
+            row = self._db.execute("SELECT status, consolidated_into FROM edits WHERE edit_id = ?",
+                                   (edit_id,)).fetchone()
+            if row is None or row[0] != "active":
                 raise KeyError(edit_id)
-            revision = self._db.execute("SELECT COALESCE(MAX(revision), 0) + 1 FROM events").fetchone()[0]
-            self._db.execute(
-                "UPDATE edits SET status = 'reverted', reverted_revision = ? WHERE edit_id = ?", (revision, edit_id)
-            )
-            self._db.execute("INSERT INTO events VALUES (?, 'revert', ?, ?)", (revision, edit_id, time.time()))
+            revision = self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM events").fetchone()[0]
+            if row[1]:
+                revision += 1
+                self._revert_row(row[1], revision)
+            revision += 1
+            self._revert_row(edit_id, revision)
         return revision
+
+    def _revert_row(self, edit_id: str, revision: int) -> None:
+        self._db.execute("UPDATE edits SET status = 'reverted', reverted_revision = ? WHERE edit_id = ?",
+                         (revision, edit_id))
+        self._db.execute("UPDATE edits SET consolidated_into = '' WHERE consolidated_into = ?", (edit_id,))
+        self._db.execute("INSERT INTO events VALUES (?, 'revert', ?, ?)", (revision, edit_id, time.time()))
 
     # --- reads ---------------------------------------------------------------------------
     def _read(self, query: str, args: tuple = ()) -> list[tuple]:

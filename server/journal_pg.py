@@ -73,7 +73,9 @@ _TABLES = (
     idempotency_key TEXT UNIQUE,
     request_sha256 TEXT NOT NULL DEFAULT '',
     outcome TEXT NOT NULL DEFAULT '{}',
-    quarantined TEXT NOT NULL DEFAULT ''
+    quarantined TEXT NOT NULL DEFAULT '',
+    consolidates TEXT NOT NULL DEFAULT '[]',
+    consolidated_into TEXT NOT NULL DEFAULT ''
 )""",
     """CREATE TABLE IF NOT EXISTS editserve_events(
     revision BIGINT PRIMARY KEY,
@@ -210,7 +212,7 @@ class PostgresJournal(ArtifactFiles):
         self, *, edit_id: str, method: str, kind: str, facts: list[dict], options: dict, layers: list[int],
         parameters: list[str], delta_norm: float, compute_seconds: float, description: str, artifact: str,
         sha256: str, idempotency_key: str = "", request_sha256: str = "", outcome: dict | None = None,
-        check: Callable[[], None] | None = None,
+        check: Callable[[], None] | None = None, consolidates: list[str] = (),
     ) -> int:
         """Commit the edit row, its artifact's bytes and its apply event in one transaction;
         returns the new revision (see :meth:`.journal.Journal.record_apply`)."""
@@ -224,11 +226,17 @@ class PostgresJournal(ArtifactFiles):
                 raise DuplicateKey(f"idempotency_key {idempotency_key!r} is already journaled")
             cursor.execute(
                 f"INSERT INTO editserve_edits ({_EDIT_COLUMNS}) VALUES "
-                "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,'active',%s,0,%s,%s,%s,%s,'')",
+                "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,'active',%s,0,%s,%s,%s,%s,'',%s,'')",
                 (edit_id, seq, method, json.dumps(facts), json.dumps(options), json.dumps(layers),
                  json.dumps(parameters), delta_norm, time.time(), compute_seconds, description, artifact, sha256,
-                 revision, kind, idempotency_key or None, request_sha256, json.dumps(outcome or {})),
+                 revision, kind, idempotency_key or None, request_sha256, json.dumps(outcome or {}),
+                 json.dumps(list(consolidates))),
             )
+            for member in consolidates:
+                cursor.execute("UPDATE editserve_edits SET consolidated_into = %s WHERE edit_id = %s AND "
+                               "status = 'active' AND consolidated_into = '' AND quarantined = ''", (edit_id, member))
+                if cursor.rowcount != 1:
+                    raise JournalError(f"edit {member} is no longer active on its own: it cannot be consolidated")
             for chunk, start in enumerate(range(0, max(len(data), 1), ARTIFACT_CHUNK_BYTES)):
                 cursor.execute("INSERT INTO editserve_artifacts VALUES (%s, %s, %s)",
                                (edit_id, chunk, data[start:start + ARTIFACT_CHUNK_BYTES]))
@@ -238,15 +246,25 @@ class PostgresJournal(ArtifactFiles):
         return revision
 
     def record_revert(self, edit_id: str) -> int:
+        """As :meth:`.journal.Journal.record_revert` (a consolidated edit's consolidation is
+        reverted first, by its own event)."""
         with self._transaction() as cursor:
             revision = self._next_revision(cursor)
-            status = cursor.execute("SELECT status FROM editserve_edits WHERE edit_id = %s", (edit_id,)).fetchone()
-            if status is None or status[0] != "active":
+            row = cursor.execute("SELECT status, consolidated_into FROM editserve_edits WHERE edit_id = %s",
+                                 (edit_id,)).fetchone()
+            if row is None or row[0] != "active":
                 raise KeyError(edit_id)
-            cursor.execute("UPDATE editserve_edits SET status = 'reverted', reverted_revision = %s WHERE edit_id = %s",
-                           (revision, edit_id))
-            self._event(cursor, revision, "revert", edit_id)
+            if row[1]:
+                self._revert_row(cursor, row[1], revision)
+                revision += 1
+            self._revert_row(cursor, edit_id, revision)
         return revision
+
+    def _revert_row(self, cursor, edit_id: str, revision: int) -> None:
+        cursor.execute("UPDATE editserve_edits SET status = 'reverted', reverted_revision = %s WHERE edit_id = %s",
+                       (revision, edit_id))
+        cursor.execute("UPDATE editserve_edits SET consolidated_into = '' WHERE consolidated_into = %s", (edit_id,))
+        self._event(cursor, revision, "revert", edit_id)
 
     def undo_apply(self, edit_id: str, revision: int) -> None:
         """Take back a committed apply whose in-memory apply failed, by a revert event (the
@@ -260,6 +278,11 @@ class PostgresJournal(ArtifactFiles):
             new = self._next_revision(cursor)
             cursor.execute("UPDATE editserve_edits SET status = 'active', reverted_revision = 0 WHERE edit_id = %s",
                            (edit_id,))
+            members = json.loads(cursor.execute("SELECT consolidates FROM editserve_edits WHERE edit_id = %s",
+                                                (edit_id,)).fetchone()[0])
+            for member in members:  # a consolidation's revert freed them: they are replaced again
+                cursor.execute("UPDATE editserve_edits SET consolidated_into = %s WHERE edit_id = %s AND "
+                               "status = 'active'", (edit_id, member))
             self._event(cursor, new, "apply", edit_id)
         log.warning("the revert of edit %s (revision %d) is taken back by an apply event (revision %d)", edit_id,
                     revision, new)

@@ -135,3 +135,27 @@ def test_a_replica_cut_off_from_the_database_catches_up_after_reconnecting(fleet
     _wait_for_revision(b, 1)  # the follower reconnects, then reads what it missed
     assert _digest(a) == _digest(b)
     assert b.metric("editserve_journal_follow_errors_total") >= 1
+
+
+MEMIT_TINY = {"method": "memit", "layers": [1, 2], "steps": 30, "clamp_norm_factor": 1e4, "weight_decay": 0.0,
+              "stats_tokens": 2000, "mom2_update_weight": 1.0}
+
+
+def test_a_consolidation_and_the_revert_of_a_replaced_edit_reach_the_other_replica(fleet):
+    a, b = fleet("a"), fleet("b")
+    with a.client() as client_a, b.client() as client_b:
+        ids = [client_a.edit(_fact(i), **MEMIT_TINY).edit_id for i in range(3)]
+        _wait_for_revision(b, 3)
+        before = _digest(a)
+        options = {k: v for k, v in MEMIT_TINY.items() if k != "method"}
+        consolidation = client_b.consolidate(ids, **options)  # computed on the other replica
+        assert consolidation.revision == 4 and consolidation.edit.consolidates == ids
+        _wait_for_revision(a, 4)
+        assert _digest(a) == _digest(b) != before
+        assert {e.edit_id: e.status for e in client_a.list_edits()} == {**dict.fromkeys(ids, "consolidated"),
+                                                                        consolidation.edit_id: "active"}
+        assert client_a.revert(ids[1]).revision == 6  # the consolidation's revert, then the edit's
+        _wait_for_revision(b, 6)
+        assert _digest(a) == _digest(b)
+        assert [e.edit_id for e in client_b.list_edits()] == [ids[0], ids[2]]
+        assert client_b.model_info().active_edits == 2

@@ -42,7 +42,7 @@ def test_every_rpc_is_declared_and_fuzzed():
     """The fuzzer reads the RPC list from the protos: nothing declared can be left out."""
     names = {rpc.name for rpc in declared_rpcs()}
     assert names == {"Generate", "GenerateStream", "GetModelInfo", "Score",
-                     "Edit", "Revert", "ListEdits", "GetEdit", "Trace", "ExportEdits", "ImportEdits"}
+                     "Edit", "Revert", "ListEdits", "GetEdit", "Trace", "ExportEdits", "ImportEdits", "Consolidate"}
 
 
 def test_hostile_requests_break_no_invariant(fuzz_server):

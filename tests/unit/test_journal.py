@@ -73,7 +73,7 @@ def test_apply_revert_and_reopen(tmp_path):
         journal.record_revert("a")
     journal.close()
     reopened = Journal(tmp_path, "fp")
-    assert reopened.revision() == 3 and reopened.schema_version() == 3
+    assert reopened.revision() == 3 and reopened.schema_version() == 4
     assert [r.edit_id for r in reopened.list()] == ["b"]
     assert [r.status for r in reopened.list(include_reverted=True)] == ["reverted", "active"]
     record = reopened.get("b")
@@ -136,8 +136,8 @@ def test_v1_journal_migrates_in_place(tmp_path, caplog):
                         "ORDER BY seq")
     with caplog.at_level(logging.INFO, logger="editserve.server.journal"):
         journal = Journal(path, "new-fingerprint", legacy_fingerprints=("other", V1_FINGERPRINT))
-    assert "migrated schema 1 -> 2" in caplog.text and "migrated schema 2 -> 3" in caplog.text
-    assert journal.schema_version() == 3 and journal.model_fingerprint() == "new-fingerprint"
+    assert "migrated schema 1 -> 2" in caplog.text and "migrated schema 2 -> 4" in caplog.text
+    assert journal.schema_version() == 4 and journal.model_fingerprint() == "new-fingerprint"
     assert journal.revision() == 4
     records = journal.list(include_reverted=True)
     assert [(r.edit_id, r.seq, r.status, r.applied_revision, r.reverted_revision, r.sha256)
@@ -196,8 +196,8 @@ def test_v2_journal_migrates_in_place(tmp_path, caplog):
     before = _sql(path, f"SELECT {columns} FROM edits ORDER BY seq")
     with caplog.at_level(logging.INFO, logger="editserve.server.journal"):
         journal = Journal(path, V2_FINGERPRINT)
-    assert "migrated schema 2 -> 3" in caplog.text
-    assert journal.schema_version() == 3 and journal.revision() == 4
+    assert "migrated schema 2 -> 4" in caplog.text
+    assert journal.schema_version() == 4 and journal.revision() == 4
     records = journal.list(include_reverted=True)
     assert [(r.edit_id, r.seq, r.method, r.status, r.applied_revision, r.reverted_revision, r.sha256, r.kind)
             for r in records] == before
@@ -313,11 +313,11 @@ def test_a_crash_mid_migration_leaves_schema_1(tmp_path, monkeypatch):
     assert "kind" not in {row[1] for row in _sql(path, "PRAGMA table_info(edits)")}
     monkeypatch.undo()
     journal = Journal(path, "new-fingerprint", legacy_fingerprints=(V1_FINGERPRINT,))
-    assert journal.schema_version() == 3 and journal.revision() == 4
+    assert journal.schema_version() == 4 and journal.revision() == 4
     journal.close()
 
 
-@pytest.mark.parametrize("version", ["4", "banana"])
+@pytest.mark.parametrize("version", ["5", "banana"])
 def test_unknown_schema_is_refused(tmp_path, version):
     Journal(tmp_path, "fp").close()
     _sql(tmp_path, "UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
@@ -364,7 +364,7 @@ def test_legacy_fingerprint_opens_a_v1_journal_then_any_dtype_does(tmp_path, tin
     # as if this model's server had written the fixture with the old code
     _sql(path, "UPDATE meta SET value = ? WHERE key = 'model_fingerprint'", (host.legacy_fingerprint(),))
     Journal(path, host.fingerprint(), legacy_fingerprints=(host.legacy_fingerprint(),)).close()
-    assert _meta(path) == {"schema_version": "3", "model_fingerprint": host.fingerprint()}
+    assert _meta(path) == {"schema_version": "4", "model_fingerprint": host.fingerprint()}
     bf16_host = _host(copy.deepcopy(model).to(torch.bfloat16), tok)
     journal = Journal(path, bf16_host.fingerprint(), legacy_fingerprints=(bf16_host.legacy_fingerprint(),))
     assert [r.edit_id for r in journal.list()] == ["a", "c"]

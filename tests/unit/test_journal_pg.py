@@ -141,3 +141,25 @@ def test_large_artifacts_are_stored_in_chunks_and_read_back_whole(postgres_url, 
     size = (tmp_path / "a" / "artifacts" / "big.safetensors").stat().st_size
     assert chunks == (-(-size // 100), 100)
     assert torch.equal(b.load_artifact(b.get("big")).delta("m.weight"), big.delta("m.weight"))
+
+
+def test_a_consolidation_and_the_revert_of_a_replaced_edit_are_seen_by_every_replica(postgres_url, tmp_path):
+    a, b = _pair(postgres_url, tmp_path)
+    _record(a, "x", _delta(0))
+    _record(a, "y", _delta(1))
+    name, sha = b.write_artifact("c", _delta(2))
+    assert b.record_apply(edit_id="c", method="memit", kind="weight_delta", facts=[], options={}, layers=[1],
+                          parameters=["m.weight"], delta_norm=1.0, compute_seconds=1.0, description="",
+                          artifact=name, sha256=sha, consolidates=["x", "y"]) == 3
+    assert {r.edit_id: r.state for r in a.list()} == {"x": "consolidated", "y": "consolidated", "c": "active"}
+    assert a.get("c").consolidates == ["x", "y"]
+    assert a.record_revert("y") == 5  # the consolidation's revert (4), then y's (5)
+    assert b.events_after(3) == [(4, "revert", "c"), (5, "revert", "y")]
+    assert {r.edit_id: r.state for r in b.list(include_reverted=True)} == {"x": "active", "y": "reverted",
+                                                                            "c": "reverted"}
+    name, sha = b.write_artifact("d", _delta(3))
+    with pytest.raises(JournalError, match="edit y is no longer active on its own"):
+        b.record_apply(edit_id="d", method="memit", kind="weight_delta", facts=[], options={}, layers=[1],
+                       parameters=["m.weight"], delta_norm=1.0, compute_seconds=1.0, description="",
+                       artifact=name, sha256=sha, consolidates=["x", "y"])
+    assert b.get("d") is None and b.revision() == 5

@@ -1,0 +1,138 @@
+"""Consolidation with the real pieces (a tiny Llama in a ModelHost, a real journal, MEMIT
+computed for real): many edits replaced by one joint solve, one revision, exactly revertible
+as a whole and per replaced edit."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from editserve.editing.errors import InvalidRequest, PreconditionFailed
+from editserve.editing.facts import Fact
+from editserve.server.drift import DriftMonitor
+from editserve.server.drift_budget import DriftBudget
+from editserve.server.edits import EditManager, stable_weights
+from editserve.server.host import ModelHost
+from editserve.server.journal import Journal
+from editserve.server.methods import build_methods
+from editserve.server.metrics import Metrics
+from tests.tiny import tiny_model
+
+MEMIT = {"layers": [1, 2], "steps": 30, "clamp_norm_factor": 1e4, "weight_decay": 0.0, "stats_tokens": 2000,
+         "mom2_update_weight": 1.0}
+FT = {"layer": 1, "steps": 10, "learning_rate": 1e-2, "norm_constraint": 0.05}
+# single-token targets of the tiny tokenizer (tests/e2e/test_memit_rpc.py)
+FACTS = [Fact("The language of {}", "Danielle Darrieux", "founded"), Fact("The capital of {}", "Italy", "founded"),
+         Fact("The sport of {}", "Michael Jordan", "capital")]
+
+
+class Served:
+    def __init__(self, path: Path, tokenizer, cache: Path) -> None:
+        model, tok = tiny_model("llama", tokenizer=tokenizer)
+        self.host = ModelHost(model, tok, name="tiny", dtype="fp32", device="cpu")
+        self.journal = Journal(path, self.host.fingerprint())
+        table = build_methods(self.host, cache, {})
+        metrics = Metrics()
+        self.manager = EditManager(self.host, self.journal, dict(table.compute), table.score, metrics)
+        drift = DriftMonitor(self.host, metrics, stable_weights(self.manager))  # as the server wires it
+        self.manager.measure_drift, self.manager.drift_probes = drift.measure, len(drift.probes)
+        self.manager.replay()
+
+    def digest(self) -> str:
+        return self.host.weights_digest()
+
+    def p_new(self, fact: Fact) -> float:
+        return self.manager.scorer([fact.text], [fact.target_new])[0]
+
+    def states(self) -> dict[str, str]:
+        return {r.edit_id: r.state for r in self.journal.list(include_reverted=True)}
+
+
+@pytest.fixture()
+def make(tmp_path, tiny_tokenizer):
+    cache = tmp_path / "cache"  # statistics shared by both servers of a test
+
+    def build(name: str) -> Served:
+        return Served(tmp_path / name, tiny_tokenizer, cache)
+
+    return build
+
+
+def _edit_each(served: Served) -> list[str]:
+    return [served.manager.edit("memit", [fact], MEMIT, report=False).edit_id for fact in FACTS]
+
+
+def test_a_consolidation_is_one_revision_holds_the_facts_and_reverts_exactly(make):
+    served = make("a")
+    pristine = {f.subject: served.p_new(f) for f in FACTS}
+    ids = _edit_each(served)
+    with_edits = served.digest()
+    outcome = served.manager.consolidate([], MEMIT)
+    assert outcome.applied and outcome.revision == 4  # one revision for three edits
+    assert served.host.active_edit_ids == [outcome.edit_id]
+    assert served.journal.get(outcome.edit_id).consolidates == ids
+    assert [served.states()[i] for i in ids] == ["consolidated"] * 3
+    for report in outcome.reports:  # the joint solve writes every fact
+        assert report.rewrite.p_new_after > pristine[report.fact.subject], report
+        assert served.p_new(report.fact) == pytest.approx(report.rewrite.p_new_after, rel=1e-4)
+    consolidated = served.digest()
+    assert consolidated != with_edits
+
+    restarted = make("a")  # replay serves the consolidation, not the replaced edits
+    assert restarted.digest() == consolidated and restarted.host.active_edit_ids == [outcome.edit_id]
+
+    assert served.manager.revert(outcome.edit_id)[0] == 5
+    assert served.digest() == with_edits  # the replaced edits serve again, bit for bit
+    assert served.host.active_edit_ids == ids and [served.states()[i] for i in ids] == ["active"] * 3
+
+
+def test_reverting_one_replaced_edit_serves_the_others_as_if_never_consolidated(make):
+    served, witness = make("a"), make("b")
+    ids = _edit_each(served)
+    # the witness holds the same three artifacts (a bundle: the same bytes) and is never consolidated
+    imported = witness.manager.import_bundle(served.manager.export_bundle([]))
+    witness.manager.revert(imported.edits[1].edit_id)
+    expected = witness.digest()
+
+    consolidation = served.manager.consolidate([], MEMIT).edit_id
+    revision, _ = served.manager.revert(ids[1])
+    assert revision == 6  # the consolidation's revert (5), then the edit's (6)
+    assert served.digest() == expected
+    assert served.states() == {ids[0]: "active", ids[1]: "reverted", ids[2]: "active", consolidation: "reverted"}
+    assert served.host.active_edit_ids == [ids[0], ids[2]]
+    assert make("a").digest() == expected  # and so does a restart
+
+
+def test_what_cannot_be_consolidated_changes_nothing(make):
+    served = make("a")
+    first = served.manager.edit("memit", [FACTS[0]], MEMIT, report=False).edit_id
+    with pytest.raises(PreconditionFailed, match="at least 2 active ROME or MEMIT edits; 1 found"):
+        served.manager.consolidate([], MEMIT)
+    ft = served.manager.edit("ft_l", [FACTS[1]], FT, report=False).edit_id
+    with pytest.raises(PreconditionFailed, match=rf"edit {ft} \(ft_l, active\) cannot be consolidated"):
+        served.manager.consolidate([first, ft], MEMIT)
+    second = served.manager.edit("memit", [FACTS[2]], MEMIT, report=False).edit_id
+    with pytest.raises(InvalidRequest, match="options.preserve"):
+        served.manager.consolidate([], {**MEMIT, "preserve": True})
+    before = (served.digest(), served.host.revision, served.states())
+    dry = served.manager.consolidate([first, second], MEMIT, dry_run=True)
+    assert not dry.applied and dry.edit_id == "" and len(dry.reports) == 2
+    with pytest.raises(PreconditionFailed, match="max_drift.max_kl"):
+        served.manager.consolidate([first, second], MEMIT, max_drift=DriftBudget(1e-12))
+    assert (served.digest(), served.host.revision, served.states()) == before
+
+
+def test_a_schema_3_journal_gains_the_consolidation_columns(tmp_path):
+    Journal(tmp_path, "fp").close()
+    db = sqlite3.connect(tmp_path / "journal.sqlite3")
+    with db:  # what schema 3 looked like: no consolidation columns
+        db.execute("ALTER TABLE edits DROP COLUMN consolidates")
+        db.execute("ALTER TABLE edits DROP COLUMN consolidated_into")
+        db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    db.close()
+    journal = Journal(tmp_path, "fp")
+    assert journal.schema_version() == 4 and journal.list() == []
+    columns = {row[1] for row in sqlite3.connect(tmp_path / "journal.sqlite3").execute("PRAGMA table_info(edits)")}
+    assert {"consolidates", "consolidated_into"} <= columns
