@@ -445,17 +445,7 @@ class EditManager:
             notes = []
             if waiting_for and started - queued > 0.1:
                 notes.append(f"waited {started - queued:.1f} s for {waiting_for} (done once per model; cached on disk)")
-            try:
-                delta, diagnostics = self.methods[method](facts, options, should_stop)
-                if not delta.is_finite():
-                    raise PreconditionFailed("the optimisation produced NaN or inf; the model is unchanged")
-                self.host.check_delta(delta)
-            except Cancelled:
-                self.metrics.edits.labels(method, "abandoned").inc()
-                raise
-            except Exception:
-                self.metrics.edits.labels(method, "failed").inc()
-                raise
+            delta, diagnostics = self._compute(method, facts, options, should_stop)
             compute_seconds = time.perf_counter() - started
             stats_seconds = diagnostics.get("timings", {}).get("statistics_s", 0.0)
             if stats_seconds > 1.0:
@@ -528,6 +518,23 @@ class EditManager:
             self.metrics.edits.labels(method, "rejected_drift").inc()
             raise PreconditionFailed(f"{why}; nothing was applied or journaled")
         return DriftCheck(kl, agreement, budget)
+
+    def _compute(self, method: str, facts: list[Fact], options: dict, should_stop: StopCheck | None
+                 ) -> tuple[WeightDelta, dict]:
+        """Run the method and check what it returns (finite, fits the model), counting an
+        abandoned or failed computation; the caller holds the mutex."""
+        try:
+            delta, diagnostics = self.methods[method](facts, options, should_stop)
+            if not delta.is_finite():
+                raise PreconditionFailed("the optimisation produced NaN or inf; the model is unchanged")
+            self.host.check_delta(delta)
+        except Cancelled:
+            self.metrics.edits.labels(method, "abandoned").inc()
+            raise
+        except Exception:
+            self.metrics.edits.labels(method, "failed").inc()
+            raise
+        return delta, diagnostics
 
     def _earlier(self, idempotency_key: str, digest: str) -> EditOutcome | None:
         """The original reply of the edit journaled under this key (None: no such edit yet)."""
@@ -754,18 +761,8 @@ class EditManager:
             ids = [r.edit_id for r in records]
             removed = negated_sum([self.host.active_artifact(i) for i in ids])
             started = time.perf_counter()
-            try:
-                with preview(self.host.model, removed):  # solved on the weights without them, in this thread
-                    delta, diagnostics = self.methods[method](facts, options, should_stop)
-                if not delta.is_finite():
-                    raise PreconditionFailed("the optimisation produced NaN or inf; the model is unchanged")
-                self.host.check_delta(delta)
-            except Cancelled:
-                self.metrics.edits.labels(method, "abandoned").inc()
-                raise
-            except Exception:
-                self.metrics.edits.labels(method, "failed").inc()
-                raise
+            with preview(self.host.model, removed):  # solved on the weights without them, in this thread
+                delta, diagnostics = self._compute(method, facts, options, should_stop)
             compute_seconds = time.perf_counter() - started
             self.metrics.edit_compute.labels(method).observe(compute_seconds)
             check_stop(should_stop, "the consolidation, before scoring it")
