@@ -455,7 +455,7 @@ class EditManager:
             try:
                 check_stop(should_stop, "the edit, before scoring it")
                 reports = self._scores(facts, delta) if report else []
-                drift = self._check_drift(method, delta, budget) if budget.active else None
+                drift = self._check_drift(method, [delta], budget) if budget.active else None
             except Cancelled:
                 self.metrics.edits.labels(method, "abandoned").inc()
                 raise
@@ -509,14 +509,15 @@ class EditManager:
             return EditOutcome(edit_id, revision, True, reports, compute_seconds, apply_seconds,
                                self.journal.get(edit_id), diagnostics, notes, drift=drift)
 
-    def _check_drift(self, method: str, delta: WeightDelta, budget: DriftBudget) -> DriftCheck:
-        """The drift guard: measure the probes with the edit previewed; over ``budget``,
-        PreconditionFailed naming the figure (the caller has journaled nothing yet)."""
-        kl, agreement = self.measure_drift([delta])
+    def _check_drift(self, method: str, changes: list, budget: DriftBudget, what: str = "") -> DriftCheck:
+        """The drift guard (edits, consolidations, imports): measure the probes with
+        ``changes`` previewed together; over ``budget``, PreconditionFailed naming the figure
+        (the caller has journaled nothing yet)."""
+        kl, agreement = self.measure_drift(changes)
         why = budget.violation(kl, agreement, self.drift_probes)
         if why:
             self.metrics.edits.labels(method, "rejected_drift").inc()
-            raise PreconditionFailed(f"{why}; nothing was applied or journaled")
+            raise PreconditionFailed(f"{why}{what}; nothing was applied or journaled")
         return DriftCheck(kl, agreement, budget)
 
     def _compute(self, method: str, facts: list[Fact], options: dict, should_stop: StopCheck | None
@@ -767,14 +768,7 @@ class EditManager:
             self.metrics.edit_compute.labels(method).observe(compute_seconds)
             check_stop(should_stop, "the consolidation, before scoring it")
             reports = self._scores(facts, delta, removed)
-            drift = None
-            if budget.active:
-                kl, agreement = self.measure_drift([removed, delta])
-                why = budget.violation(kl, agreement, self.drift_probes)
-                if why:
-                    self.metrics.edits.labels(method, "rejected_drift").inc()
-                    raise PreconditionFailed(f"{why}; nothing was applied or journaled")
-                drift = DriftCheck(kl, agreement, budget)
+            drift = self._check_drift(method, [removed, delta], budget) if budget.active else None
             notes = [f"consolidates {len(ids)} edits ({len(facts)} facts): {', '.join(ids)}"]
             if dry_run:
                 self.metrics.edits.labels(method, "dry_run").inc()
@@ -882,15 +876,8 @@ class EditManager:
                 results.append(ImportedEdit(edit.source_edit_id, "", 0, skipped, edit.sha256))
                 if not skipped:
                     todo.append((len(results) - 1, edit, artifact))
-            drift = None
-            if budget.active and todo:
-                kl, agreement = self.measure_drift([a for _, _, a in todo])
-                why = budget.violation(kl, agreement, self.drift_probes)
-                if why:
-                    self.metrics.edits.labels("import", "rejected_drift").inc()
-                    raise PreconditionFailed(f"{why} (the bundle's {len(todo)} edits together); nothing was applied "
-                                             "or journaled")
-                drift = DriftCheck(kl, agreement, budget)
+            drift = self._check_drift("import", [a for _, _, a in todo], budget,
+                                      f" (the bundle's {len(todo)} edits together)") if budget.active and todo else None
             check_stop(should_stop, "the import, before it was journaled")
             if dry_run:
                 return ImportOutcome(results, self.host.revision, drift)

@@ -107,6 +107,12 @@ def test_foreign_damaged_or_unknown_bundles_change_nothing(servers):
                 {**m["edits"][0], "facts": [{"prompt": 3}]}]}))
         with pytest.raises(FailedPrecondition, match="max_drift.max_kl"):
             client_b.import_edits(bundle, max_drift_kl=1e-12)
+        with pytest.raises(InvalidArgument, match="edit_ids: each id needs 1 to 64 characters"):
+            client_b.export_edits(["x" * 65])
+        with pytest.raises(InvalidArgument, match="edit_ids: each id needs 1 to 64 characters"):
+            client_b.consolidate(["x" * 65])
+        with pytest.raises(InvalidArgument, match="max_drift.max_kl"):
+            client_b.consolidate([], max_drift_kl=-1.0)
         assert client_b.model_info().revision == 0 and client_b.list_edits(include_reverted=True) == []
         with pytest.raises(FailedPrecondition, match="no active edit to export"):
             client_b.export_edits()

@@ -40,3 +40,19 @@ def test_violations_name_the_figure_and_nan_is_over():
     assert budget.violation(0.01, 0.8, 63).startswith("max_drift.min_top1_agreement:")
     assert budget.violation(math.nan, 1.0, 63) != ""
     assert DriftBudget().violation(99.0, 0.0, 63) == ""  # no limit
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    ({"journal_url": "mysql://db/x"}, "journal_url must start with"),
+    ({"journal_url": "postgresql://" + "x" * 5000}, "journal_url is over the limit of 4096"),
+    ({"journal_password_file": "/etc/hostname"}, "journal_password_file needs journal_url"),
+    ({"journal_url": "postgresql://db/x", "journal_password_file": "/nonexistent/pw"}, "no such file"),
+    ({"journal_poll_seconds": math.nan}, r"journal_poll_seconds must be in \[0.05, 300.0\]"),
+    ({"journal_poll_seconds": 0.0}, r"journal_poll_seconds must be in \[0.05, 300.0\]"),
+    ({"journal_poll_seconds": True}, r"journal_poll_seconds must be in"),
+    ({"max_bundle_mb": 0}, r"max_bundle_mb must be an integer in \[1, 65536\]"),
+    ({"max_bundle_mb": 1.5}, r"max_bundle_mb must be an integer"),
+])
+def test_fleet_and_bundle_settings_are_refused_by_name(options, named):
+    with pytest.raises(ValueError, match=named):
+        ServeConfig(**options)
