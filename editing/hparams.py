@@ -272,6 +272,12 @@ class TPatcherHyperParams(HyperParams):
     steps: Adam steps; learning_rate: the key's and bias's step relative to their initial size;
     value_learning_rate: the value's (absolute) step. early_stop_loss: stop once the target NLL
     is below it, the neuron fires on the edit and is silent on all of the memory.
+    fire_at: where the neuron is trained to fire. "last": the positions that predict the
+    target (the paper's placement, at the last layer); "subject": the subject's last token at
+    a middle layer, with the value ROME would write there (:func:`.tpatcher._train_at_subject`).
+    With "subject", learning_rate is the key's and bias's step and value_learning_rate the
+    value's; the value is optimised as ROME's is, with ``kl_factor`` (KL on "{subject} is a"),
+    ``weight_decay`` and ``clamp_norm_factor`` as in :class:`ValueHyperParams` (unused with "last").
     """
 
     method: ClassVar[str] = "t_patcher"
@@ -289,8 +295,18 @@ class TPatcherHyperParams(HyperParams):
     context_count: int = bounded(5, 0, 50)
     context_length: int = bounded(10, 1, 64)
     early_stop_loss: float = bounded(0.05, 0.0, 20.0)
+    fire_at: str = "last"
+    kl_factor: float = bounded(0.0625, 0.0, 100.0)
+    weight_decay: float = bounded(0.5, 0.0, 100.0)
+    clamp_norm_factor: float = bounded(4.0, 1e-3, 1e6)
 
     aliases: ClassVar[dict[str, str]] = {"lr": "learning_rate"}
+
+    FIRE_AT: ClassVar[tuple[str, ...]] = ("last", "subject")
+
+    def check(self) -> None:
+        if self.fire_at not in self.FIRE_AT:
+            raise InvalidRequest(f"t_patcher option fire_at must be one of {list(self.FIRE_AT)}, got {self.fire_at!r}")
 
 
 @dataclass(frozen=True)

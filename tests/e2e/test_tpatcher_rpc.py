@@ -11,7 +11,7 @@ from editserve.client import Fact, InvalidArgument
 pytestmark = pytest.mark.e2e
 
 TINY = {"method": "t_patcher", "layer": 3, "steps": 60, "learning_rate": 0.05, "context_count": 2,
-        "context_length": 5, "memory_rows": 16}
+        "context_length": 5, "memory_rows": 16, "clamp_norm_factor": 1e4, "weight_decay": 0.0}
 FACTS = [Fact("The language of {}", "Danielle Darrieux", "founded"), Fact("The capital of {}", "Italy", "founded")]
 
 
@@ -45,6 +45,8 @@ def test_neurons_are_hosted_reverted_and_replayed(tiny_servers):
     ({"memory_margin": 2.0}, "memory_margin must be in"),
     ({"learning_rate": float("nan")}, "learning_rate must be in"),
     ({"neurons_per_fact": 0}, "neurons_per_fact must be in"),
+    ({"fire_at": "everywhere"}, "fire_at must be one of"),
+    ({"clamp_norm_factor": float("inf")}, "clamp_norm_factor must be in"),
 ])
 def test_bad_options_change_nothing(tiny_servers, options, message):
     with tiny_servers().client() as client:

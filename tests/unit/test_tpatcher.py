@@ -27,7 +27,8 @@ FACTS = [
 
 
 def tiny_tpatcher(model, **overrides) -> TPatcherHyperParams:
-    settings = dict(layer=3, steps=80, learning_rate=0.05, context_count=2, context_length=5, memory_rows=16)
+    settings = dict(layer=3, steps=80, learning_rate=0.05, context_count=2, context_length=5, memory_rows=16,
+                    clamp_norm_factor=1e4, weight_decay=0.0)
     settings.update(overrides)
     return TPatcherHyperParams.load(model.config.model_type, 4).with_overrides(**settings)
 
@@ -36,14 +37,15 @@ def _probabilities(model, tokenizer, facts):
     return [s.probability for s in score(model, tokenizer, [f.text for f in facts], [f.target_new for f in facts])]
 
 
+@pytest.mark.parametrize("fire_at", ["last", "subject"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_neurons_write_the_facts_and_leave_the_weights(arch, tiny_tokenizer, tmp_path):
+def test_neurons_write_the_facts_and_leave_the_weights(arch, fire_at, tiny_tokenizer, tmp_path):
     model, adapter = learnable_model(arch, tiny_tokenizer, edit_layer=3)  # Gemma: lets layer 3's FFN move the residual
     ctx = EditingContext(model, tiny_tokenizer, adapter, tmp_path, progress=False)
     digest = weights_digest(model)
     before = _probabilities(model, tiny_tokenizer, FACTS)
 
-    layer, diagnostics = compute_tpatcher(ctx, FACTS, tiny_tpatcher(model))
+    layer, diagnostics = compute_tpatcher(ctx, FACTS, tiny_tpatcher(model, fire_at=fire_at))
 
     assert weights_digest(model) == digest and hooks_attached(model) == 0
     assert layer.layer_type == LAYER_TYPE and layer.info["module"] == adapter.mlp(3)
