@@ -42,11 +42,13 @@ from .artifacts import RuntimeLayer
 LAYER_TYPE = "memory"
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 CANDIDATES = 32  # nearest entries (by whole-key similarity) checked against the subject gate
-# Chosen on CounterFact with SmolLM2-135M, scored as if routed (docs/RUNTIME_EDITS.md): on
-# held-out cases 200-259, "{statement}.\n{input}" reached ES 78.3 / PS 82.5, "New fact:
-# {statement}.\n{input}" 91.7 / 86.7, this one 98.3 / 90.8 (a small model copies a fact it
-# has read twice far more reliably than one it has read once).
-CONTEXT_TEMPLATE = "New fact: {statement}. Note that {statement}. {input}"
+# Chosen with SmolLM2-135M, scoring prompts as if routed (docs/RUNTIME_EDITS.md, "Counterfactual
+# template"). The first template, "New fact: {statement}. Note that {statement}. {input}", was
+# chosen on CounterFact (held-out ES / PS 98.3 / 90.8); on zsRE questions it left the answer's
+# first token unpredicted after the question mark (held-out cases 100-299: rephrase token
+# accuracy 79.3). One statement per line, three times, fixes that (88.8) and keeps CounterFact
+# (cases 200-299, ES / PS 98.0 / 92.0 before, 99.0 / 92.0 with this one).
+CONTEXT_TEMPLATE = "New fact: {statement}\nNote that {statement}\nIn other words, {statement}\n{input}"
 SUBJECT_MASK = "X"
 
 
