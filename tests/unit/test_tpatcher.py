@@ -147,3 +147,29 @@ def test_bank_reads_only_the_neurons_that_fire():
     trained = values.clone().requires_grad_(True)
     NeuronBank(keys, biases, trained)(x).sum().backward()
     assert trained.grad[[0, 2, 3, 5]].abs().sum() == 0 and trained.grad[[1, 4]].abs().sum() > 0
+
+
+def test_subject_neuron_fires_on_the_subject_and_not_on_other_subjects(tiny_tokenizer, tmp_path):
+    """fire_at=subject: the neuron fires at the subject's last token of the fact's prompt and
+    is silent (ReLU zero) at every token of the same prompt about another subject, including
+    subjects it never saw as negatives, and on every token of unrelated text."""
+    from editserve.editing.keys import locate_subject
+    from editserve.editing.tpatcher import _module_inputs, other_subjects
+
+    model, adapter = learnable_model("llama", tiny_tokenizer, edit_layer=3)
+    ctx = EditingContext(model, tiny_tokenizer, adapter, tmp_path, progress=False)
+    fact = FACTS[0]
+    layer, diagnostics = compute_tpatcher(ctx, [fact], tiny_tpatcher(model, fire_at="subject", negatives=8))
+    bank, module = bank_of(layer), adapter.mlp(3)
+    assert diagnostics["facts"][0]["edit_firing_rate"] == 1.0
+
+    own = locate_subject(tiny_tokenizer, "{}", fact.prompt, fact.subject)
+    x, _ = _module_inputs(ctx, module, [own.ids])
+    assert float(bank.activations(x[0, own.subject_last])[0]) > 0
+
+    others = [s for s in other_subjects() if s != fact.subject]  # 8 of these were negatives, the rest never seen
+    rows = [tuple(tiny_tokenizer(fact.prompt.replace("{}", s)).input_ids) for s in others]
+    x, mask = _module_inputs(ctx, module, rows)
+    fired = (bank.activations(x[mask.bool()]) > 0).float().mean()
+    assert fired < 0.02, f"fires on {float(fired):.1%} of other subjects' tokens"
+    assert (bank.activations(memory_inputs(ctx, module, 16)) > 0).float().mean() < 0.02
