@@ -58,17 +58,21 @@ def other_subjects() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def _negative_inputs(ctx: EditingContext, module: str, fact: Fact, count: int, generator: torch.Generator
-                     ) -> torch.Tensor:
-    """FFN inputs at the last token of the fact's prompt filled with ``count`` other subjects."""
+def _negative_inputs(ctx: EditingContext, module: str, fact: Fact, count: int, generator: torch.Generator,
+                     every_token: bool = False) -> torch.Tensor:
+    """FFN inputs of the fact's prompt filled with ``count`` other subjects: at its last token
+    ([count, d]; where ``fire_at = "last"`` fires), or at every token (``every_token``,
+    [N, d]: a neuron keyed on the subject must stay silent on another subject's name and on
+    the relation words that follow it)."""
     if count == 0:
         return torch.zeros(0, ctx.adapter.hidden_size)
     names = [s for s in other_subjects() if s.casefold() != fact.subject.casefold()]
     order = torch.randperm(len(names), generator=generator)[:count].tolist()
     rows = [tuple(ctx.tokenizer(fact.prompt.replace("{}", names[i])).input_ids) for i in order]
     x, mask = _module_inputs(ctx, module, rows)
-    last = mask.sum(1) - 1
-    return x[torch.arange(len(rows)), last]
+    if every_token:
+        return x[mask.bool()]
+    return x[torch.arange(len(rows)), mask.sum(1) - 1]
 
 
 def _logits_at(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -205,20 +209,6 @@ def _train_at_prediction(ctx: EditingContext, module: str, fact: Fact, templates
                     "seconds": time.perf_counter() - started}
 
 
-def _subject_negatives(ctx: EditingContext, module: str, fact: Fact, count: int, generator: torch.Generator
-                       ) -> torch.Tensor:
-    """FFN inputs at *every* token of the fact's prompt filled with ``count`` other subjects
-    ([N, d]): a neuron keyed on the subject must stay silent on another subject's name and on
-    the relation words that follow it."""
-    if count == 0:
-        return torch.zeros(0, ctx.adapter.hidden_size)
-    names = [s for s in other_subjects() if s.casefold() != fact.subject.casefold()]
-    order = torch.randperm(len(names), generator=generator)[:count].tolist()
-    rows = [tuple(ctx.tokenizer(fact.prompt.replace("{}", names[i])).input_ids) for i in order]
-    x, mask = _module_inputs(ctx, module, rows)
-    return x[mask.bool()]
-
-
 def _whitened_start(edit_x: torch.Tensor, negatives: torch.Tensor, hparams: TPatcherHyperParams,
                     generator: torch.Generator) -> NeuronBank:
     """Key and bias from a linear discriminant: k ~ S^-1 (e - mu) for the edit's mean input e
@@ -296,7 +286,7 @@ def _train_at_subject(ctx: EditingContext, module: str, fact: Fact, templates: l
     started = time.perf_counter()
     fixed = [RuntimeLayer(LAYER_TYPE, {"keys": b.keys, "biases": b.biases, "values": b.values}, {"module": module})
              for b in made]
-    negatives = torch.cat([memory, _subject_negatives(ctx, module, fact, hparams.negatives, generator)])
+    negatives = torch.cat([memory, _negative_inputs(ctx, module, fact, hparams.negatives, generator, every_token=True)])
     value_hp = RomeHyperParams(steps=hparams.steps, lr=hparams.value_learning_rate, kl_factor=hparams.kl_factor,
                                weight_decay=hparams.weight_decay, clamp_norm_factor=hparams.clamp_norm_factor,
                                early_stop_loss=hparams.early_stop_loss)
