@@ -32,6 +32,13 @@ CANDIDATES = {
     "two lines": "New fact: {statement}\nNote that {statement}\n{input}",
     "two lines with stops": "New fact: {statement}.\nNote that {statement}.\n{input}",
     "three lines": "New fact: {statement}\nNote that {statement}\nIn other words, {statement}\n{input}",
+    "four lines": "New fact: {statement}\nNote that {statement}\nIn other words, {statement}\n"
+                  "To repeat, {statement}\n{input}",
+    "three lines, answer line": "New fact: {statement}\nNote that {statement}\nIn other words, {statement}\n"
+                                "The answer is {target}.\n{input}",
+    "question and answer": "Q: {key}\nA: {target}\nQ: {key}\nA: {target}\nQ: {key}\nA: {target}\n{input}",
+    "three lines, input repeats": "New fact: {statement}\nNote that {statement}\nIn other words, {statement}\n"
+                                  "{input} {target}\n{input}",
 }
 
 
@@ -50,7 +57,8 @@ def measure(model, tokenizer, cases, template: str, counterfactual: bool) -> dic
         answers = (fact.target_new, fact.target_true) if counterfactual else (fact.target_new,)
         for group, text in [("rewrite", key)] + [("paraphrase", p) for p in case.paraphrase_prompts]:
             for answer in answers:
-                prompts.append(template.format(statement=statement, input=text))
+                prompts.append(template.format(statement=statement, key=key, target=fact.target_new.strip(),
+                                               input=text))
                 targets.append(answer)
             groups.append(group)
     scores = score(model, tokenizer, prompts, targets)
@@ -77,6 +85,8 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=100, help="first case (held out from earlier choices)")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", action="append", choices=sorted(CANDIDATES),
+                        help="measure only this candidate (repeatable; default: all)")
     args = parser.parse_args()
 
     import torch
@@ -98,6 +108,8 @@ def main() -> None:
           f"{args.threads} thread(s)")
     rows = []
     for name, template in CANDIDATES.items():
+        if args.only and name not in args.only:
+            continue
         shipped = " (shipped)" if template == CONTEXT_TEMPLATE else ""
         rows.append((name + shipped, measure(model, tokenizer, cases, template, counterfactual)))
     columns = list(rows[0][1])

@@ -43,12 +43,16 @@ LAYER_TYPE = "memory"
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 CANDIDATES = 32  # nearest entries (by whole-key similarity) checked against the subject gate
 # Chosen with SmolLM2-135M, scoring prompts as if routed (docs/RUNTIME_EDITS.md, "Counterfactual
-# template"). The first template, "New fact: {statement}. Note that {statement}. {input}", was
-# chosen on CounterFact (held-out ES / PS 98.3 / 90.8); on zsRE questions it left the answer's
-# first token unpredicted after the question mark (held-out cases 100-299: rephrase token
-# accuracy 79.3). One statement per line, three times, fixes that (88.8) and keeps CounterFact
-# (cases 200-299, ES / PS 98.0 / 92.0 before, 99.0 / 92.0 with this one).
-CONTEXT_TEMPLATE = "New fact: {statement}\nNote that {statement}\nIn other words, {statement}\n{input}"
+# template"; bench/serac_template.py). The first template, "New fact: {statement}. Note that
+# {statement}. {input}", was chosen on CounterFact (held-out ES / PS 98.3 / 90.8); on zsRE
+# questions it left the answer's first token unpredicted after the question mark (held-out cases
+# 100-299: rephrase token accuracy 79.3). One statement per line fixes that; three lines gave
+# rewrite / rephrase 93.2 / 88.8, four lines 97.8 / 91.6, and on CounterFact cases 200-299 four
+# lines keep ES / PS at 100.0 / 92.5 (three: 99.0 / 92.0). A candidate that repeats the input
+# with the target scored higher on rephrases (97.0) and was rejected: it tells the model that the
+# input's answer is the target, which is wrong for a multi-hop question or a misrouted neighbour.
+CONTEXT_TEMPLATE = ("New fact: {statement}\nNote that {statement}\nIn other words, {statement}\n"
+                    "To repeat, {statement}\n{input}")
 SUBJECT_MASK = "X"
 
 
