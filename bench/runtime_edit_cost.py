@@ -13,8 +13,10 @@ For each count a fresh server is started on its own state directory holding:
   silent, as trained patches are on inputs they were not made for (T-Patcher's memory loss),
   so this times the bank's key product on every token, the part no input can skip.
 Throughput is measured with 1 client (sequential requests) and with --clients concurrent
-streams, greedy, --new-tokens each, medians of --runs; ratios are against count 0 measured in
-the same run (servers of the same build, one after the other, nothing else running).
+streams, greedy, --new-tokens each, medians of --runs; ratios are against no active edit,
+measured in the same run. All servers are started first and measured in interleaved rounds
+(one busy at a time, the order rotated each round), so a slow spell of the machine falls on
+all of them alike.
 """
 
 from __future__ import annotations
@@ -126,6 +128,14 @@ def throughput(client_of, prompts: list[str], clients: int, new_tokens: int) -> 
     return sum(tokens) / (time.perf_counter() - started)
 
 
+def _prepare(model: str, kind: str, n: int, state: Path) -> None:
+    """Journal ``kind``'s runtime layer of ``n`` entries into ``state`` (nothing for n = 0)."""
+    if kind == "neurons" and n:
+        write_neurons(model, state, n)
+    if kind == "serac" and n:
+        print(f"  serac: {n} entries computed in {write_memory(model, state, n):.1f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -143,36 +153,48 @@ def main() -> None:
 
     prompts = load_probes()[: args.prompts]
     counts = [int(c) for c in args.counts.split(",")]
+    # One baseline (nothing active) shared by every kind; then each kind at each non-zero count.
+    configs = [("none", 0)] + [(kind, n) for kind in args.kinds.split(",") for n in counts if n]
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {args.model}, {args.threads} threads, {len(prompts)} out-of-scope "
-          f"prompts x {args.new_tokens} tokens, medians of {args.runs}")
-    results: dict[tuple[str, int], tuple[float, float]] = {}
-    for kind in args.kinds.split(","):
-        for n in counts:
-            with tempfile.TemporaryDirectory() as tmp:
-                state = Path(tmp) / "state"
-                if kind == "neurons" and n:
-                    write_neurons(args.model, state, n)
-                if kind == "serac" and n:
-                    print(f"  serac: {n} entries computed in {write_memory(args.model, state, n):.1f} s")
-                server = start_server(args.model, state, Path(tmp) / "logs", "--threads", str(args.threads),
-                                      "--max-batch-size", str(args.clients), "--no-prepare-statistics",
-                                      "--max-edit-facts", str(max(counts + [1])), timeout=600)
-                try:
-                    if kind == "serac" and n:
-                        with server.client() as client:
-                            (active,) = client.list_edits()
-                            assert active.method == "serac", active
-                    throughput(server.client, prompts[:2], 1, 4)  # warm-up
-                    single = statistics.median(throughput(server.client, prompts, 1, args.new_tokens)
-                                               for _ in range(args.runs))
-                    many = statistics.median(throughput(server.client, prompts, args.clients, args.new_tokens)
-                                             for _ in range(args.runs))
-                finally:
-                    server.stop()
-            results[(kind, n)] = (single, many)
-            base = results.get((kind, counts[0]), (single, many))
-            print(f"{kind:8s} {n:6d} active: 1 client {single:6.1f} tok/s ({single / base[0]:.3f}x), "
-                  f"{args.clients} clients {many:6.1f} tok/s ({many / base[1]:.3f}x)", flush=True)
+          f"prompts x {args.new_tokens} tokens, medians of {args.runs} interleaved rounds")
+    singles: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    manys: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = {}
+        try:
+            for kind, n in configs:
+                state = Path(tmp) / f"{kind}-{n}"
+                _prepare(args.model, kind, n, state)
+                servers[(kind, n)] = start_server(
+                    args.model, state, Path(tmp) / "logs", "--threads", str(args.threads),
+                    "--max-batch-size", str(args.clients), "--no-prepare-statistics",
+                    "--max-edit-facts", str(max(counts + [1])), timeout=600)
+                if kind == "serac":
+                    with servers[(kind, n)].client() as client:
+                        (active,) = client.list_edits()
+                        assert active.method == "serac", active
+                throughput(servers[(kind, n)].client, prompts[:2], 1, 4)  # warm-up
+            # All servers stay up and idle but one: each round measures every server once, in an
+            # order rotated by one per round, so a slow spell of the machine (they differ from
+            # minute to minute) falls on all of them rather than on whichever ran then.
+            for round_ in range(args.runs):
+                order = configs[round_ % len(configs):] + configs[:round_ % len(configs)]
+                for config in order:
+                    singles[config].append(throughput(servers[config].client, prompts, 1, args.new_tokens))
+                    manys[config].append(throughput(servers[config].client, prompts, args.clients,
+                                                    args.new_tokens))
+                print(f"  round {round_ + 1}/{args.runs} done", flush=True)
+        finally:
+            for server in servers.values():
+                server.stop()
+    base_single = statistics.median(singles[configs[0]])
+    base_many = statistics.median(manys[configs[0]])
+    for config in configs:
+        single, many = statistics.median(singles[config]), statistics.median(manys[config])
+        kind, n = config
+        print(f"{kind:8s} {n:6d} active: 1 client {single:6.1f} tok/s ({single / base_single:.3f}x), "
+              f"{args.clients} clients {many:6.1f} tok/s ({many / base_many:.3f}x); "
+              f"{args.clients}-client runs {', '.join(f'{x:.1f}' for x in manys[config])}", flush=True)
 
 
 if __name__ == "__main__":

@@ -404,15 +404,19 @@ def _dataset_path(name: str, data_dir: str | None) -> Path:
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
               help="In-process: keep the journal here, so a stopped --sequential run resumes on its edits.")
 @click.option("--report", is_flag=True, help="Only print the tables of the existing --out file (loads no model).")
+@click.option("--pre-cache/--no-pre-cache", default=True, show_default=True,
+              help="In-process: reuse the unedited model's measurement of a case from earlier runs (same "
+                   "model, case, options and code), kept under the model cache's eval-pre/.")
 def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model: str, connection: Connection,
              sequential: bool, batch: int, checkpoints: str, fluency: int, by_generation: bool, generation_tokens: int,
              layer: int | None, settings: tuple[str, ...], threads: int, out: Path | None, state_dir: Path | None,
-             report: bool) -> None:
+             report: bool, pre_cache: bool) -> None:
     """Measure edit quality the way the papers do (ES/PS/NS, EasyEdit metrics, fluency, drift),
     and with --by-generation by what the model actually says (gES/gPS/gNS/gLoc)."""
     import time as _time
 
     from editserve.editing.evaluation.datasets import load_cases
+    from editserve.editing.evaluation.pre_cache import PreMeasurementCache
     from editserve.editing.evaluation.runner import (
         Progress,
         ResumeError,
@@ -439,6 +443,7 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
     cases, skipped = load_cases(path, limit=limit)
     started = _time.perf_counter()
     server = connection.server
+    cache = None
     if server:
         from .eval_target import ServerTarget
 
@@ -449,15 +454,17 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
 
             torch.set_num_threads(threads)
         from editserve.server.eval_target import InProcessTarget
+        from editserve.server.models import default_cache_dir
 
         target = InProcessTarget(model, method=method, options=options, state_dir=state_dir)
+        cache = PreMeasurementCache(default_cache_dir() / "eval-pre") if pre_cache else None
     progress = Progress(len(cases))
     final_drift = None  # sequential: drift of the model holding every edit (the curve's last point)
     if sequential:
         points = [int(x) for x in checkpoints.split(",") if x.strip()]
         try:
             result = run_sequential(target, cases, batch=batch, checkpoints=points, out=out, progress=progress.update,
-                                    generation_tokens=generation_tokens if by_generation else 0)
+                                    generation_tokens=generation_tokens if by_generation else 0, pre_cache=cache)
         except ResumeError as error:
             raise click.ClickException(str(error)) from None
         records = result["records"]
@@ -466,7 +473,7 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
             final_drift = {k: result["curve"][-1][k] for k in ("kl", "top1_agreement")}
     else:
         records = run_non_sequential(target, cases, out=out, fluency_prompts=fluency, progress=progress.update,
-                                     generation_tokens=generation_tokens if by_generation else 0)
+                                     generation_tokens=generation_tokens if by_generation else 0, pre_cache=cache)
     where = f"server {server}" if server else f"in-process {model}"
     mode = f"sequential, batch {batch}" if sequential else "non-sequential"
     title = f"{method} on {path.name}, {where}, {mode}"
@@ -477,7 +484,9 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
         tmp.write_text(json.dumps(saved, indent=1))
         tmp.replace(out)
     click.echo(summary_table(records, title=title, drift=final_drift))
-    click.echo(f"\n{skipped} records skipped (subject not in prompt); wall time {_time.perf_counter() - started:.0f} s")
+    reused = f"; unedited measurements reused {cache.hits}, measured {cache.misses}" if cache is not None else ""
+    click.echo(f"\n{skipped} records skipped (subject not in prompt); wall time {_time.perf_counter() - started:.0f} s"
+               + reused)
 
 
 @main.command()

@@ -30,6 +30,10 @@ class ServerTarget:
         """The server's active edits, oldest first (a resumed sequential run checks them)."""
         return [e.edit_id for e in sorted(self.client.list_edits(), key=lambda e: e.revision)]
 
+    def unedited_identity(self) -> None:
+        """Never cached: measuring through a server measures that server, as it serves now."""
+        return None
+
     def score(self, pairs: Sequence[tuple[str, str]]) -> list[ContinuationScore]:
         out: list[ContinuationScore] = []
         for start in range(0, len(pairs), _SCORE_BATCH):

@@ -77,6 +77,13 @@ class InProcessTarget:
     def active_edits(self) -> list[str]:
         return list(self.host.active_edit_ids)
 
+    def unedited_identity(self) -> str | None:
+        """What the unedited model's measurements depend on (name, base-weight fingerprint,
+        dtype); None while any edit is active, so no cached record describes an edited model."""
+        if self.host.active_edit_ids:
+            return None
+        return f"{self.host.name}/{self.host.fingerprint()}/{self.host.dtype}/{self.host.device}"
+
     def close(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -27,6 +27,7 @@ from .metrics import (
     says,
     summarize,
 )
+from .pre_cache import PreMeasurementCache
 
 
 class Scored(Protocol):
@@ -57,6 +58,10 @@ class EditTarget(Protocol):
 
     def active_edits(self) -> list[str]:
         """The edits the target holds, oldest first (a resumed sequential run checks them)."""
+
+    def unedited_identity(self) -> str | None:
+        """A key for the unedited model's measurements (:mod:`.pre_cache`), or None where they
+        must not be cached (the target holds edits, or is a server measured as it serves)."""
 
 
 ROME_KEYS = ("es", "ps", "ns", "em", "pm", "nm")
@@ -173,9 +178,11 @@ class Progress:
 
 def run_non_sequential(target: EditTarget, cases: Sequence[EvalCase], *, out: Path | None = None,
                        fluency_prompts: int = 0, fluency_tokens: int = 50, generation_tokens: int = 0,
-                       progress: Callable[[int, list[dict]], None] | None = None) -> list[dict]:
+                       progress: Callable[[int, list[dict]], None] | None = None,
+                       pre_cache: PreMeasurementCache | None = None) -> list[dict]:
     """Edit, measure and revert each case; resumes from ``out`` if it holds earlier records.
-    ``generation_tokens`` > 0 also judges each case by greedy generation of that many tokens."""
+    ``generation_tokens`` > 0 also judges each case by greedy generation of that many tokens;
+    ``pre_cache`` reuses unedited measurements of earlier runs (:mod:`.pre_cache`)."""
     records: list[dict] = []
     if out is not None and out.exists():
         records = json.loads(out.read_text()).get("records", [])
@@ -184,8 +191,8 @@ def run_non_sequential(target: EditTarget, cases: Sequence[EvalCase], *, out: Pa
     for case in cases:
         if case.case_id in done:
             continue
-        pre = _measure(target, case, fluency_prompts=fluency_prompts, fluency_tokens=fluency_tokens,
-                       locality_before=None, generation_tokens=generation_tokens)
+        pre = _measure_unedited(target, case, pre_cache, fluency_prompts=fluency_prompts,
+                                fluency_tokens=fluency_tokens, generation_tokens=generation_tokens)
         # The revert check scores the rewrite alone before the edit and after the revert: the same
         # batch both times, so restored weights give the same number. (Within _measure's batch
         # the same pair differs from a lone forward by up to ~1e-4 relative: padding and matrix
@@ -232,9 +239,31 @@ def _reference_path(out: Path) -> Path:
     return out.with_suffix(out.suffix + ".reference.pt")
 
 
+def _measure_unedited(target: EditTarget, case: EvalCase, cache: PreMeasurementCache | None, *,
+                      fluency_prompts: int, fluency_tokens: int, generation_tokens: int) -> dict:
+    """The case's pre-edit record: from ``cache`` when the same model, case, options and code
+    measured it before, else measured (and stored when the target says it may be)."""
+    options = {"fluency_prompts": fluency_prompts, "fluency_tokens": fluency_tokens,
+               "generation_tokens": generation_tokens}
+    identity = target.unedited_identity() if cache is not None else None
+    # without fluency prompts their length measures nothing: a sequential run (0 tokens) and a
+    # non-sequential one (50) then share records
+    keyed = {**options, "fluency_tokens": fluency_tokens if fluency_prompts else 0}
+    key = cache.key(identity, case, keyed) if identity is not None else None
+    if key is not None:
+        record = cache.get(key)
+        if record is not None:
+            return record
+    record = _measure(target, case, locality_before=None, **options)
+    if key is not None:
+        cache.put(key, record)
+    return record
+
+
 def run_sequential(target: EditTarget, cases: Sequence[EvalCase], *, batch: int = 1,
                    checkpoints: Sequence[int] = (), out: Path | None = None, generation_tokens: int = 0,
-                   progress: Callable[[int, list[dict]], None] | None = None, keep_edits: bool = False) -> dict:
+                   progress: Callable[[int, list[dict]], None] | None = None, keep_edits: bool = False,
+                   pre_cache: PreMeasurementCache | None = None) -> dict:
     """Accumulate edits (``batch`` facts per edit); measure every edited case at each
     checkpoint and after the last edit, to draw the degradation curve; then revert them all
     (unless ``keep_edits``).
@@ -249,8 +278,8 @@ def run_sequential(target: EditTarget, cases: Sequence[EvalCase], *, batch: int 
         return {k: saved.get(k, []) for k in ("records", "curve", "timings", "revert_seconds")}
     if saved is None:
         reference = target.probe_logits()
-        pre = {c.case_id: _measure(target, c, fluency_prompts=0, fluency_tokens=0, locality_before=None,
-                                   generation_tokens=generation_tokens) for c in cases}
+        pre = {c.case_id: _measure_unedited(target, c, pre_cache, fluency_prompts=0, fluency_tokens=0,
+                                            generation_tokens=generation_tokens) for c in cases}
         edits, timings, curve, post = [], [], [], []
         if out is not None and reference is not None:
             import torch
