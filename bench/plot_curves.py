@@ -9,6 +9,11 @@ value on the same cases as a dotted line where the run recorded it (NS).
         "T-Patcher=~/runs/tp_seq1000.json" "ROME=~/runs/rome_seq1000.json"
 
 A label may be given before "=" (default: the file's name). Also prints each curve as a table.
+
+A run's output file holds every case's records (megabytes) and lives outside the repository;
+``--keep DIR`` writes each run's curve alone (a few kB: the points and the unedited NS at each)
+as ``DIR/<label>.curve.json``, and such a file is accepted wherever a run file is, so a later
+figure can draw a new run beside one whose output file is gone.
 """
 
 from __future__ import annotations
@@ -28,7 +33,11 @@ def load_run(spec: str) -> tuple[str, dict]:
 
 
 def unedited(run: dict, metric: str, edits: int) -> float | None:
-    """The metric on the first ``edits`` cases before any edit (the run's pre-edit records)."""
+    """The metric on the first ``edits`` cases before any edit (the run's pre-edit records, or
+    a kept curve's ``unedited`` map)."""
+    kept = (run.get("unedited") or {}).get(metric, {}).get(str(edits))
+    if kept is not None:
+        return kept
     state = run.get("sequential") or {}
     pre, cases = state.get("pre") or {}, (state.get("cases") or [])[:edits]
     values = [pre[c][metric] for c in cases if c in pre and pre[c].get(metric) is not None]
@@ -51,6 +60,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="[LABEL=]FILE of a sequential run")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--title", default="")
+    parser.add_argument("--keep", type=Path, default=None, help="also write each run's curve to DIR/<label>.curve.json")
     args = parser.parse_args()
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -82,6 +92,12 @@ def main() -> None:
     for label, run in runs:
         print(table(label, run))
         print()
+        if args.keep is not None:
+            kept = {"curve": run["curve"],
+                    "unedited": {"ns": {str(p["edits"]): unedited(run, "ns", p["edits"]) for p in run["curve"]}}}
+            path = args.keep / f"{label.lower().replace(' ', '_')}.curve.json"
+            path.write_text(json.dumps(kept, indent=1))
+            print(f"kept {path}")
     print(f"wrote {args.out}")
 
 
