@@ -33,7 +33,8 @@ class InProcessTarget:
         loaded, tokenizer, _ = load_model(model, dtype=dtype, cache_dir=cache)
         self.host = ModelHost(loaded, tokenizer, name=model, dtype=dtype, device="cpu")
         self._tmp = None if state_dir is not None else tempfile.TemporaryDirectory(prefix="editserve-eval-")
-        journal = Journal(Path(state_dir) if state_dir is not None else Path(self._tmp.name), self.host.fingerprint())
+        self._fingerprint = self.host.fingerprint()  # of the pristine base: constant, asked per case
+        journal = Journal(Path(state_dir) if state_dir is not None else Path(self._tmp.name), self._fingerprint)
         table = build_methods(self.host, cache)
         self.manager = EditManager(self.host, journal, table.compute, table.score, Metrics())
         self.manager.replay()
@@ -82,7 +83,7 @@ class InProcessTarget:
         dtype); None while any edit is active, so no cached record describes an edited model."""
         if self.host.active_edit_ids:
             return None
-        return f"{self.host.name}/{self.host.fingerprint()}/{self.host.dtype}/{self.host.device}"
+        return f"{self.host.name}/{self._fingerprint}/{self.host.dtype}/{self.host.device}"
 
     def close(self) -> None:
         if self._tmp is not None:

@@ -35,12 +35,19 @@ from .datasets import EvalCase
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
+SKIPPED_DIRS = frozenset({"tests", "bench", "build"})  # measure nothing; hidden ones (.venv) too
+
+
 def code_digest(root: Path = PACKAGE_ROOT) -> str:
-    """sha256 over every ``.py`` file under ``root`` (relative path and bytes, in path order)."""
+    """sha256 over every ``.py`` file under ``root`` (relative path and bytes, in path order).
+    The walk prunes hidden and :data:`SKIPPED_DIRS` directories rather than filtering their
+    files afterwards: a checkout's virtual environments hold tens of thousands of files."""
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        if any(part.startswith(".") or part in ("tests", "bench", "build") for part in path.relative_to(root).parts):
-            continue
+    files: list[Path] = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS]
+        files += [Path(folder) / n for n in names if n.endswith(".py")]
+    for path in sorted(files):
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()

@@ -324,6 +324,9 @@ def test_code_digest_follows_the_source(tmp_path):
     first = code_digest(tmp_path)
     (tmp_path / "tests" / "t.py").write_text("y = 2\n")  # tests do not measure anything
     assert code_digest(tmp_path) == first
+    (tmp_path / ".venv" / "lib").mkdir(parents=True)  # nor does an environment inside the checkout
+    (tmp_path / ".venv" / "lib" / "dep.py").write_text("z = 1\n")
+    assert code_digest(tmp_path) == first
     (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
     assert code_digest(tmp_path) != first
 
