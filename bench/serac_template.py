@@ -9,7 +9,8 @@ in-scope input and scored teacher-forced on the model:
   one (mean token log-probability, as ROME compares them), and the rewrite's token accuracy.
 
 Routing itself is left out on purpose (its recall is measured by bench/serac_scope.py): this
-isolates what the template does. The shipped template is ``editing.memory.CONTEXT_TEMPLATE``.
+isolates what the template does. Shipped templates are ``editing.memory.TEMPLATES``, chosen per
+model family by ``[serac] template`` in the family's hparams file.
 
     .venv/bin/python bench/serac_template.py --data ../shared/data --dataset zsre --start 100 --n 200
     .venv/bin/python bench/serac_template.py --data ../shared/data --dataset counterfact --start 200 --n 100
@@ -39,6 +40,13 @@ CANDIDATES = {
     "question and answer": "Q: {key}\nA: {target}\nQ: {key}\nA: {target}\nQ: {key}\nA: {target}\n{input}",
     "three lines, input repeats": "New fact: {statement}\nNote that {statement}\nIn other words, {statement}\n"
                                   "{input} {target}\n{input}",
+    "one line, three statements": "New fact: {statement}. Note that {statement}. In other words, {statement}. {input}",
+    "one line, four statements": "New fact: {statement}. Note that {statement}. In other words, {statement}. "
+                                 "To repeat, {statement}. {input}",
+    "one line, then input line": "New fact: {statement}. Note that {statement}.\n{input}",
+    "one line, three statements, then input line": "New fact: {statement}. Note that {statement}. In other words, "
+                                                   "{statement}.\n{input}",
+    "one line, plain": "{statement}. {statement}. {input}",
 }
 
 
@@ -93,7 +101,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from editserve.editing.evaluation.datasets import load_cases
-    from editserve.editing.memory import CONTEXT_TEMPLATE
+    from editserve.editing.memory import TEMPLATES
     from editserve.server.models import resolve_model_dir
 
     torch.set_num_threads(args.threads)
@@ -110,7 +118,7 @@ def main() -> None:
     for name, template in CANDIDATES.items():
         if args.only and name not in args.only:
             continue
-        shipped = " (shipped)" if template == CONTEXT_TEMPLATE else ""
+        shipped = "".join(f" (shipped as {n})" for n, text in TEMPLATES.items() if text == template)
         rows.append((name + shipped, measure(model, tokenizer, cases, template, counterfactual)))
     columns = list(rows[0][1])
     print("| template | " + " | ".join(columns) + " |")

@@ -392,6 +392,11 @@ def _dataset_path(name: str, data_dir: str | None) -> Path:
 @click.option("--sequential", is_flag=True, help="Accumulate edits instead of edit-measure-revert.")
 @click.option("--batch", type=int, default=1, help="Facts per edit in sequential mode.")
 @click.option("--checkpoints", default="10,100,1000", help="Sequential mode: measure after this many edits.")
+@click.option("--revert-sample", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
+              help="Sequential mode: after the last measurement revert this many edits drawn at random among the "
+                   "others and measure every case again (docs/LIFELONG.md).")
+@click.option("--revert-seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True,
+              help="Seed of the --revert-sample draw.")
 @click.option("--fluency", type=int, default=0, help="Generation prompts per case for fluency (GE); 0 skips.")
 @click.option("--by-generation", is_flag=True,
               help="Also judge each case by what the model generates (greedy; answer matched after normalisation).")
@@ -408,7 +413,8 @@ def _dataset_path(name: str, data_dir: str | None) -> Path:
               help="In-process: reuse the unedited model's measurement of a case from earlier runs (same "
                    "model, case, options and code), kept under the model cache's eval-pre/.")
 def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model: str, connection: Connection,
-             sequential: bool, batch: int, checkpoints: str, fluency: int, by_generation: bool, generation_tokens: int,
+             sequential: bool, batch: int, checkpoints: str, revert_sample: int, revert_seed: int, fluency: int,
+             by_generation: bool, generation_tokens: int,
              layer: int | None, settings: tuple[str, ...], threads: int, out: Path | None, state_dir: Path | None,
              report: bool, pre_cache: bool) -> None:
     """Measure edit quality the way the papers do (ES/PS/NS, EasyEdit metrics, fluency, drift),
@@ -438,6 +444,9 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
         title = saved.get("title") or f"{method} on {dataset}"
         click.echo(summary_table(saved["records"], title=f"{title}, from {out.name}", drift=final_drift))
         return
+    if revert_sample and not sequential:
+        raise click.BadParameter("needs --sequential (it reverts edits among accumulated ones)",
+                                 param_hint="--revert-sample")
     options = _edit_options(method, layer, settings)
     path = _dataset_path(dataset, data_dir)
     cases, skipped = load_cases(path, limit=limit)
@@ -464,7 +473,8 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
         points = [int(x) for x in checkpoints.split(",") if x.strip()]
         try:
             result = run_sequential(target, cases, batch=batch, checkpoints=points, out=out, progress=progress.update,
-                                    generation_tokens=generation_tokens if by_generation else 0, pre_cache=cache)
+                                    generation_tokens=generation_tokens if by_generation else 0, pre_cache=cache,
+                                    revert_sample=revert_sample, revert_seed=revert_seed)
         except ResumeError as error:
             raise click.ClickException(str(error)) from None
         records = result["records"]

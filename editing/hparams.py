@@ -313,10 +313,19 @@ class TPatcherHyperParams(HyperParams):
 class SeracHyperParams(HyperParams):
     """SERAC (:mod:`.memory`): an input is in an entry's scope when it contains the entry's
     subject and its sentence embedding's cosine similarity to the entry's key is at least
-    ``scope_threshold`` (calibrated on CounterFact, docs/RUNTIME_EDITS.md)."""
+    ``scope_threshold`` (calibrated on CounterFact, docs/RUNTIME_EDITS.md). ``template`` names
+    the counterfactual wording (one of :data:`.memory.TEMPLATES`, chosen per model family:
+    small models differ in which wording they read a new fact from)."""
 
     method: ClassVar[str] = "serac"
     scope_threshold: float = bounded(0.4, 0.0, 1.0)
+    template: str = "four_lines"
+
+    def check(self) -> None:
+        from .memory import TEMPLATES
+
+        if self.template not in TEMPLATES:
+            raise InvalidRequest(f"serac option template must be one of {sorted(TEMPLATES)}, got {self.template!r}")
 
 
 def load_rome_hparams(model_type: str, num_layers: int | None = None) -> RomeHyperParams:

@@ -24,7 +24,7 @@ candidates, the subject test gates them, and the relation similarity decides.
 
 The counterfactual path answers an in-scope input with the base model conditioned on the
 entry: the statement is put before the input (in-context editing, as IKE does; the template,
-:data:`CONTEXT_TEMPLATE`, was measured), so the model reads the new fact and answers from it. Out-of-scope inputs reach the model untouched.
+:data:`TEMPLATES`, was measured per model), so the model reads the new fact and answers from it. Out-of-scope inputs reach the model untouched.
 """
 
 from __future__ import annotations
@@ -42,17 +42,26 @@ from .artifacts import RuntimeLayer
 LAYER_TYPE = "memory"
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 CANDIDATES = 32  # nearest entries (by whole-key similarity) checked against the subject gate
-# Chosen with SmolLM2-135M, scoring prompts as if routed (docs/RUNTIME_EDITS.md, "Counterfactual
-# template"; bench/serac_template.py). The first template, "New fact: {statement}. Note that
-# {statement}. {input}", was chosen on CounterFact (held-out ES / PS 98.3 / 90.8); on zsRE
-# questions it left the answer's first token unpredicted after the question mark (held-out cases
-# 100-299: rephrase token accuracy 79.3). One statement per line fixes that; three lines gave
-# rewrite / rephrase 93.2 / 88.8, four lines 97.8 / 91.6, and on CounterFact cases 200-299 four
-# lines keep ES / PS at 100.0 / 92.5 (three: 99.0 / 92.0). A candidate that repeats the input
-# with the target scored higher on rephrases (97.0) and was rejected: it tells the model that the
-# input's answer is the target, which is wrong for a multi-hop question or a misrouted neighbour.
-CONTEXT_TEMPLATE = ("New fact: {statement}\nNote that {statement}\nIn other words, {statement}\n"
-                    "To repeat, {statement}\n{input}")
+# Counterfactual templates by name ({statement}: the edit's key and target; {input}: the prompt).
+# A name's text never changes once shipped: a memory artifact records the name it was computed
+# with, so a replay (or another replica) answers exactly as the edit was measured. A new wording
+# gets a new name. Which one a model gets is its hparams' ``[serac] template`` (measured per model
+# with bench/serac_template.py; docs/RUNTIME_EDITS.md, "Counterfactual template").
+#
+# "four_lines" was chosen with SmolLM2-135M: the first template ("one_line") was chosen on
+# CounterFact (held-out ES / PS 98.3 / 90.8); on zsRE questions it left the answer's first token
+# unpredicted after the question mark (held-out cases 100-299: rephrase token accuracy 79.3). One
+# statement per line fixes that; three lines gave rewrite / rephrase 93.2 / 88.8, four lines
+# 97.8 / 91.6, and on CounterFact cases 200-299 four lines keep ES / PS at 100.0 / 92.5. A
+# candidate that repeats the input with the target scored higher on rephrases (97.0) and was
+# rejected: it tells the model that the input's answer is the target, which is wrong for a
+# multi-hop question or a misrouted neighbour.
+TEMPLATES: dict[str, str] = {
+    "four_lines": ("New fact: {statement}\nNote that {statement}\nIn other words, {statement}\n"
+                   "To repeat, {statement}\n{input}"),
+    "one_line": "New fact: {statement}. Note that {statement}. {input}",
+}
+DEFAULT_TEMPLATE = "four_lines"  # what an artifact that names none was computed with
 SUBJECT_MASK = "X"
 
 
@@ -124,6 +133,7 @@ class MemoryEntry:
     subject: str
     target: str
     threshold: float
+    template: str = TEMPLATES[DEFAULT_TEMPLATE]  # the text of the artifact's named template
 
     @property
     def statement(self) -> str:
@@ -145,16 +155,28 @@ def entries_of(edit_id: str, layer: RuntimeLayer) -> list[MemoryEntry]:
     if not isinstance(rows, list) or not rows:
         raise ValueError("memory artifact holds no entries")
     threshold = float(layer.info.get("threshold", 0.0))
-    return [MemoryEntry(edit_id, str(r["key"]), str(r["subject"]), str(r["target"]), threshold) for r in rows]
+    template = template_text(str(layer.info.get("template", DEFAULT_TEMPLATE)))
+    return [MemoryEntry(edit_id, str(r["key"]), str(r["subject"]), str(r["target"]), threshold, template)
+            for r in rows]
+
+
+def template_text(name: str) -> str:
+    """The counterfactual template called ``name``; ValueError for a name this build lacks (an
+    artifact from a newer build is refused rather than answered with another wording)."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown SERAC template {name!r}; known: {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
 
 
 def memory_layer(keys: list[str], subjects: list[str], targets: list[str], encoder: Encoder,
-                 threshold: float) -> RuntimeLayer:
-    """One edit's entries as an artifact (embeddings kept so a replay need not re-encode)."""
+                 threshold: float, template: str = DEFAULT_TEMPLATE) -> RuntimeLayer:
+    """One edit's entries as an artifact (embeddings kept so a replay need not re-encode; the
+    template's name kept so a replay answers with the wording the edit was computed with)."""
+    template_text(template)
     embeddings, relations = _encode_keys(encoder, keys, subjects)
     return RuntimeLayer(LAYER_TYPE, {"embeddings": torch.from_numpy(embeddings),
                                      "relations": torch.from_numpy(relations)},
-                        {"encoder": encoder.name, "threshold": threshold,
+                        {"encoder": encoder.name, "threshold": threshold, "template": template,
                          "entries": [{"key": k, "subject": s, "target": t} for k, s, t in zip(keys, subjects, targets,
                                                                                              strict=True)]})
 
@@ -241,5 +263,6 @@ class EditMemory:
 
 
 def counterfactual_input(match: Match, text: str) -> str:
-    """What the base model reads for an in-scope input: the new fact, then the input."""
-    return CONTEXT_TEMPLATE.format(statement=match.entry.statement, input=text)
+    """What the base model reads for an in-scope input: the new fact, then the input, in the
+    wording the entry's edit was computed with."""
+    return match.entry.template.format(statement=match.entry.statement, input=text)

@@ -31,7 +31,7 @@ def compute_serac(ctx: EditingContext, facts: list[Fact], hparams: SeracHyperPar
     encoder = encoder_of(ctx)
     keys = [f.text for f in facts]
     layer = memory_layer(keys, [f.subject for f in facts], [f.target_new for f in facts], encoder,
-                         hparams.scope_threshold)
+                         hparams.scope_threshold, hparams.template)
     seconds = time.perf_counter() - started
     return layer, {"method": "serac", "hparams_version": hparams.version, "layers": [], "facts_count": len(facts),
-                   "encoder": encoder.name, "timings": {"total_s": seconds}, "hparams": hparams.as_dict()}
+                   "encoder": encoder.name, "template": hparams.template, "timings": {"total_s": seconds}, "hparams": hparams.as_dict()}

@@ -8,6 +8,7 @@ what is measured is what users get. No gRPC or server import here.
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import sys
 import time
@@ -263,19 +264,27 @@ def _measure_unedited(target: EditTarget, case: EvalCase, cache: PreMeasurementC
 def run_sequential(target: EditTarget, cases: Sequence[EvalCase], *, batch: int = 1,
                    checkpoints: Sequence[int] = (), out: Path | None = None, generation_tokens: int = 0,
                    progress: Callable[[int, list[dict]], None] | None = None, keep_edits: bool = False,
-                   pre_cache: PreMeasurementCache | None = None) -> dict:
+                   pre_cache: PreMeasurementCache | None = None, revert_sample: int = 0,
+                   revert_seed: int = 0) -> dict:
     """Accumulate edits (``batch`` facts per edit); measure every edited case at each
     checkpoint and after the last edit, to draw the degradation curve; then revert them all
     (unless ``keep_edits``).
+
+    ``revert_sample`` > 0: after the last measurement, that many of the edits, drawn at random
+    (``revert_seed``), are reverted *among* the others and every case is measured again: what
+    the kept edits and the model's locality become when edits computed before or between them
+    go away (:func:`revert_sample_table`; docs/LIFELONG.md, "Reverting one among many").
 
     Resumable: with ``out``, the run's state (pre-edit measurements, the edits applied so
     far, the curve, the unedited model's probe logits beside it) is written after every
     edit, and a rerun with the same ``out`` goes on from the next case, provided the target
     still holds exactly those edits (a server, or an in-process target with a state
-    directory); otherwise :class:`ResumeError` says why."""
+    directory); otherwise :class:`ResumeError` says why. One edit committed after the last
+    save (the run was stopped between the two) is reverted and computed again."""
     saved = _load_sequential(out, cases, batch)
     if saved is not None and saved.get("finished"):
-        return {k: saved.get(k, []) for k in ("records", "curve", "timings", "revert_seconds")}
+        return {**{k: saved.get(k, []) for k in ("records", "curve", "timings", "revert_seconds")},
+                "revert_sample": saved.get("revert_sample")}
     if saved is None:
         reference = target.probe_logits()
         pre = {c.case_id: _measure_unedited(target, c, pre_cache, fluency_prompts=0, fluency_tokens=0,
@@ -289,20 +298,22 @@ def run_sequential(target: EditTarget, cases: Sequence[EvalCase], *, batch: int 
         state = saved["sequential"]
         pre, edits = state["pre"], state["edits"]
         timings, curve, post = saved.get("timings", []), saved.get("curve", []), saved.get("records", [])
-        held = target.active_edits()
-        if held != edits:
-            raise ResumeError(f"{out} records {len(edits)} edits but the target holds {len(held)} other or "
-                              "differently ordered ones; resume against the same server or --state-dir")
+        _resume_edits(target, out, edits, state.get("sample_reverted", []))
         reference = None
         if _reference_path(out).exists():
             import torch
 
             reference = torch.load(_reference_path(out))
 
+    sampled: list[str] = [] if saved is None else saved["sequential"].get("sample_reverted", [])
+    sample: dict | None = None if saved is None else saved.get("revert_sample")
+
     def save(extra: dict | None = None) -> None:
         if out is not None:
-            state = {"cases": [c.case_id for c in cases], "batch": batch, "pre": pre, "edits": edits}
-            _write(out, post, extra={"curve": curve, "timings": timings, "sequential": state, **(extra or {})})
+            state = {"cases": [c.case_id for c in cases], "batch": batch, "pre": pre, "edits": edits,
+                     "sample_reverted": sampled}
+            more = {"revert_sample": sample} if sample is not None else {}
+            _write(out, post, extra={"curve": curve, "timings": timings, "sequential": state, **more, **(extra or {})})
 
     applied = len(edits) * batch
     wanted = [c for c in sorted({c for c in checkpoints if c < len(cases)} | {len(cases)}) if c > applied]
@@ -323,12 +334,75 @@ def run_sequential(target: EditTarget, cases: Sequence[EvalCase], *, batch: int 
             if progress:
                 progress(applied, post)
         save()
-    reverted = [] if keep_edits else [target.revert(e) for e in reversed(edits)]
-    result = {"records": post, "curve": curve, "timings": timings, "revert_seconds": reverted}
+    if revert_sample and sample is None and edits:
+        if not sampled:
+            # the draw is saved before any revert, so a stopped run finishes the same sample
+            sampled = [edits[i] for i in sorted(random.Random(revert_seed).sample(range(len(edits)),
+                                                                                  min(revert_sample, len(edits))))]
+            save()
+        held = set(target.active_edits())
+        for edit_id in sampled:
+            if edit_id in held:
+                target.revert(edit_id)
+        sample = _measure_revert_sample(target, cases, batch, edits, sampled, pre, post, curve, reference,
+                                        generation_tokens, revert_seed)
+        save()
+    remaining = [e for e in edits if e not in set(sampled)]
+    reverted = [] if keep_edits else [target.revert(e) for e in reversed(remaining)]
+    result = {"records": post, "curve": curve, "timings": timings, "revert_seconds": reverted,
+              "revert_sample": sample}
     if not keep_edits:
-        edits = []  # nothing left to resume on
+        edits, sampled = [], []  # nothing left to resume on
     save({"revert_seconds": reverted, "finished": True})
     return result
+
+
+def _resume_edits(target: EditTarget, out: Path | None, edits: list[str], sampled: list[str]) -> None:
+    """Check that the target holds the run's edits (less those of the revert sample it already
+    reverted); an edit committed after the last save is reverted, to be computed again."""
+    held = target.active_edits()
+    gone = set(sampled)
+    expected = [e for e in edits if e not in gone]
+    kept = [e for e in held if e not in gone]
+    if len(kept) == len(expected) + 1 and kept[:-1] == expected and kept[-1] not in edits:
+        target.revert(kept[-1])
+        kept = kept[:-1]
+    if kept != expected:
+        raise ResumeError(f"{out} records {len(expected)} active edits but the target holds {len(held)} other or "
+                          "differently ordered ones; resume against the same server or --state-dir")
+
+
+def _measure_revert_sample(target: EditTarget, cases: Sequence[EvalCase], batch: int, edits: list[str],
+                           sampled: list[str], pre: dict, post: list[dict], curve: list[dict], reference,
+                           generation_tokens: int, seed: int) -> dict:
+    """Every case measured again with the sampled edits reverted, split into the cases whose
+    edit stayed and those whose edit went, each beside its measurement before the reverts."""
+    gone = set(sampled)
+    reverted_cases = {c.case_id for i, e in enumerate(edits) if e in gone for c in cases[i * batch:(i + 1) * batch]}
+    edited = cases[:len(edits) * batch]
+    after = [{"case_id": c.case_id, "pre": pre[c.case_id],
+              "post": _measure(target, c, fluency_prompts=0, fluency_tokens=0,
+                               locality_before=pre[c.case_id]["locality_argmax"],
+                               generation_tokens=generation_tokens, before=pre[c.case_id])}
+             for c in edited]
+    before = {r["case_id"]: r for r in post}
+
+    def split(records: list[dict], inside: bool) -> list[dict]:
+        return [r for r in records if (r["case_id"] in reverted_cases) == inside]
+
+    last = curve[-1] if curve else {}
+    return {
+        "seed": seed, "reverted_edits": sampled, "reverted_cases": len(reverted_cases),
+        "kept_cases": len(edited) - len(reverted_cases),
+        "kept": {"before": _summary_of(split([before[c.case_id] for c in edited], False)),
+                 "after": _summary_of(split(after, False))},
+        "reverted": {"before": _summary_of(split([before[c.case_id] for c in edited], True)),
+                     "after": _summary_of(split(after, True)),
+                     "unedited": _summary_of([{"post": r["pre"]} for r in split(after, True)])},
+        "drift": {"before": {"kl": last.get("kl"), "top1_agreement": last.get("top1_agreement")},
+                  "after": _drift(target, reference)},
+        "records": after,
+    }
 
 
 def _write(out: Path, records: list[dict], extra: dict | None = None) -> None:
@@ -430,4 +504,31 @@ def curve_table(result: dict) -> str:
     if timings:
         lines += ["", *cost_table([t["compute_seconds"] for t in timings], [t["apply_seconds"] for t in timings],
                                   result.get("revert_seconds") or [])]
+    if result.get("revert_sample"):
+        lines += ["", revert_sample_table(result["revert_sample"])]
+    return "\n".join(lines)
+
+
+def revert_sample_table(sample: dict) -> str:
+    """Markdown: the kept and the reverted edits' cases before and after the sample's reverts
+    (and the reverted ones' unedited values), then the drift probes before and after."""
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    keys = ("es", "ps", "ns", "reliability", "generalization", "gen_es", "gen_ps", "gen_ns")
+    lines = [f"{len(sample['reverted_edits'])} edits reverted among the others (seed {sample['seed']}):", "",
+             "| cases | measured | ES | PS | NS | Rel | Gen | gES | gPS | gNS |", "|---|---|" + "---:|" * len(keys)]
+    rows = [("kept", sample["kept_cases"], "before the reverts", sample["kept"]["before"]),
+            ("kept", sample["kept_cases"], "after", sample["kept"]["after"]),
+            ("reverted", sample["reverted_cases"], "before the reverts", sample["reverted"]["before"]),
+            ("reverted", sample["reverted_cases"], "after", sample["reverted"]["after"]),
+            ("reverted", sample["reverted_cases"], "unedited model", sample["reverted"]["unedited"])]
+    for name, count, when, values in rows:
+        lines.append(f"| {name} ({count}) | {when} | " + " | ".join(pct(values.get(k)) for k in keys) + " |")
+    drift = sample["drift"]
+    lines += ["", "| drift probes | KL | top-1 |", "|---|---:|---:|"]
+    for when in ("before", "after"):
+        kl = drift[when]["kl"]
+        lines.append(f"| {when} the reverts | {'-' if kl is None else f'{kl:.4f}'} | "
+                     f"{pct(drift[when]['top1_agreement'])} |")
     return "\n".join(lines)

@@ -232,6 +232,77 @@ def test_a_stopped_sequential_run_resumes_on_its_edits(tiny_model_dir, cases, tm
     assert run_sequential(second, cases, checkpoints=[1, 2], out=out)["curve"] == resumed["curve"]  # finished
 
 
+class _StopsAt:
+    """The real target, stopped (as a killed process would be) right *after* its ``edits``-th
+    edit commits, before the runner saves it, or before its ``reverts``-th revert."""
+
+    def __init__(self, inner, edits: int | None = None, reverts: int | None = None) -> None:
+        self.inner, self.edits, self.reverts = inner, edits, reverts
+
+    def edit(self, facts):
+        result = self.inner.edit(facts)
+        if self.edits is not None:
+            self.edits -= 1
+            if self.edits == 0:
+                raise KeyboardInterrupt("stopped after the commit")
+        return result
+
+    def revert(self, edit_id):
+        if self.reverts is not None:
+            self.reverts -= 1
+            if self.reverts == 0:
+                raise KeyboardInterrupt("stopped before a revert")
+        return self.inner.revert(edit_id)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_revert_sample_measures_kept_and_reverted_edits_and_survives_a_stop(tiny_model_dir, cases, tmp_path):
+    def fresh(state: str):
+        return InProcessTarget(str(tiny_model_dir), method="ft_l", options=OPTIONS, cache_dir=tmp_path / "cache",
+                               state_dir=tmp_path / state)
+
+    whole_target = fresh("whole")
+    pristine = whole_target.host.weights_digest()
+    whole = run_sequential(whole_target, cases, out=tmp_path / "whole.json", revert_sample=1, revert_seed=3)
+    assert whole_target.active_edits() == [] and whole_target.host.weights_digest() == pristine
+    whole_target.close()
+    sample = whole["revert_sample"]
+    assert (sample["kept_cases"], sample["reverted_cases"], len(sample["reverted_edits"])) == (2, 1, 1)
+    before = {r["case_id"]: r["post"]["p_new_rewrite"] for r in whole["records"]}
+    after = {r["case_id"]: r["post"]["p_new_rewrite"] for r in sample["records"]}
+    unedited = {r["case_id"]: r["pre"]["p_new_rewrite"] for r in sample["records"]}
+    moved_back = [c for c in after if abs(after[c] - unedited[c]) < abs(before[c] - unedited[c]) / 2]
+    assert len(moved_back) == 1  # exactly the reverted edit's case fell back towards the unedited model
+    table = curve_table(whole)
+    assert "1 edits reverted among the others (seed 3)" in table and "| reverted (1) | unedited model |" in table
+
+    # Stopped once after an edit committed but before it was saved, and once between the
+    # sample's draw and its revert: the resumed run ends where the unbroken one did.
+    out = tmp_path / "split.json"
+    first = fresh("split")
+    with pytest.raises(KeyboardInterrupt):
+        run_sequential(_StopsAt(first, edits=2), cases, out=out, revert_sample=1, revert_seed=3)
+    assert len(first.active_edits()) == 2 and len(json.loads(out.read_text())["sequential"]["edits"]) == 1
+    first.close()
+    second = fresh("split")  # its first revert undoes the unsaved edit; the second is the sample's
+    with pytest.raises(KeyboardInterrupt):
+        run_sequential(_StopsAt(second, reverts=2), cases, out=out, revert_sample=1, revert_seed=3)
+    state = json.loads(out.read_text())["sequential"]
+    assert len(state["edits"]) == 3 and len(state["sample_reverted"]) == 1 and len(second.active_edits()) == 3
+    second.close()
+    third = fresh("split")
+    resumed = run_sequential(third, cases, out=out, revert_sample=1, revert_seed=3)
+    assert third.active_edits() == []
+    assert resumed["revert_sample"]["reverted_cases"] == 1
+    for part in ("kept", "reverted"):
+        for when in ("before", "after"):
+            got, want = resumed["revert_sample"][part][when], sample[part][when]
+            assert got["es"] == want["es"] and got["ps"] == want["ps"] and got["ns"] == want["ns"]
+    third.close()
+
+
 # The unedited-measurement cache (pre_cache.py): reused only for the same model, case, options
 # and code, and a reused record is what measuring again gives.
 

@@ -11,7 +11,7 @@ from editserve.editing.context import EditingContext
 from editserve.editing.errors import InvalidRequest
 from editserve.editing.facts import Fact
 from editserve.editing.hparams import SeracHyperParams
-from editserve.editing.memory import EditMemory, Encoder, counterfactual_input, entries_of
+from editserve.editing.memory import TEMPLATES, EditMemory, Encoder, counterfactual_input, entries_of
 from editserve.editing.serac import compute_serac
 from editserve.server.host import ModelHost
 from tests.tiny import tiny_model
@@ -33,10 +33,11 @@ def host(tiny_tokenizer, encoder):
     return host
 
 
-def _serac(host, facts, threshold=0.5):
+def _serac(host, facts, threshold=0.5, **options):
     ctx = EditingContext(host.model, host.tokenizer, host.adapter, progress=False)
     ctx.encoder_factory = lambda: host.encoder
-    return compute_serac(ctx, facts, SeracHyperParams.load("llama").with_overrides(scope_threshold=threshold))
+    hparams = SeracHyperParams.load("llama").with_overrides(scope_threshold=threshold, **options)
+    return compute_serac(ctx, facts, hparams)
 
 
 def test_scope_needs_the_subject_and_a_similar_relation(host):
@@ -90,11 +91,36 @@ def test_stored_embeddings_from_another_encoder_are_recomputed(host):
     assert match is not None and match.score > 0.99  # re-encoded with the host's encoder
 
 
+def test_the_template_is_recorded_and_replayed_as_computed(host):
+    """An edit answers in the wording it was computed with, whatever the host's hparams say
+    later: the artifact names its template, and the entry carries its text."""
+    one_line, _ = _serac(host, FACTS[:1], template="one_line")
+    four_lines, diagnostics = _serac(host, FACTS[1:], template="four_lines")
+    assert one_line.info["template"] == "one_line" and diagnostics["template"] == "four_lines"
+    host.load_state([("a", one_line), ("b", four_lines)], revision=2)
+    prompts, matches = host.routed_prompts([FACTS[0].text, FACTS[1].text])
+    assert [m.entry.edit_id for m in matches] == ["a", "b"]
+    statement_a, statement_b = (f"{f.text} {f.target_new}" for f in FACTS)
+    assert prompts == [TEMPLATES["one_line"].format(statement=statement_a, input=FACTS[0].text),
+                       TEMPLATES["four_lines"].format(statement=statement_b, input=FACTS[1].text)]
+    assert prompts[0].count(statement_a) == 2 and prompts[1].count(statement_b) == 4
+    # an artifact written before templates had names was computed with the four-line wording
+    legacy = type(one_line)(one_line.layer_type, one_line.tensors,
+                            {k: v for k, v in one_line.info.items() if k != "template"})
+    assert entries_of("x", legacy)[0].template == TEMPLATES["four_lines"]
+    # a name this build does not know is refused, not answered in another wording
+    foreign = type(one_line)(one_line.layer_type, one_line.tensors, {**one_line.info, "template": "five_lines"})
+    with pytest.raises(ValueError, match="five_lines"):
+        entries_of("x", foreign)
+
+
 def test_bad_threshold_is_refused(host):
     with pytest.raises(InvalidRequest, match="scope_threshold"):
         _serac(host, FACTS, threshold=float("nan"))
     with pytest.raises(InvalidRequest, match="scope_threshold"):
         _serac(host, FACTS, threshold=1.5)
+    with pytest.raises(InvalidRequest, match="template must be one of"):
+        _serac(host, FACTS, template="{statement.__class__}")
 
 
 def test_no_memory_costs_no_encoding(tiny_tokenizer):
