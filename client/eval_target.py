@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .sync import EditserveClient
 from .types import ContinuationScore, Fact
 
+_GENERATE_CONCURRENCY = 32
 _SCORE_BATCH = 256
 
 
@@ -41,8 +42,10 @@ class ServerTarget:
         return out
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        # concurrent requests: the server batches them into one decode loop
-        with ThreadPoolExecutor(max_workers=max(1, len(prompts))) as pool:
+        # concurrent requests: the server batches them into one decode loop. Capped below the
+        # server's default admission limits (64 pending / 64 concurrent), since the runner
+        # measures several cases' prompts in one call
+        with ThreadPoolExecutor(max_workers=max(1, min(len(prompts), _GENERATE_CONCURRENCY))) as pool:
             return list(pool.map(lambda p: self.client.generate(p, max_new_tokens=max_new_tokens,
                                                                 ignore_eos=True).text, prompts))
 

@@ -383,8 +383,24 @@ def test_a_sequential_run_reuses_the_non_sequential_runs_measurements(target, ca
     again = PreMeasurementCache(tmp_path / "pre")
     result = run_sequential(counting, cases, checkpoints=[], pre_cache=again)
     assert (again.hits, again.misses) == (len(cases), 0)
-    assert counting.scores == len(cases)  # only the final measurement of each edited case
+    assert counting.scores == 1  # only the final measurement of the edited cases, in one batch
     assert len(result["records"]) == len(cases)
+
+
+def test_cases_measured_together_score_as_they_do_alone(target, cases, monkeypatch):
+    from editserve.editing.evaluation import runner
+
+    monkeypatch.setattr(runner, "MEASURE_CHUNK", 2)
+    counting = CountingTarget(target)
+    together = runner._measure_cases(counting, cases, [None] * len(cases), fluency_prompts=1, fluency_tokens=4,
+                                     generation_tokens=3)
+    assert counting.scores == 2  # three cases in chunks of two
+    for case, joint in zip(cases, together, strict=True):
+        alone = runner._measure(target, case, fluency_prompts=1, fluency_tokens=4, generation_tokens=3)
+        for key in ("p_new_rewrite", "p_true_rewrite"):
+            assert joint[key] == pytest.approx(alone[key], rel=1e-4)
+        assert len(joint["gen_clauses"]) == len(alone["gen_clauses"]) == 1  # one neighbour, no locality prompt
+        assert joint["fluency"] is not None and joint["reliability"] == alone["reliability"]
 
 
 def test_code_digest_follows_the_source(tmp_path):
