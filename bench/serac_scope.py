@@ -56,7 +56,6 @@ def evaluate(name: str, cases, encoder) -> None:
     started = time.perf_counter()
     embeddings, relations = _encode_keys(encoder, keys, [c.fact.subject for c in cases])
     queries = queries_of(cases, rng)
-    q_embeddings = encoder.encode([q for q, _k, _o in queries])
     encode_s = time.perf_counter() - started
     kinds = sorted({k for _q, k, _o in queries})
     print(f"\n## {name}: {len(cases)} edits active, {len(queries)} queries "
@@ -69,7 +68,7 @@ def evaluate(name: str, cases, encoder) -> None:
             entries = [MemoryEntry(str(i), keys[i], c.fact.subject if gate else "", c.fact.target_new, threshold)
                        for i, c in enumerate(cases)]
             memory = EditMemory(entries, embeddings, relations)
-            matches = memory.route([q for q, _k, _o in queries], q_embeddings, encoder.encode)
+            matches = memory.route([q for q, _k, _o in queries], encoder.encode)
             hits = {k: 0 for k in kinds}
             right = wrong = 0
             for (_q, kind, owner), m in zip(queries, matches, strict=True):

@@ -33,6 +33,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -187,6 +188,20 @@ def _encode_keys(encoder: Encoder, keys: list[str], subjects: list[str]) -> tupl
     return np.ascontiguousarray(both[:len(keys)]), np.ascontiguousarray(both[len(keys):])
 
 
+def _subject_automaton(subjects) -> Any:
+    """An Aho-Corasick automaton over the casefolded non-empty subjects (None when there are
+    none): one pass over an input finds whether it mentions any of them, whatever their number."""
+    import ahocorasick
+
+    automaton = ahocorasick.Automaton()
+    for subject in {s.casefold() for s in subjects if s}:
+        automaton.add_word(subject, subject)
+    if not len(automaton):
+        return None
+    automaton.make_automaton()
+    return automaton
+
+
 class EditMemory:
     """An immutable snapshot of every active memory entry with its index (built per revision)."""
 
@@ -200,6 +215,7 @@ class EditMemory:
         self.index = faiss.IndexFlatIP(embeddings.shape[1] if len(embeddings) else 1)
         if len(entries):
             self.index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        self._subjects = _subject_automaton(e.subject for e in entries)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -231,24 +247,30 @@ class EditMemory:
             return cls([], empty, empty)
         return cls(entries, np.concatenate(blocks), np.concatenate(relation_blocks))
 
-    def route(self, texts: Sequence[str], embeddings: np.ndarray, encode) -> list[Match | None]:
+    def route(self, texts: Sequence[str], encode) -> list[Match | None]:
         """For each input, the candidate entry (among the nearest few by whole-sentence
-        embedding, ``embeddings`` [n, d]) whose subject the input contains and whose relation
-        similarity is highest and at least its threshold; None: out of scope.
+        embedding) whose subject the input contains and whose relation similarity is highest
+        and at least its threshold; None: out of scope.
 
-        ``encode`` embeds the subject-masked inputs; it is called once, and only for inputs
-        that contain some candidate's subject (most traffic never pays for it)."""
-        if not len(self.entries) or not len(texts):
-            return [None] * len(texts)
+        ``encode`` embeds texts. An input that mentions no entry's subject cannot pass the
+        subject test, so it is out of scope before any encoding (an Aho-Corasick scan of the
+        casefolded input, microseconds at 10,000 subjects): out-of-scope traffic, most of it,
+        never pays for the encoder. The others are encoded whole (retrieval), then once more
+        with the subject masked (relation), in one call each."""
+        matches: list[Match | None] = [None] * len(texts)
+        rows = [row for row, text in enumerate(texts) if self._mentions_a_subject(text)]
+        if not rows:
+            return matches
         k = min(CANDIDATES, len(self.entries))
+        embeddings = encode([texts[row] for row in rows])
         _scores, ids = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), k)
         gated: list[tuple[int, int, str]] = []  # (input, entry, masked input)
-        for row, (text, row_ids) in enumerate(zip(texts, ids, strict=True)):
+        for row, row_ids in zip(rows, ids, strict=True):
+            text = texts[row]
             folded = text.casefold()
             for i in row_ids:
                 if i >= 0 and self.entries[i].subject and self.entries[i].subject.casefold() in folded:
                     gated.append((row, int(i), mask_subject(text, self.entries[i].subject)))
-        matches: list[Match | None] = [None] * len(texts)
         if not gated:
             return matches
         masked = sorted({m for _r, _i, m in gated})
@@ -260,6 +282,11 @@ class EditMemory:
             if score >= entry.threshold and (best is None or score > best.score):
                 matches[row] = Match(entry, score)
         return matches
+
+    def _mentions_a_subject(self, text: str) -> bool:
+        if self._subjects is None:
+            return False
+        return next(self._subjects.iter(text.casefold()), None) is not None
 
 
 def counterfactual_input(match: Match, text: str) -> str:

@@ -140,13 +140,13 @@ class ModelHost:
               ) -> list[edit_memory.Match | None]:
         """Which memory entry (if any) each input is in scope of, at the current revision,
         plus ``extra`` memory artifacts (a dry run's preview). Costs nothing while no SERAC
-        edit is active: the encoder runs only when there is a memory to search."""
+        edit is active, and the encoder runs only for inputs that mention an entry's subject."""
         memory = self._memory
         if extra:
             memory = self._build_memory(_runtime_layers(self._active, edit_memory.LAYER_TYPE) + list(extra))
         if memory is None or not len(memory):
             return [None] * len(texts)
-        return memory.route(texts, self.encoder.encode(texts), self.encoder.encode)
+        return memory.route(texts, self.encoder.encode)
 
     def routed_prompts(self, texts: list[str], extra: list[tuple[str, RuntimeLayer]] = ()
                        ) -> tuple[list[str], list[edit_memory.Match | None]]:

@@ -50,12 +50,12 @@ def test_scope_needs_the_subject_and_a_similar_relation(host):
              "The mother tongue of Jean Gabin is",  # neighbour: same relation, other subject
              "The capital of Germany is",  # neighbour of the second fact
              "Danielle Darrieux was born in the year"]  # same subject, other relation
-    matches = memory.route(texts, host.encoder.encode(texts), host.encoder.encode)
+    matches = memory.route(texts, host.encoder.encode)
     # the default threshold favours recall: the same-subject, other-relation input fires too
     assert [m.entry.key if m else None for m in matches] == [FACTS[0].text] * 2 + [None, None] + [FACTS[0].text]
     assert matches[0].score > 0.99 and matches[1].score > matches[4].score  # the relation decides the score
     strict = EditMemory.build([("e", _serac(host, FACTS, threshold=0.6)[0])], None)
-    strict_matches = strict.route(texts, host.encoder.encode(texts), host.encoder.encode)
+    strict_matches = strict.route(texts, host.encoder.encode)
     assert [m is not None for m in strict_matches] == [True, True, False, False, False]
     assert diagnostics["facts_count"] == 2
 
@@ -80,6 +80,24 @@ def test_host_routes_only_in_scope_inputs_and_forgets_on_revert(host):
     assert host.weights_digest() == pristine
     host.load_state([("s1", layer)], revision=3)
     assert host.weights_digest() == edited
+
+
+def test_inputs_naming_no_subject_never_reach_the_encoder(host):
+    """Out-of-scope traffic costs a subject scan, not an encoder forward; an input that names
+    a subject (in any case) is routed as before."""
+    layer, _ = _serac(host, FACTS)
+    memory = EditMemory.build([("e", layer)], None)
+    encoded: list[list[str]] = []
+
+    def encode(texts):
+        encoded.append(list(texts))
+        return host.encoder.encode(texts)
+
+    assert memory.route(["The capital of Spain is", "Jean Gabin speaks"], encode) == [None, None]
+    assert encoded == []
+    matches = memory.route(["The capital of Spain is", "the capital of FRANCE is"], encode)
+    assert matches[0] is None and matches[1].entry.key == FACTS[1].text
+    assert encoded[0] == ["the capital of FRANCE is"]  # only the input that names a subject
 
 
 def test_stored_embeddings_from_another_encoder_are_recomputed(host):
