@@ -14,6 +14,8 @@ from editserve.client.types import Fact
     (["--set", "steps=0.5"], "rome option 'steps' cannot be 0.5"),
     (["--set", "steps"], "expected KEY=VALUE, got 'steps'"),
     (["--method", "ft_l", "--set", "clamp_norm_factor=2"], "unknown ft_l option 'clamp_norm_factor'"),
+    (["--revert-sample", "10"], "needs --sequential"),
+    (["--sequential", "--revert-sample", "-1"], "-1 is not in the range"),
 ])
 def test_bad_options_fail_before_anything_runs(args, message):
     result = CliRunner().invoke(main, ["eval", "--n", "1", "--model", "/nonexistent", *args])
