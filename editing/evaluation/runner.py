@@ -209,7 +209,8 @@ def _drift(target: EditTarget, reference) -> dict:
 
 
 class Progress:
-    """One line per case: done/total, running means and ETA (stderr)."""
+    """One line per case (non-sequential) or per curve point (sequential): done/total, running
+    means and ETA (stderr)."""
 
     def __init__(self, total: int, stream=sys.stderr) -> None:
         self.total = total
@@ -218,9 +219,13 @@ class Progress:
         # Cases already in a resumed output file cost nothing now; the rate counts this run's.
         self.resumed_from: int | None = None
 
-    def update(self, done: int, records: list[dict]) -> None:
-        if self.resumed_from is None:
-            self.resumed_from = done - 1  # the first call comes after one new case
+    def update(self, done: int, records: list[dict], new: int | None = None) -> None:
+        """``new``: how many of the ``done`` cases this process did (default: the first call
+        comes after one new case, as in a non-sequential run)."""
+        if new is not None:
+            self.resumed_from = done - new
+        elif self.resumed_from is None:
+            self.resumed_from = done - 1
         post = [r["post"] for r in records]
         means = summarize(post, ("es", "ps", "ns"))
         elapsed = time.perf_counter() - self.started
@@ -318,7 +323,7 @@ def _measure_unedited(target: EditTarget, cases: Sequence[EvalCase], cache: PreM
 
 def run_sequential(target: EditTarget, cases: Sequence[EvalCase], *, batch: int = 1,
                    checkpoints: Sequence[int] = (), out: Path | None = None, generation_tokens: int = 0,
-                   progress: Callable[[int, list[dict]], None] | None = None, keep_edits: bool = False,
+                   progress: Callable[..., None] | None = None, keep_edits: bool = False,
                    pre_cache: PreMeasurementCache | None = None, revert_sample: int = 0,
                    revert_seed: int = 0) -> dict:
     """Accumulate edits (``batch`` facts per edit); measure every edited case at each
@@ -372,6 +377,7 @@ def run_sequential(target: EditTarget, cases: Sequence[EvalCase], *, batch: int 
             _write(out, post, extra={"curve": curve, "timings": timings, "sequential": state, **more, **(extra or {})})
 
     applied = len(edits) * batch
+    applied_at_start = applied
     wanted = [c for c in sorted({c for c in checkpoints if c < len(cases)} | {len(cases)}) if c > applied]
     for start in range(applied, len(cases), batch):
         chunk = cases[start : start + batch]
@@ -384,7 +390,7 @@ def run_sequential(target: EditTarget, cases: Sequence[EvalCase], *, batch: int 
             post = _measure_edited(target, cases[:applied], pre, generation_tokens)
             curve.append({"edits": applied, **_summary_of(post), **_drift(target, reference)})
             if progress:
-                progress(applied, post)
+                progress(applied, post, new=applied - applied_at_start)
         save()
     if revert_sample and sample is None and edits:
         if not sampled:

@@ -105,6 +105,13 @@ def test_progress_eta_counts_only_this_runs_cases():
     assert line.startswith("[151/200] ES 100.0  PS 100.0")
     eta = float(line.split("eta")[1].strip().rstrip("s"))
     assert eta == pytest.approx(490, abs=2)  # 49 cases left at 10 s each, not 49 * 10/151
+    # a sequential run reports at its curve points: 100 edits done, 40 of them by this process
+    stream = io.StringIO()
+    progress = Progress(1000, stream=stream)
+    progress.started -= 400.0
+    progress.update(100, [{"post": {"es": 1.0, "ps": 1.0, "ns": 0.5}}], new=40)
+    eta = float(stream.getvalue().split("eta")[1].strip().rstrip("s"))
+    assert eta == pytest.approx(9000, abs=20)  # 900 left at 10 s each
 
 
 def test_revert_check_catches_a_revert_that_left_the_edit_in(target, cases):
