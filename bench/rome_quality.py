@@ -6,7 +6,7 @@ served-weights model, never writing them), measure under ``artifacts.preview``:
   PS  share of paraphrase prompts with P(new) > P(true),
   NS  share of neighbourhood prompts with P(true) > P(new),
 where P is the length-normalised target probability (exp of the mean token log-prob), as in
-ROME's CounterFact evaluation and editserve.editing.evaluation.runner. The unedited row is the
+ROME's CounterFact evaluation and editserve.editing.evaluation.measure. The unedited row is the
 same prompts without an edit. Times are the edit computation (keys, value optimisation,
 update) with statistics and context templates cached (they are built before the first case).
 

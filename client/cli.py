@@ -426,11 +426,10 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
     from editserve.editing.evaluation.runner import (
         Progress,
         ResumeError,
-        curve_table,
         run_non_sequential,
         run_sequential,
-        summary_table,
     )
+    from editserve.editing.evaluation.tables import curve_table, summary_table
 
     if report:
         if out is None or not out.exists():

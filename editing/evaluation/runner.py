@@ -1,211 +1,25 @@
 """The evaluation loop: edit -> measure -> revert (or accumulate), per case, resumable.
 
-It talks to an :class:`EditTarget`, so the same loop measures an in-process model (through
-the server's own edit manager and journal) or a running server through the public client:
-what is measured is what users get. No gRPC or server import here.
+It talks to an :class:`~.measure.EditTarget`, so the same loop measures an in-process model
+(through the server's own edit manager and journal) or a running server through the public
+client: what is measured is what users get. What one measurement is lives in :mod:`.measure`,
+the reports in :mod:`.tables`. No gRPC or server import here.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol
 
-from ..facts import Fact
 from .datasets import EvalCase
-from .metrics import (
-    distribution_drift,
-    first_clause,
-    harmonic_mean,
-    ngram_entropy,
-    rome_case_metrics,
-    says,
-    summarize,
-)
+from .measure import MEASURE_CHUNK, EditTarget, drift_of, measure_case, measure_cases, summary_of
+from .metrics import summarize
 from .pre_cache import PreMeasurementCache
-
-
-class Scored(Protocol):
-    token_ids: list[int]
-    argmax_ids: list[int]
-
-    @property
-    def mean_probability(self) -> float: ...
-
-    @property
-    def token_accuracy(self) -> float: ...
-
-
-class EditTarget(Protocol):
-    """What the runner needs from a model that can be edited."""
-
-    def edit(self, facts: list[Fact]) -> tuple[str, float, float]:
-        """Apply; returns (edit id, compute seconds, apply seconds)."""
-
-    def revert(self, edit_id: str) -> float: ...
-
-    def score(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]: ...
-
-    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]: ...
-
-    def probe_logits(self):
-        """Next-token logits on the drift probe set, or None where unavailable."""
-
-    def active_edits(self) -> list[str]:
-        """The edits the target holds, oldest first (a resumed sequential run checks them)."""
-
-    def unedited_identity(self) -> str | None:
-        """A key for the unedited model's measurements (:mod:`.pre_cache`), or None where they
-        must not be cached (the target holds edits, or is a server measured as it serves)."""
-
-
-ROME_KEYS = ("es", "ps", "ns", "em", "pm", "nm")
-EASYEDIT_KEYS = ("reliability", "generalization", "locality", "portability")
-GENERATION_KEYS = ("gen_es", "gen_ps", "gen_ns", "gen_loc")
-SUMMARY_KEYS = ROME_KEYS + EASYEDIT_KEYS + GENERATION_KEYS + ("fluency",)
-
-
-MEASURE_CHUNK = 8  # cases measured in one score call and one generate call (see _measure_cases)
-
-
-def _generation_prompts(case: EvalCase) -> list[str]:
-    """What :func:`_generation_record` reads: the rewrite and paraphrases (asked), then the
-    neighbourhood and locality prompts (around)."""
-    fact = case.fact
-    return [fact.text, *case.paraphrase_prompts, *case.neighborhood_prompts, *(p.prompt for p in case.locality)]
-
-
-def _generation_record(case: EvalCase, texts: list[str], clauses_before: list[str] | None) -> dict:
-    """What the model says, not what it would score: greedy continuations of the rewrite,
-    paraphrase, neighbourhood and locality prompts, matched after normalisation
-    (:func:`~.metrics.says`). gen_es / gen_ps: the new object is said; gen_ns: a neighbour
-    does not say it; gen_loc: a neighbour's or locality prompt's first clause is what the
-    unedited model generated (``clauses_before``, from the pre-edit measurement)."""
-    fact = case.fact
-    asked = 1 + len(case.paraphrase_prompts)
-    said_new = [float(says(t, fact.target_new)) for t in texts[:asked]]
-    neighbours = texts[asked:asked + len(case.neighborhood_prompts)]
-    clauses = [first_clause(t) for t in texts[asked:]]
-    record = {
-        "gen_es": said_new[0],
-        "gen_ps": statistics.fmean(said_new[1:]) if len(said_new) > 1 else None,
-        "gen_ns": statistics.fmean(float(not says(t, fact.target_new)) for t in neighbours) if neighbours else None,
-        "gen_clauses": clauses,
-        "gen_loc": None,
-    }
-    if clauses_before is not None and clauses:
-        record["gen_loc"] = statistics.fmean(float(a == b) for a, b in zip(clauses_before, clauses, strict=True))
-    return record
-
-
-def _score_pairs(case: EvalCase) -> tuple[list[tuple[str, str]], list[str]]:
-    """The (prompt, continuation) pairs one case scores, and the group of each prompt: new and
-    true object after every rewrite / paraphrase / neighbourhood prompt, then the locality and
-    portability answers."""
-    fact = case.fact
-    groups = [("rewrite", [fact.text])]
-    groups += [("paraphrase", list(case.paraphrase_prompts)), ("neighborhood", list(case.neighborhood_prompts))]
-    pairs, index = [], []
-    for group, prompts in groups:
-        for prompt in prompts:
-            pairs += [(prompt, fact.target_new), (prompt, fact.target_true or fact.target_new)]
-            index.append(group)
-    pairs += [(p.prompt, p.answer) for p in case.locality]
-    pairs += [(p.prompt, p.answer) for p in case.portability]
-    return pairs, index
-
-
-def _scored_record(case: EvalCase, index: list[str], scores: Sequence[Scored],
-                   locality_before: list[list[int]] | None) -> dict:
-    """The teacher-forced metrics of one case from its scores (in :func:`_score_pairs` order)."""
-    fact = case.fact
-    by_group: dict[str, list[tuple[float, float]]] = {"rewrite": [], "paraphrase": [], "neighborhood": []}
-    accuracy: dict[str, list[float]] = {"rewrite": [], "paraphrase": []}
-    for n, group in enumerate(index):
-        new, true = scores[2 * n], scores[2 * n + 1]
-        by_group[group].append((new.mean_probability, true.mean_probability))
-        if group in accuracy:
-            accuracy[group].append(new.token_accuracy)
-    offset = 2 * len(index)
-    locality = scores[offset : offset + len(case.locality)]
-    portability = scores[offset + len(case.locality) :]
-    record = rome_case_metrics(by_group["rewrite"][0], by_group["paraphrase"], by_group["neighborhood"])
-    if not fact.target_true:
-        # No counterfactual answer to beat: ROME's P(new) > P(true) comparisons are undefined.
-        record.update(dict.fromkeys(ROME_KEYS))
-    record["reliability"] = accuracy["rewrite"][0]
-    record["generalization"] = statistics.fmean(accuracy["paraphrase"]) if accuracy["paraphrase"] else None
-    record["portability"] = statistics.fmean(s.token_accuracy for s in portability) if portability else None
-    record["locality_argmax"] = [s.argmax_ids for s in locality]
-    if locality_before is not None and locality:
-        shares = [sum(int(a == b) for a, b in zip(pre, s.argmax_ids, strict=True)) / len(pre)
-                  for pre, s in zip(locality_before, locality, strict=True)]
-        record["locality"] = statistics.fmean(shares)
-    else:
-        record["locality"] = None
-    record["p_new_rewrite"], record["p_true_rewrite"] = by_group["rewrite"][0]
-    return record
-
-
-def _measure_cases(target: EditTarget, cases: Sequence[EvalCase], befores: Sequence[dict | None], *,
-                   fluency_prompts: int, fluency_tokens: int, generation_tokens: int = 0) -> list[dict]:
-    """Every metric of each case against the target's current weights. ``befores[i]`` is case
-    i's pre-edit record (None when this is it); ``generation_tokens`` > 0 adds the
-    by-generation metrics (:func:`_generation_record`).
-
-    Cases go to the target :data:`MEASURE_CHUNK` at a time: one score call and one generate
-    call for all of them (measured 1.6-1.7x faster generation for eight CounterFact cases than
-    eight calls, 2026-12-02), which is what a long sequential run spends its time on. Padding
-    differs with the batch, so a score may move in the last float digits."""
-    records: list[dict] = []
-    for start in range(0, len(cases), MEASURE_CHUNK):
-        chunk = list(cases[start:start + MEASURE_CHUNK])
-        previous = list(befores[start:start + MEASURE_CHUNK])
-        plans = [_score_pairs(case) for case in chunk]
-        scores = target.score([pair for pairs, _index in plans for pair in pairs])
-        fluency: list[str] = []
-        if fluency_prompts:
-            wanted = [list(c.generation_prompts[:fluency_prompts]) for c in chunk]
-            fluency = target.generate([p for w in wanted for p in w], fluency_tokens) if any(wanted) else []
-        said = (target.generate([p for c in chunk for p in _generation_prompts(c)], generation_tokens)
-                if generation_tokens else [])
-        offset = fluency_offset = said_offset = 0
-        for case, before, (pairs, index) in zip(chunk, previous, plans, strict=True):
-            record = _scored_record(case, index, scores[offset:offset + len(pairs)],
-                                    None if before is None else before["locality_argmax"])
-            offset += len(pairs)
-            record["fluency"] = None
-            if fluency_prompts and case.generation_prompts:
-                n = len(case.generation_prompts[:fluency_prompts])
-                record["fluency"] = ngram_entropy(fluency[fluency_offset:fluency_offset + n])
-                fluency_offset += n
-            if generation_tokens:
-                n = len(_generation_prompts(case))
-                record.update(_generation_record(case, said[said_offset:said_offset + n],
-                                                 None if before is None else before.get("gen_clauses")))
-                said_offset += n
-            records.append(record)
-    return records
-
-
-def _measure(target: EditTarget, case: EvalCase, *, fluency_prompts: int, fluency_tokens: int,
-             generation_tokens: int = 0, before: dict | None = None) -> dict:
-    """:func:`_measure_cases` of one case."""
-    return _measure_cases(target, [case], [before], fluency_prompts=fluency_prompts, fluency_tokens=fluency_tokens,
-                          generation_tokens=generation_tokens)[0]
-
-
-def _drift(target: EditTarget, reference) -> dict:
-    if reference is None:
-        return {"kl": None, "top1_agreement": None}
-    kl, agree = distribution_drift(reference, target.probe_logits())
-    return {"kl": kl, "top1_agreement": agree}
 
 
 class Progress:
@@ -258,9 +72,9 @@ def run_non_sequential(target: EditTarget, cases: Sequence[EvalCase], *, out: Pa
         rewrite = [(case.fact.text, case.fact.target_new)]
         before_edit = target.score(rewrite)[0].mean_probability
         edit_id, compute_s, apply_s = target.edit([case.fact])
-        post = _measure(target, case, fluency_prompts=fluency_prompts, fluency_tokens=fluency_tokens,
+        post = measure_case(target, case, fluency_prompts=fluency_prompts, fluency_tokens=fluency_tokens,
                         generation_tokens=generation_tokens, before=pre)
-        drift = _drift(target, reference)
+        drift = drift_of(target, reference)
         revert_s = target.revert(edit_id)
         after_revert = target.score(rewrite)[0].mean_probability
         record = {
@@ -300,7 +114,7 @@ def _reference_path(out: Path) -> Path:
 def _measure_unedited(target: EditTarget, cases: Sequence[EvalCase], cache: PreMeasurementCache | None, *,
                       fluency_prompts: int, fluency_tokens: int, generation_tokens: int) -> list[dict]:
     """The cases' pre-edit records: from ``cache`` when the same model, case, options and code
-    measured them before, else measured (together, :func:`_measure_cases`) and stored when the
+    measured them before, else measured (together, :func:`measure_cases`) and stored when the
     target says they may be."""
     options = {"fluency_prompts": fluency_prompts, "fluency_tokens": fluency_tokens,
                "generation_tokens": generation_tokens}
@@ -313,7 +127,7 @@ def _measure_unedited(target: EditTarget, cases: Sequence[EvalCase], cache: PreM
     missing = [i for i, record in enumerate(records) if record is None]
     for start in range(0, len(missing), MEASURE_CHUNK):  # stored as they come: a stopped run keeps them
         part = missing[start:start + MEASURE_CHUNK]
-        measured = _measure_cases(target, [cases[i] for i in part], [None] * len(part), **options)
+        measured = measure_cases(target, [cases[i] for i in part], [None] * len(part), **options)
         for i, record in zip(part, measured, strict=True):
             records[i] = record
             if keys[i] is not None:
@@ -388,7 +202,7 @@ def run_sequential(target: EditTarget, cases: Sequence[EvalCase], *, batch: int 
         if wanted and applied >= wanted[0]:
             wanted.pop(0)
             post = _measure_edited(target, cases[:applied], pre, generation_tokens)
-            curve.append({"edits": applied, **_summary_of(post), **_drift(target, reference)})
+            curve.append({"edits": applied, **summary_of(post), **drift_of(target, reference)})
             if progress:
                 progress(applied, post, new=applied - applied_at_start)
         save()
@@ -418,7 +232,7 @@ def run_sequential(target: EditTarget, cases: Sequence[EvalCase], *, batch: int 
 def _measure_edited(target: EditTarget, cases: Sequence[EvalCase], pre: dict, generation_tokens: int) -> list[dict]:
     """Each case's record for a curve point: its pre-edit measurement beside its measurement now."""
     befores = [pre[c.case_id] for c in cases]
-    now = _measure_cases(target, cases, befores, fluency_prompts=0, fluency_tokens=0,
+    now = measure_cases(target, cases, befores, fluency_prompts=0, fluency_tokens=0,
                          generation_tokens=generation_tokens)
     return [{"case_id": c.case_id, "pre": b, "post": r} for c, b, r in zip(cases, befores, now, strict=True)]
 
@@ -456,13 +270,13 @@ def _measure_revert_sample(target: EditTarget, cases: Sequence[EvalCase], batch:
     return {
         "seed": seed, "reverted_edits": sampled, "reverted_cases": len(reverted_cases),
         "kept_cases": len(edited) - len(reverted_cases),
-        "kept": {"before": _summary_of(split([before[c.case_id] for c in edited], False)),
-                 "after": _summary_of(split(after, False))},
-        "reverted": {"before": _summary_of(split([before[c.case_id] for c in edited], True)),
-                     "after": _summary_of(split(after, True)),
-                     "unedited": _summary_of([{"post": r["pre"]} for r in split(after, True)])},
+        "kept": {"before": summary_of(split([before[c.case_id] for c in edited], False)),
+                 "after": summary_of(split(after, False))},
+        "reverted": {"before": summary_of(split([before[c.case_id] for c in edited], True)),
+                     "after": summary_of(split(after, True)),
+                     "unedited": summary_of([{"post": r["pre"]} for r in split(after, True)])},
         "drift": {"before": {"kl": last.get("kl"), "top1_agreement": last.get("top1_agreement")},
-                  "after": _drift(target, reference)},
+                  "after": drift_of(target, reference)},
         "records": after,
     }
 
@@ -471,126 +285,3 @@ def _write(out: Path, records: list[dict], extra: dict | None = None) -> None:
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps({"records": records, **(extra or {})}, indent=1))
     tmp.replace(out)
-
-
-def _summary_of(records: Sequence[dict]) -> dict:
-    post = summarize([r["post"] for r in records], SUMMARY_KEYS)
-    post["score"] = harmonic_mean([post["es"], post["ps"], post["ns"]])
-    return post
-
-
-def _quantiles(values: Sequence[float]) -> tuple[float, float]:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan"), float("nan")
-    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
-    return statistics.median(ordered), p90
-
-
-def summary_table(records: Sequence[dict], *, title: str, drift: dict | None = None) -> str:
-    """Markdown: the unedited model's row beside the edited one, then costs.
-
-    ``drift`` (kl, top1_agreement) replaces the per-case means: a sequential run measures drift
-    once for the model holding all its edits (the curve's last point), not per case."""
-    pre = summarize([r["pre"] for r in records], SUMMARY_KEYS)
-    pre["score"] = harmonic_mean([pre["es"], pre["ps"], pre["ns"]])
-    post = _summary_of(records)
-
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.1f}"
-
-    def num(v: float | None, fmt: str = "{:.3f}") -> str:
-        return "-" if v is None else fmt.format(v)
-
-    generated = post.get("gen_es") is not None  # by-generation columns only where measured
-    gen_head = " gES | gPS | gNS | gLoc |" if generated else ""
-    lines = [
-        f"**{title}** ({len(records)} cases)",
-        "",
-        "| model | Score | ES | PS | NS | EM | PM | NM | Rel | Gen | Loc | Port | GE | KL | top-1 |" + gen_head,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * gen_head.count("|"),
-    ]
-    kl = drift if drift is not None else summarize(records, ("kl", "top1_agreement"))
-    for name, row, drift in (("unedited", pre, {"kl": None, "top1_agreement": None}), ("edited", post, kl)):
-        gen = ""
-        if generated:
-            gen = (f" {pct(row['gen_es'])} | {pct(row['gen_ps'])} | {pct(row['gen_ns'])} | "
-                   f"{pct(row['gen_loc']) if name == 'edited' else '-'} |")
-        lines.append(
-            f"| {name} | {pct(row['score'])} | {pct(row['es'])} | {pct(row['ps'])} | {pct(row['ns'])} | "
-            f"{pct(row['em'])} | {pct(row['pm'])} | {pct(row['nm'])} | {pct(row['reliability'])} | "
-            f"{pct(row['generalization'])} | {pct(row['locality']) if name == 'edited' else '-'} | "
-            f"{pct(row['portability'])} | {num(row['fluency'], '{:.2f}')} | {num(drift['kl'], '{:.4f}')} | "
-            f"{pct(drift['top1_agreement'])} |" + gen
-        )
-    timings = [r for r in records if "compute_seconds" in r]
-    if timings:
-        lines += ["", *cost_table([r["compute_seconds"] for r in timings], [r["apply_seconds"] for r in timings],
-                                  [r["revert_seconds"] for r in timings])]
-        restored = sum(bool(r.get("revert_restored")) for r in timings)
-        lines += ["", f"Reverts checked (P(new) back to its pre-edit value): {restored}/{len(timings)}"]
-    undefined = sum(r["post"].get("es") is None for r in records)
-    if undefined:
-        lines += ["", f"{undefined} cases have no true answer distinct from the new target: "
-                      "ES/PS/NS/EM/PM/NM average over the other cases"]
-    return "\n".join(lines)
-
-
-def cost_table(compute: Sequence[float], apply: Sequence[float], revert: Sequence[float]) -> list[str]:
-    """Markdown rows: median and p90 of edit compute (s), apply and revert (ms)."""
-    c50, c90 = _quantiles(compute)
-    a50, a90 = _quantiles(apply)
-    r50, r90 = _quantiles(revert)
-    return ["| cost | median | p90 |", "|---|---|---|",
-            f"| edit compute (s) | {c50:.2f} | {c90:.2f} |",
-            f"| apply (ms) | {1000 * a50:.2f} | {1000 * a90:.2f} |",
-            f"| revert (ms) | {1000 * r50:.2f} | {1000 * r90:.2f} |"]
-
-
-def curve_table(result: dict) -> str:
-    """Markdown for a sequential run: the degradation curve, then the edits' costs."""
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.1f}"
-
-    generated = any(p.get("gen_es") is not None for p in result["curve"])
-    lines = ["| edits | ES | PS | NS | Score | Rel | Gen | Loc | KL | top-1 |" + (" gES | gPS | gNS | gLoc |" if generated else ""),
-             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" * 4 if generated else "")]
-    for p in result["curve"]:
-        kl = "-" if p["kl"] is None else f"{p['kl']:.4f}"
-        gen = (f" {pct(p['gen_es'])} | {pct(p['gen_ps'])} | {pct(p['gen_ns'])} | {pct(p['gen_loc'])} |"
-               if generated else "")
-        lines.append(f"| {p['edits']} | {pct(p['es'])} | {pct(p['ps'])} | {pct(p['ns'])} | {pct(p['score'])} | "
-                     f"{pct(p['reliability'])} | {pct(p['generalization'])} | {pct(p['locality'])} | {kl} | "
-                     f"{pct(p['top1_agreement'])} |" + gen)
-    timings = result["timings"]
-    if timings:
-        lines += ["", *cost_table([t["compute_seconds"] for t in timings], [t["apply_seconds"] for t in timings],
-                                  result.get("revert_seconds") or [])]
-    if result.get("revert_sample"):
-        lines += ["", revert_sample_table(result["revert_sample"])]
-    return "\n".join(lines)
-
-
-def revert_sample_table(sample: dict) -> str:
-    """Markdown: the kept and the reverted edits' cases before and after the sample's reverts
-    (and the reverted ones' unedited values), then the drift probes before and after."""
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.1f}"
-
-    keys = ("es", "ps", "ns", "reliability", "generalization", "gen_es", "gen_ps", "gen_ns")
-    lines = [f"{len(sample['reverted_edits'])} edits reverted among the others (seed {sample['seed']}):", "",
-             "| cases | measured | ES | PS | NS | Rel | Gen | gES | gPS | gNS |", "|---|---|" + "---:|" * len(keys)]
-    rows = [("kept", sample["kept_cases"], "before the reverts", sample["kept"]["before"]),
-            ("kept", sample["kept_cases"], "after", sample["kept"]["after"]),
-            ("reverted", sample["reverted_cases"], "before the reverts", sample["reverted"]["before"]),
-            ("reverted", sample["reverted_cases"], "after", sample["reverted"]["after"]),
-            ("reverted", sample["reverted_cases"], "unedited model", sample["reverted"]["unedited"])]
-    for name, count, when, values in rows:
-        lines.append(f"| {name} ({count}) | {when} | " + " | ".join(pct(values.get(k)) for k in keys) + " |")
-    drift = sample["drift"]
-    lines += ["", "| drift probes | KL | top-1 |", "|---|---:|---:|"]
-    for when in ("before", "after"):
-        kl = drift[when]["kl"]
-        lines.append(f"| {when} the reverts | {'-' if kl is None else f'{kl:.4f}'} | "
-                     f"{pct(drift[when]['top1_agreement'])} |")
-    return "\n".join(lines)

@@ -7,7 +7,8 @@ import pytest
 
 from editserve.editing.evaluation.datasets import load_cases
 from editserve.editing.evaluation.pre_cache import PreMeasurementCache, code_digest
-from editserve.editing.evaluation.runner import curve_table, run_non_sequential, run_sequential, summary_table
+from editserve.editing.evaluation.runner import run_non_sequential, run_sequential
+from editserve.editing.evaluation.tables import curve_table, summary_table
 from editserve.editing.facts import Fact
 from editserve.server.eval_target import InProcessTarget
 
@@ -395,15 +396,15 @@ def test_a_sequential_run_reuses_the_non_sequential_runs_measurements(target, ca
 
 
 def test_cases_measured_together_score_as_they_do_alone(target, cases, monkeypatch):
-    from editserve.editing.evaluation import runner
+    from editserve.editing.evaluation import measure
 
-    monkeypatch.setattr(runner, "MEASURE_CHUNK", 2)
+    monkeypatch.setattr(measure, "MEASURE_CHUNK", 2)
     counting = CountingTarget(target)
-    together = runner._measure_cases(counting, cases, [None] * len(cases), fluency_prompts=1, fluency_tokens=4,
+    together = measure.measure_cases(counting, cases, [None] * len(cases), fluency_prompts=1, fluency_tokens=4,
                                      generation_tokens=3)
     assert counting.scores == 2  # three cases in chunks of two
     for case, joint in zip(cases, together, strict=True):
-        alone = runner._measure(target, case, fluency_prompts=1, fluency_tokens=4, generation_tokens=3)
+        alone = measure.measure_case(target, case, fluency_prompts=1, fluency_tokens=4, generation_tokens=3)
         for key in ("p_new_rewrite", "p_true_rewrite"):
             assert joint[key] == pytest.approx(alone[key], rel=1e-4)
         assert len(joint["gen_clauses"]) == len(alone["gen_clauses"]) == 1  # one neighbour, no locality prompt
