@@ -191,17 +191,33 @@ def test_by_generation_on_a_real_tiny_model(target, cases):
     assert target.host.weights_digest() == digest
 
 
-class _StopsAfter:
-    """The real target, stopped (as a killed process would be) before its ``n``-th edit."""
+class _StopsAt:
+    """The real target, stopped (as a killed process would be) before its edit after the first
+    ``allowed``, right *after* its ``edits``-th edit commits (before the runner saves it), or
+    before its ``reverts``-th revert."""
 
-    def __init__(self, inner, n: int) -> None:
-        self.inner, self.left = inner, n
+    def __init__(self, inner, edits: int | None = None, reverts: int | None = None,
+                 allowed: int | None = None) -> None:
+        self.inner, self.edits, self.reverts, self.allowed = inner, edits, reverts, allowed
 
     def edit(self, facts):
-        if self.left == 0:
-            raise KeyboardInterrupt("stopped")
-        self.left -= 1
-        return self.inner.edit(facts)
+        if self.allowed is not None:
+            if self.allowed == 0:
+                raise KeyboardInterrupt("stopped")
+            self.allowed -= 1
+        result = self.inner.edit(facts)
+        if self.edits is not None:
+            self.edits -= 1
+            if self.edits == 0:
+                raise KeyboardInterrupt("stopped after the commit")
+        return result
+
+    def revert(self, edit_id):
+        if self.reverts is not None:
+            self.reverts -= 1
+            if self.reverts == 0:
+                raise KeyboardInterrupt("stopped before a revert")
+        return self.inner.revert(edit_id)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -221,7 +237,7 @@ def test_a_stopped_sequential_run_resumes_on_its_edits(tiny_model_dir, cases, tm
     out = tmp_path / "split.json"
     first = fresh("split")
     with pytest.raises(KeyboardInterrupt):
-        run_sequential(_StopsAfter(first, 2), cases, checkpoints=[1, 2], out=out)
+        run_sequential(_StopsAt(first, allowed=2), cases, checkpoints=[1, 2], out=out)
     assert len(first.active_edits()) == 2  # the sitting ended with two edits applied
     first.close()
     assert len(json.loads(out.read_text())["sequential"]["edits"]) == 2
@@ -238,32 +254,6 @@ def test_a_stopped_sequential_run_resumes_on_its_edits(tiny_model_dir, cases, tm
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-7)
     assert second.active_edits() == []  # reverted at the end, as an unbroken run does
     assert run_sequential(second, cases, checkpoints=[1, 2], out=out)["curve"] == resumed["curve"]  # finished
-
-
-class _StopsAt:
-    """The real target, stopped (as a killed process would be) right *after* its ``edits``-th
-    edit commits, before the runner saves it, or before its ``reverts``-th revert."""
-
-    def __init__(self, inner, edits: int | None = None, reverts: int | None = None) -> None:
-        self.inner, self.edits, self.reverts = inner, edits, reverts
-
-    def edit(self, facts):
-        result = self.inner.edit(facts)
-        if self.edits is not None:
-            self.edits -= 1
-            if self.edits == 0:
-                raise KeyboardInterrupt("stopped after the commit")
-        return result
-
-    def revert(self, edit_id):
-        if self.reverts is not None:
-            self.reverts -= 1
-            if self.reverts == 0:
-                raise KeyboardInterrupt("stopped before a revert")
-        return self.inner.revert(edit_id)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def test_revert_sample_measures_kept_and_reverted_edits_and_survives_a_stop(tiny_model_dir, cases, tmp_path):
