@@ -45,8 +45,11 @@ def test_memory_routes_in_scope_inputs_reverts_and_replays(tiny_servers):
         assert client.generate("The capital of France is", max_new_tokens=2).route is None
         assert client.model_info(include_weights_digest=True).weights_digest == pristine
         # another wording, named in the request: the model reads the fact twice, not four times
+        revision = client.model_info().revision
         with pytest.raises(InvalidArgument, match="template must be one of"):
             client.edit([FACT], method="serac", template="{statement.__class__}")
+        assert client.model_info().revision == revision  # nothing was journaled or applied
+        assert client.generate("The capital of France is", max_new_tokens=2).route is None
         short = client.edit([FACT], method="serac", template="one_line")
         one_line = client.generate("The capital of France is", max_new_tokens=2)
         assert one_line.route.edit_id == short.edit_id
