@@ -368,12 +368,17 @@ class EditManager:
     # --- operations ----------------------------------------------------------------------
     def _on_worker(self, should_stop: StopCheck | None, what: str, method: str, work: Callable[[], T]) -> T:
         """Run ``work`` on the edit thread and wait for it; while it is still queued, a caller
-        who gave up takes it out of the queue (Cancelled, as in the wait for the mutex)."""
+        who gave up takes it out of the queue (Cancelled, as in the wait for the mutex).
+
+        Once the work has started it checks ``should_stop`` itself between its steps, so the
+        wait stops polling: one caller's checks then come from one thread, in step order."""
         future = self._worker.submit(work)
         while True:
             try:
                 return future.result(timeout=MUTEX_POLL_SECONDS)
             except FutureTimeout:
+                if future.running():
+                    return future.result()
                 try:
                     check_stop(should_stop, f"the wait for the edit mutex ({what} queued behind "
                                             f"{self.preparing or 'another edit, revert or trace'})")
