@@ -42,6 +42,9 @@ class EditingContext:
         # keys [d_in, m] that the served model's active edits wrote into a parameter, by
         # parameter name (None: none); a server passes its host's, for ``preserve``
         self.preserved_keys: Callable[[str], torch.Tensor | None] = lambda _name: None
+        # (subject, prompt) of the facts the served model's active T-Patcher edits patched
+        # into an MLP module; a server passes its host's, so a new neuron stays silent on them
+        self.neuron_prompts: Callable[[str], list[tuple[str, str]]] = lambda _module: []
         self._projectors: dict[tuple[int, str, int, float], torch.Tensor] = {}
 
     def memo(self, key: tuple, build):

@@ -278,6 +278,10 @@ class TPatcherHyperParams(HyperParams):
     With "subject", learning_rate is the key's and bias's step and value_learning_rate the
     value's; the value is optimised as ROME's is, with ``kl_factor`` (KL on "{subject} is a"),
     ``weight_decay`` and ``clamp_norm_factor`` as in :class:`ValueHyperParams` (unused with "last").
+    avoid_patched: with "subject", the memory set also holds every token of the rewrite
+    prompts of the facts already patched into the layer (the served model's active T-Patcher
+    edits and this edit's earlier facts; same-subject facts excepted), so a new neuron stays
+    silent where an earlier one answers (:func:`.tpatcher._train_at_subject`).
     """
 
     method: ClassVar[str] = "t_patcher"
@@ -299,6 +303,7 @@ class TPatcherHyperParams(HyperParams):
     kl_factor: float = bounded(0.0625, 0.0, 100.0)
     weight_decay: float = bounded(0.5, 0.0, 100.0)
     clamp_norm_factor: float = bounded(4.0, 1e-3, 1e6)
+    avoid_patched: bool = True
 
     aliases: ClassVar[dict[str, str]] = {"lr": "learning_rate"}
 

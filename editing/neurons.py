@@ -13,7 +13,10 @@ revision's patches whole.
 
 As an artifact, one edit's neurons are a
 :class:`~editserve.editing.artifacts.RuntimeLayer` of type :data:`LAYER_TYPE` with tensors
-``keys``, ``biases``, ``values`` and info ``{"module": <MLP module name>, "layer": int}``.
+``keys``, ``biases``, ``values`` and info ``{"module": <MLP module name>, "layer": int}``,
+plus (since t_patcher-*-3) ``"prompts": [[subject, rewrite prompt text], ...]``, one per fact:
+the inputs each neuron was made for, which later patches of the same module learn to stay
+silent on (:func:`patched_prompts`).
 """
 
 from __future__ import annotations
@@ -105,6 +108,20 @@ def banks_by_module(layers: Iterable[RuntimeLayer]) -> dict[str, NeuronBank]:
     for layer in layers:
         grouped.setdefault(module_of(layer), []).append(bank_of(layer))
     return {module: NeuronBank.concat(banks) for module, banks in grouped.items()}
+
+
+def patched_prompts(layers: Iterable[RuntimeLayer], module: str) -> list[tuple[str, str]]:
+    """(subject, prompt text) of every fact the given ``ffn_neurons`` artifacts patched into
+    ``module``, in order, without repeats; artifacts made before prompts were recorded add
+    none. A new patch keeps silent on these (T-Patcher's memory loss over the active edits)."""
+    seen: dict[tuple[str, str], None] = {}
+    for layer in layers:
+        if layer.layer_type != LAYER_TYPE or layer.info.get("module") != module:
+            continue
+        for pair in layer.info.get("prompts") or ():
+            if isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, str) for p in pair):
+                seen.setdefault((pair[0], pair[1]), None)
+    return list(seen)
 
 
 def check_fits(model: nn.Module, layer: RuntimeLayer) -> None:

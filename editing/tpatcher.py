@@ -75,6 +75,30 @@ def _negative_inputs(ctx: EditingContext, module: str, fact: Fact, count: int, g
     return x[torch.arange(len(rows)), mask.sum(1) - 1]
 
 
+def _patched_inputs(ctx: EditingContext, module: str, fact: Fact, patched: list[tuple[str, str]]) -> torch.Tensor:
+    """FFN inputs at ``module`` for every token of the already patched facts' prompts ([N, d]
+    fp32), those about ``fact``'s own subject left out (their inputs are this fact's too).
+
+    Each prompt's inputs are read once and kept per context in bf16 (~11 KB a prompt on
+    SmolLM2), only while its fact is patched in: an edit after N others then runs no N
+    forwards, only N prompts' worth of hinge terms. They are read through the model as it is
+    when first asked, as :func:`memory_inputs` are; neurons at this layer never change them
+    (they add to the FFN's output, not to its input)."""
+    cache: dict[str, torch.Tensor] = ctx.memo(("t_patcher_patched", module), dict)
+    wanted = dict.fromkeys(text for _subject, text in patched)  # ordered: the same batches each run
+    for gone in [t for t in cache if t not in wanted]:  # reverted since: forget them
+        del cache[gone]
+    missing = [t for t in wanted if t not in cache]
+    for start in range(0, len(missing), 32):
+        chunk = missing[start:start + 32]
+        x, mask = _module_inputs(ctx, module, [tuple(ctx.tokenizer(t).input_ids) for t in chunk])
+        for row, text in enumerate(chunk):
+            cache[text] = x[row][mask[row].bool()].to(torch.bfloat16)
+    own = fact.subject.casefold()
+    kept = [cache[text].float() for subject, text in patched if subject.casefold() != own]
+    return torch.cat(kept) if kept else torch.zeros(0, ctx.adapter.hidden_size)
+
+
 def _logits_at(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Logits at (row, col) pairs only: the vocabulary projection dominates a small model's
     forward (49k-262k rows), so it is computed at the kept columns alone."""
@@ -270,7 +294,8 @@ def _fit_key(bank: NeuronBank, edit_x: torch.Tensor, negatives: torch.Tensor, hp
 
 def _train_at_subject(ctx: EditingContext, module: str, fact: Fact, templates: list[str], memory: torch.Tensor,
                       hparams: TPatcherHyperParams, made: list[NeuronBank], generator: torch.Generator,
-                      should_stop: StopCheck | None = None) -> tuple[NeuronBank, dict]:
+                      should_stop: StopCheck | None = None, patched: list[tuple[str, str]] = ()
+                      ) -> tuple[NeuronBank, dict]:
     """A neuron that fires at the subject's last token (``fire_at = "subject"``).
 
     A middle layer's FFN input at the subject's last token is where a transformer looks a
@@ -282,11 +307,20 @@ def _train_at_subject(ctx: EditingContext, module: str, fact: Fact, templates: l
     decay and clamp, with T-Patcher's own settings for them), divided by the neuron's
     activation on the edit's bare prompt (as ROME anchors its update at the plain key). Key
     and bias come first, from the hinges alone; the value needs one ROME value optimisation.
-    No base weight changes."""
+    No base weight changes.
+
+    ``patched``: (subject, prompt) of the facts already patched into this layer; with
+    ``avoid_patched`` their prompts join the negatives, so this neuron does not fire where an
+    earlier one answers (an earlier neuron cannot learn about facts that came after it, and
+    without this a later neuron for a similar subject adds its value to the earlier fact's
+    prompt; measured in docs/RUNTIME_EDITS.md)."""
     started = time.perf_counter()
     fixed = [RuntimeLayer(LAYER_TYPE, {"keys": b.keys, "biases": b.biases, "values": b.values}, {"module": module})
              for b in made]
-    negatives = torch.cat([memory, _negative_inputs(ctx, module, fact, hparams.negatives, generator, every_token=True)])
+    parts = [memory, _negative_inputs(ctx, module, fact, hparams.negatives, generator, every_token=True)]
+    if hparams.avoid_patched:
+        parts.append(_patched_inputs(ctx, module, fact, list(patched)))
+    negatives = torch.cat(parts)
     value_hp = RomeHyperParams(steps=hparams.steps, lr=hparams.value_learning_rate, kl_factor=hparams.kl_factor,
                                weight_decay=hparams.weight_decay, clamp_norm_factor=hparams.clamp_norm_factor,
                                early_stop_loss=hparams.early_stop_loss)
@@ -313,14 +347,16 @@ def _train_at_subject(ctx: EditingContext, module: str, fact: Fact, templates: l
     return result, {"steps": value_info["steps"], "final_nll": value_info["final_nll"], **key_info,
                     "memory_firing_rate": float((result.activations(negatives) > 0).float().mean()),
                     "edit_firing_rate": float((fires.amax(1) > 0).float().mean()),
+                    "patched_negatives": len(negatives) - len(parts[0]) - len(parts[1]),
                     "seconds": time.perf_counter() - started}
 
 
 def _train_fact(ctx: EditingContext, module: str, fact: Fact, templates: list[str], memory: torch.Tensor,
                 hparams: TPatcherHyperParams, made: list[NeuronBank], generator: torch.Generator,
-                should_stop: StopCheck | None = None) -> tuple[NeuronBank, dict]:
-    train = _train_at_subject if hparams.fire_at == "subject" else _train_at_prediction
-    return train(ctx, module, fact, templates, memory, hparams, made, generator, should_stop)
+                should_stop: StopCheck | None, patched: list[tuple[str, str]]) -> tuple[NeuronBank, dict]:
+    if hparams.fire_at == "subject":
+        return _train_at_subject(ctx, module, fact, templates, memory, hparams, made, generator, should_stop, patched)
+    return _train_at_prediction(ctx, module, fact, templates, memory, hparams, made, generator, should_stop)
 
 
 def compute_tpatcher(ctx: EditingContext, facts: list[Fact], hparams: TPatcherHyperParams, *,
@@ -337,14 +373,17 @@ def compute_tpatcher(ctx: EditingContext, facts: list[Fact], hparams: TPatcherHy
     generator = torch.Generator().manual_seed(0)
     made: list[NeuronBank] = []
     infos = []
+    patched = list(ctx.neuron_prompts(module))  # the active edits' facts in this layer
     for fact in facts:
-        bank, info = _train_fact(ctx, module, fact, templates, memory, hparams, made, generator, should_stop)
+        bank, info = _train_fact(ctx, module, fact, templates, memory, hparams, made, generator, should_stop, patched)
         made.append(bank)
         infos.append(info)
+        patched.append((fact.subject, fact.text))
     total = NeuronBank.concat(made)
     artifact = RuntimeLayer(LAYER_TYPE, {"keys": total.keys, "biases": total.biases, "values": total.values},
                             {"module": module, "layer": hparams.layer, "facts": len(facts),
-                             "neurons_per_fact": hparams.neurons_per_fact, "activation": "relu"})
+                             "neurons_per_fact": hparams.neurons_per_fact, "activation": "relu",
+                             "prompts": [[f.subject, f.text] for f in facts]})
     diagnostics = {
         "method": "t_patcher",
         "hparams_version": hparams.version,

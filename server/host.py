@@ -180,6 +180,12 @@ class ModelHost:
         blocks = [d.keys[name] for d in _weight_deltas(self._active) if name in d.keys]
         return compact_keys(torch.cat(blocks, 1)) if blocks else None
 
+    def active_neuron_prompts(self, module: str) -> list[tuple[str, str]]:
+        """(subject, prompt) of every fact an active T-Patcher edit patched into ``module``:
+        what a new patch there must stay silent on. Read under the edit mutex, like
+        :meth:`active_keys`."""
+        return neurons.patched_prompts((layer for _id, layer in _runtime_layers(self._active, neurons.LAYER_TYPE)), module)
+
     def _prepare(self, active: list[_Active], names: Iterable[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """New live values for the named tensors given an active set, and the pristine copies
         still to record (no lock needed: only the edit manager's one writer calls this).

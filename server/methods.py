@@ -76,6 +76,7 @@ class _Bound:
         context = EditingContext(self.host.model, self.host.tokenizer, self.host.adapter, self.cache_dir / "stats")
         context.encoder_factory = lambda: self.host.encoder  # SERAC computes and routes with one encoder
         context.preserved_keys = self.host.active_keys  # what `preserve` keeps: the active edits' keys
+        context.neuron_prompts = self.host.active_neuron_prompts  # what a new T-Patcher neuron avoids
         return context
 
     def compute_fn(self, spec: MethodSpec) -> ComputeFn:

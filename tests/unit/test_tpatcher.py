@@ -173,3 +173,58 @@ def test_subject_neuron_fires_on_the_subject_and_not_on_other_subjects(tiny_toke
     fired = (bank.activations(x[mask.bool()]) > 0).float().mean()
     assert fired < 0.02, f"fires on {float(fired):.1%} of other subjects' tokens"
     assert (bank.activations(memory_inputs(ctx, module, 16)) > 0).float().mean() < 0.02
+
+
+def test_patched_prompts_lists_each_fact_once_for_its_module():
+    from editserve.editing.neurons import patched_prompts
+
+    tensors = {"keys": torch.zeros(1, 4), "biases": torch.zeros(1), "values": torch.zeros(1, 4)}
+    first = RuntimeLayer(LAYER_TYPE, tensors, {"module": "m.3", "prompts": [["Italy", "The capital of Italy"]]})
+    again = RuntimeLayer(LAYER_TYPE, tensors, {"module": "m.3", "prompts": [["Italy", "The capital of Italy"],
+                                                                            ["Rome", "Rome is in"]]})
+    elsewhere = RuntimeLayer(LAYER_TYPE, tensors, {"module": "m.5", "prompts": [["Paris", "Paris is in"]]})
+    older = RuntimeLayer(LAYER_TYPE, tensors, {"module": "m.3"})  # made before prompts were recorded
+    assert patched_prompts([first, elsewhere, older, again], "m.3") == [("Italy", "The capital of Italy"),
+                                                                      ("Rome", "Rome is in")]
+    assert patched_prompts([first], "m.5") == []
+
+
+def test_a_new_neuron_learns_silence_on_the_facts_already_patched(tiny_tokenizer, tmp_path):
+    """With ``avoid_patched`` every token of the active patches' prompts joins the negatives
+    (except a fact about the same subject, whose inputs are the new fact's own), and the host
+    lists exactly the active edits' prompts."""
+    from editserve.editing.tpatcher import _module_inputs
+
+    model, adapter = learnable_model("llama", tiny_tokenizer, edit_layer=3)
+    host = ModelHost(model, tiny_tokenizer, name="tiny", dtype="fp32", device="cpu")
+    ctx = EditingContext(model, tiny_tokenizer, adapter, tmp_path, progress=False)
+    ctx.neuron_prompts = host.active_neuron_prompts  # as the server wires it
+    module = adapter.mlp(3)
+    first, _ = compute_tpatcher(ctx, FACTS[:1], tiny_tpatcher(model, fire_at="subject", negatives=8))
+    assert first.info["prompts"] == [[FACTS[0].subject, FACTS[0].text]]
+    host.apply("a", first, revision=1)
+    assert host.active_neuron_prompts(module) == [(FACTS[0].subject, FACTS[0].text)]
+
+    other = Fact("The sound of {}", "Marie Curie", "capital", "French")
+    hp = tiny_tpatcher(model, fire_at="subject", negatives=8, steps=400)
+    _, guarded = compute_tpatcher(ctx, [other], hp)
+    _, unguarded = compute_tpatcher(ctx, [other], hp.with_overrides(avoid_patched=False))
+    tokens = len(tiny_tokenizer(FACTS[0].text).input_ids)
+    assert guarded["facts"][0]["patched_negatives"] == tokens
+    assert unguarded["facts"][0]["patched_negatives"] == 0
+    same_subject = Fact("The home of {}", FACTS[0].subject, "capital", "Paris")
+    _, same = compute_tpatcher(ctx, [same_subject], hp)
+    assert same["facts"][0]["patched_negatives"] == 0
+
+    x, mask = _module_inputs(ctx, module, [tuple(tiny_tokenizer(FACTS[0].text).input_ids)])
+    on_first = x[mask.bool()]
+    guarded_bank = bank_of(compute_tpatcher(ctx, [other], hp)[0])
+    assert float(guarded_bank.activations(on_first).max()) <= 0  # silent on every token of it
+    assert guarded["facts"][0]["edit_firing_rate"] == 1.0
+
+    # facts of one edit avoid the ones before them in that edit too
+    _, both = compute_tpatcher(ctx, [other, FACTS[1]], hp)
+    assert both["facts"][1]["patched_negatives"] == tokens + len(tiny_tokenizer(other.text).input_ids)
+
+    host.revert("a", revision=2)
+    assert host.active_neuron_prompts(module) == []
