@@ -50,6 +50,7 @@ from .neurons import LAYER_TYPE, NeuronBank, preview_neurons
 from .values import check_facts, compute_value_deltas, fact_rows
 
 MEMORY_ROW_TOKENS = 32  # tokens per memory row (unrelated text the neurons must ignore)
+WHITEN_ROWS = 8192  # negatives the whitened start's covariance reads at most (the hinges read all)
 
 
 def other_subjects() -> list[str]:
@@ -276,7 +277,7 @@ def _fit_key(bank: NeuronBank, edit_x: torch.Tensor, negatives: torch.Tensor, hp
     act_loss = mem_loss = torch.tensor(0.0)
     taken = 0
     with torch.enable_grad():
-        for step in range(1, hparams.steps + 1):
+        for step in range(1, hparams.key_steps + 1):
             check_stop(should_stop, "T-Patcher")
             act = edit_x @ keys.T + biases
             mem = negatives @ keys.T + biases
@@ -329,7 +330,11 @@ def _train_at_subject(ctx: EditingContext, module: str, fact: Fact, templates: l
     with preview_neurons(ctx.model, fixed):
         x, _ = _module_inputs(ctx, module, rows)
     edit_x = x[torch.arange(len(rows)), torch.tensor([s for _ids, s in spec.rows])]  # [rows, d]
-    bank = _whitened_start(edit_x.mean(0), negatives, hparams, generator)
+    # The whitening reads at most WHITEN_ROWS negatives (an even subset past that): its
+    # covariance costs rows x d^2, which thousands of patched prompts would make seconds per
+    # edit; the hinge fit below still keeps silent on every one of them.
+    stride = max(1, -(-len(negatives) // WHITEN_ROWS))
+    bank = _whitened_start(edit_x.mean(0), negatives[::stride], hparams, generator)
     bank, key_info = _fit_key(bank, edit_x, negatives, hparams, should_stop)
     with preview_neurons(ctx.model, fixed):
         values = compute_value_deltas(ctx.model, ctx.tokenizer, module, ctx.adapter.hidden_size, [fact], templates,
