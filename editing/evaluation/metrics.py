@@ -115,12 +115,16 @@ def ngram_entropy(texts: Sequence[str], ns: Sequence[int] = (2, 3), weights: Seq
 
 
 def distribution_drift(reference_logits: torch.Tensor, edited_logits: torch.Tensor) -> tuple[float, float]:
-    """(mean KL(reference || edited) in nats, top-1 agreement) over rows of next-token logits."""
+    """(mean KL(reference || edited) in nats, top-1 agreement) over rows of next-token logits.
+
+    Each row's KL is clamped at 0: it cannot be negative, but float32 sums over a vocabulary
+    of identical-up-to-rounding distributions come out at -1e-9 or so, which a dashboard
+    would show as a (meaningless) negative drift."""
     import torch
 
     ref = torch.log_softmax(reference_logits.float(), -1)
     new = torch.log_softmax(edited_logits.float(), -1)
-    kl = (ref.exp() * (ref - new)).sum(-1)
+    kl = (ref.exp() * (ref - new)).sum(-1).clamp_min(0.0)
     agree = (ref.argmax(-1) == new.argmax(-1)).float()
     return float(kl.mean()), float(agree.mean())
 

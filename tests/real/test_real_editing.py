@@ -37,10 +37,15 @@ def test_edit_changes_generation_and_revert_restores_it(server):
         # side effects are visible as drift metrics within a moment of the apply
         import time
 
+        # (wait for the measurement of the edit's revision: the start-up one reads ~0, not 0)
         deadline = time.monotonic() + 30
-        while server.metric("editserve_drift_kl_divergence") == 0 and time.monotonic() < deadline:
+        while client.model_info().drift_revision != result.revision and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert server.metric("editserve_drift_kl_divergence") > 0
+        info = client.model_info()
+        assert info.drift_revision == result.revision and info.drift_kl > 1e-4
+        while server.metric("editserve_drift_kl_divergence") < 1e-4 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the gauge is set just after the measurement is recorded
+        assert server.metric("editserve_drift_kl_divergence") > 1e-4
         client.revert(result.edit_id)
         assert client.generate(PROMPT, max_new_tokens=6).text == before.text
         assert client.model_info(include_weights_digest=True).weights_digest == pristine
