@@ -49,6 +49,8 @@ def test_neurons_are_hosted_reverted_and_replayed(tiny_servers):
     ({"clamp_norm_factor": float("inf")}, "clamp_norm_factor must be in"),
     ({"kl_factor": -1.0}, "kl_factor must be in"),
     ({"weight_decay": float("nan")}, "weight_decay must be in"),
+    ({"key_steps": 0}, "key_steps must be in"),
+    ({"key_steps": 1_000_000}, "key_steps must be in"),
 ])
 def test_bad_options_change_nothing(tiny_servers, options, message):
     with tiny_servers().client() as client:

@@ -120,6 +120,8 @@ def test_artifact_round_trip_and_fit_checks(tiny_tokenizer, tmp_path):
     ({"learning_rate": float("nan")}, "learning_rate"),
     ({"memory_margin": 1.0}, "memory_margin"),
     ({"neurons_per_fact": 100}, "neurons_per_fact"),
+    ({"key_steps": 0}, "key_steps"),
+    ({"key_steps": 5001}, "key_steps"),
 ])
 def test_bad_options_are_refused_before_compute(overrides, message, tiny_tokenizer, tmp_path):
     model, adapter = learnable_model("llama", tiny_tokenizer)
