@@ -42,7 +42,7 @@ class DriftMonitor:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="editserve-drift", daemon=True)
         metrics.drift_probes.set(len(self.probes))
-        self._publish(0.0, 0.0, 1.0)
+        self._publish(0.0, 0.0, 1.0, host.revision)
 
     def start(self) -> None:
         self._thread.start()
@@ -62,11 +62,14 @@ class DriftMonitor:
     def wait_idle(self, timeout: float = 30.0) -> bool:
         return self._idle.wait(timeout)
 
-    def _publish(self, kl: float, kl_max: float, agreement: float) -> None:
+    def _publish(self, kl: float, kl_max: float, agreement: float, revision: int) -> None:
+        """Set the gauges together with the revision they describe, so an alert can tell a
+        measurement of the served weights from one of older weights."""
         self.metrics.drift_kl.set(kl)
         self.metrics.drift_kl_max.set(kl_max)
         self.metrics.drift_top1.set(agreement)
         self.metrics.drift_refreshed.set(time.time())
+        self.metrics.drift_revision.set(revision)
 
     def _logits(self, artifacts: list[Artifact] = ()) -> torch.Tensor:
         """Next-token logits on the probes as serving would compute them (through a SERAC
@@ -96,7 +99,7 @@ class DriftMonitor:
         kl, agreement = distribution_drift(self._reference, current)
         self.latest = (kl, agreement, revision)
         per_probe = [distribution_drift(self._reference[i : i + 1], current[i : i + 1])[0] for i in range(len(self.probes))]
-        self._publish(kl, max(per_probe), agreement)
+        self._publish(kl, max(per_probe), agreement, revision)
         return kl, agreement
 
     def _loop(self) -> None:

@@ -86,6 +86,9 @@ class Metrics(EngineObserver):
         self.drift_refreshed = Gauge(
             "editserve_drift_last_refresh_timestamp_seconds", "When drift was last recomputed", registry=r
         )
+        self.drift_revision = Gauge(
+            "editserve_drift_revision", "Model revision the drift gauges were measured at (below "
+            "editserve_model_revision while a refresh is pending, or when refreshes fail)", registry=r)
         self.drift_probes = Gauge("editserve_drift_probes", "Prompts in the drift probe set", registry=r)
         self.statistics_ready = Gauge(
             "editserve_key_statistics_ready",

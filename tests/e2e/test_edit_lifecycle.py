@@ -6,6 +6,8 @@ journal, exact revert and replay without the cost of the real model."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from editserve.client import Fact, InvalidArgument, NotFound
@@ -69,6 +71,12 @@ def test_edit_revert_is_exact_and_survives_restart(served):
     assert server.metric("editserve_weight_swap_pause_seconds_count", operation="apply") == 2
     assert server.metric("editserve_weight_swap_pause_seconds_count", operation="revert") == 1
     assert 0 < server.metric("editserve_weight_swap_pause_seconds_sum", operation="apply") < 0.05
+    # the drift gauges say which revision they measured: the revert's, once its refresh ran
+    deadline = time.monotonic() + 30
+    while server.metric("editserve_drift_revision") != 3:
+        assert time.monotonic() < deadline, server.metric("editserve_drift_revision")
+        time.sleep(0.05)
+    assert server.metric("editserve_model_revision") == 3
     server.stop()
 
     restarted = served()
