@@ -112,11 +112,13 @@ class EditserveServer:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer, model_dir = load_model(config.model, dtype=config.dtype, device=device, cache_dir=cache)
-        host_class = ModelHost
+        host_class, backend_options = ModelHost, {}
         if config.backend == "vllm":
             from .backends.vllm import VLLMHost as host_class
+
+            backend_options = {"neuron_hooks": config.vllm_enforce_eager}
         host = host_class(model, tokenizer, name=config.model, dtype=config.dtype, device=device,
-                          encoder_name=config.serac_encoder)
+                          encoder_name=config.serac_encoder, **backend_options)
         state_dir = Path(config.state_dir) if config.state_dir else cache / "state" / Path(config.model).name
         if config.journal_url:
             from .journal_pg import PostgresJournal

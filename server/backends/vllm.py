@@ -18,13 +18,17 @@ Two objects, the two faces of :mod:`editserve.server.state`:
   (:class:`~editserve.server.detokenize.IncrementalText`), so replies match token for token.
 
 Runtime layers: SERAC memory needs nothing in the engine (routing rewrites the prompt before
-it is submitted). T-Patcher neurons would need fixed-capacity buffers registered in each MLP
-before vLLM builds the model; this backend does not have them, so it lacks the
-``ffn_neurons`` capability and such edits are refused before anything is computed.
+it is submitted). T-Patcher neurons ride in the same commit as weights: when the active
+neurons change, the payload carries every patched MLP's whole bank and each worker swaps its
+banks under one forward hook per MLP (:mod:`.vllm_worker`). Hooks run only in an eager model
+(``vllm_enforce_eager``, the default); with it off this host lacks the ``ffn_neurons``
+capability and T-Patcher edits are refused before anything is computed (a compiled model
+would need fixed-capacity neuron buffers registered before vLLM captures it).
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,6 +55,7 @@ from .base import (
 )
 from .hf import EngineObserver, _eos_ids
 from .vllm_engine import VLLMEngine
+from .vllm_worker import NEURONS_KEY, neuron_tensor_name
 
 NAME = "vllm"
 
@@ -61,6 +66,8 @@ class VLLMHost(ModelHost):
     runs, before the journal is replayed, so replay reaches the workers too)."""
 
     engine: VLLMEngine | None = None
+    # the engine's model runs eagerly (``vllm_enforce_eager``), so the workers' neuron hooks run
+    neuron_hooks: bool = True
 
     @property
     def backend_name(self) -> str:
@@ -68,13 +75,16 @@ class VLLMHost(ModelHost):
 
     @property
     def capabilities(self) -> frozenset[str]:
-        """Weight deltas (reloaded into the workers) and SERAC routing (before the engine);
-        no ``ffn_neurons``: T-Patcher needs buffers vLLM's model does not have."""
-        return frozenset({ArtifactKind.WEIGHT_DELTA.value, ArtifactKind.RUNTIME_LAYER.value, "routing"})
+        """Weight deltas (reloaded into the workers), SERAC routing (before the engine) and,
+        in an eager engine, FFN neurons (hooked in the workers)."""
+        kinds = {ArtifactKind.WEIGHT_DELTA.value, ArtifactKind.RUNTIME_LAYER.value, "routing"}
+        return frozenset(kinds | ({"ffn_neurons"} if self.neuron_hooks else set()))
 
     def check_delta(self, delta: Artifact) -> None:
-        if isinstance(delta, RuntimeLayer) and delta.layer_type == neurons.LAYER_TYPE:
-            raise ValueError(f"the {NAME} backend cannot host runtime layers of type {delta.layer_type!r}")
+        if (isinstance(delta, RuntimeLayer) and delta.layer_type == neurons.LAYER_TYPE
+                and not self.neuron_hooks):
+            raise ValueError(f"the {NAME} backend hosts runtime layers of type {delta.layer_type!r} only "
+                             "with vllm_enforce_eager")
         super().check_delta(delta)
 
     def engine_names(self, names: list[str]) -> list[str]:
@@ -95,21 +105,36 @@ class VLLMHost(ModelHost):
         return sorted(out)
 
     def _commit(self, active, prepared, revision: int) -> float:
-        """Swap the analysis view's tensors, then load the same bits into the workers."""
+        """Swap the analysis view's tensors (and neuron banks), then load the same bits into
+        the workers: the touched weights, and every bank whenever the active neurons changed."""
         from safetensors.torch import save_file
 
         values, _pristine = prepared
+        neurons_before = _neuron_edits(self._active)
         pause = super()._commit(active, prepared, revision)
         if self.engine is None:
             return pause
         names = self.engine_names(sorted(values))
-        if not names:
+        tensors = {n: self.model.get_parameter(n).detach().cpu().contiguous() for n in names}
+        metadata = {}
+        if _neuron_edits(active) != neurons_before:
+            metadata[NEURONS_KEY] = json.dumps(sorted(self._banks))
+            for module, bank in self._banks.items():
+                for part in ("keys", "biases", "values"):
+                    tensors[neuron_tensor_name(module, part)] = getattr(bank, part).detach().cpu().contiguous()
+        if not tensors and not metadata:
             return pause + self.engine.commit(None, revision)
         shm = Path("/dev/shm")
         with tempfile.TemporaryDirectory(prefix="editserve-weights-", dir=shm if shm.is_dir() else None) as tmp:
             path = Path(tmp) / f"revision-{revision}.safetensors"
-            save_file({n: self.model.get_parameter(n).detach().cpu().contiguous() for n in names}, str(path))
+            save_file(tensors, str(path), metadata=metadata)
             return pause + self.engine.commit(str(path), revision)
+
+
+def _neuron_edits(active) -> list[str]:
+    """The ids of the active edits that are FFN neurons, in order: the banks follow from them."""
+    return [a.edit_id for a in active
+            if isinstance(a.delta, RuntimeLayer) and a.delta.layer_type == neurons.LAYER_TYPE]
 
 
 @dataclass

@@ -128,11 +128,29 @@ def test_cancel_frees_the_engine_slot(vllm_server):
         assert client.generate("Once upon a time", max_new_tokens=4, ignore_eos=True).finish_reason == "length"
 
 
-def test_tpatcher_is_refused_naming_the_backend(vllm_server):
-    with vllm_server[-1].client() as client, pytest.raises(Exception) as info:
-        client.edit(FACT, method="t_patcher")
-    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
-    assert "vllm backend" in str(info.value) and "ffn_neurons" in str(info.value)
+def test_tpatcher_neurons_reach_the_workers_and_revert_exactly(hf, vllm_server):
+    """A T-Patcher edit on the vLLM backend: its neurons are hooked into the workers' MLP, so
+    vLLM generates what the HF backend generates with the same artifact (moved by a bundle),
+    and a revert takes them out again, bit for bit."""
+    server = vllm_server[-1]
+    before, unrelated = _greedy(server, PROMPT, 8), _greedy(server, PROMPTS[0])
+    assert "English" not in before.text
+    with server.client() as client:
+        result = client.edit(FACT, method="t_patcher")
+        patched = _greedy(server, PROMPT, 8)
+        assert "English" in patched.text and patched.revision == result.revision
+        bundle = client.export_edits([result.edit_id])
+        with hf.client() as reference:
+            imported = reference.import_edits(bundle)
+            expected = _greedy(hf, PROMPT, 8)
+            reference.revert(imported.edits[0].edit_id)
+        assert patched.token_ids == expected.token_ids
+        assert patched.logprobs == pytest.approx(expected.logprobs, abs=2e-3)
+        assert _greedy(server, PROMPTS[0]).token_ids == unrelated.token_ids  # a prompt it was not made for
+        client.revert(result.edit_id)
+    reverted = _greedy(server, PROMPT, 8)
+    assert reverted.token_ids == before.token_ids
+    assert reverted.logprobs == before.logprobs  # no neuron left behind in any worker
 
 
 def test_edit_reaches_the_workers_replays_and_reverts_bit_exactly(root, editserve_cache, vllm_server):

@@ -4,12 +4,20 @@ tests/e2e/test_vllm_backend.py; nothing here imports vLLM.)"""
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
+from safetensors import safe_open
 
 from editserve.editing.artifacts import RuntimeLayer, WeightDelta
 from editserve.server.backends.vllm import VLLMHost
 from editserve.server.backends.vllm_engine import EngineOptions, VLLMEngine
+from editserve.server.backends.vllm_worker import NEURONS_KEY, EditserveWorkerExtension
 from editserve.server.host import compose
 from editserve.server.methods import unavailable_reason
 from editserve.server.state import AnalysisView, ServedState
@@ -19,11 +27,82 @@ from tests.tiny import tiny_model
 LLAMA_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
 
-def _host(tokenizer) -> VLLMHost:
+OPTIONS = EngineOptions(model_dir="unused", dtype="float32", max_model_len=64, max_num_seqs=2,
+                        kv_cache_bytes=1 << 20)
+
+
+def _host(tokenizer, *, neuron_hooks: bool = False, engine: VLLMEngine | None = None) -> VLLMHost:
     model, tok = tiny_model("llama", tokenizer=tokenizer)
-    engine = VLLMEngine(EngineOptions(model_dir="unused", dtype="float32", max_model_len=64, max_num_seqs=2,
-                                      kv_cache_bytes=1 << 20), packed_modules=LLAMA_PACKED)
-    return VLLMHost(model, tok, name="tiny", dtype="fp32", device="cpu", engine=engine)
+    engine = engine or VLLMEngine(OPTIONS, packed_modules=LLAMA_PACKED)
+    return VLLMHost(model, tok, name="tiny", dtype="fp32", device="cpu", engine=engine, neuron_hooks=neuron_hooks)
+
+
+@dataclass
+class _RecordingEngine(VLLMEngine):
+    """Keeps a copy of every payload a commit would send to the workers (no engine runs here)."""
+
+    keep_in: Path = Path(".")
+    sent: list[Path | None] = field(default_factory=list)
+
+    def commit(self, payload: str | None, revision: int) -> float:
+        if payload is None:
+            self.sent.append(None)
+        else:
+            self.sent.append(self.keep_in / f"{revision}.safetensors")
+            shutil.copyfile(payload, self.sent[-1])
+        self.revision = revision
+        return 0.0
+
+
+def _payload(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as opened:
+        return {name: opened.get_tensor(name) for name in opened.keys()}, opened.metadata() or {}
+
+
+def _logits(model, tokenizer, text: str = "the capital of france is") -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokenizer(text, return_tensors="pt")["input_ids"]).logits
+
+
+def test_neurons_travel_whole_when_they_change_and_the_worker_serves_them(tiny_tokenizer, tmp_path):
+    """An eager engine hosts T-Patcher neurons: a commit that changes the active neurons sends
+    every patched MLP's bank, one that does not sends none, and the worker's hooks make its
+    model compute what the analysis view computes (a revert empties the bank exactly)."""
+    engine = _RecordingEngine(OPTIONS, packed_modules=LLAMA_PACKED, keep_in=tmp_path)
+    host = _host(tiny_tokenizer, neuron_hooks=True, engine=engine)
+    assert "ffn_neurons" in host.capabilities
+    assert unavailable_reason("t_patcher", host.capabilities, host.backend_name) is None
+    width = host.model.config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    patch = RuntimeLayer("ffn_neurons", {"keys": torch.randn(3, width, generator=generator),
+                                         "biases": torch.full((3,), 4.0),  # fires on every token
+                                         "values": torch.randn(3, width, generator=generator)},
+                         {"module": "model.layers.1.mlp", "layer": 1})
+    worker_model, _ = tiny_model("llama", tokenizer=tiny_tokenizer)  # the worker's copy
+    pristine = _logits(worker_model, tiny_tokenizer)
+    worker = EditserveWorkerExtension()
+    worker.model_runner = SimpleNamespace(get_model=lambda: worker_model)
+
+    host.apply("n", patch, revision=1)
+    tensors, metadata = _payload(engine.sent[-1])
+    assert json.loads(metadata[NEURONS_KEY]) == ["model.layers.1.mlp"]
+    assert sorted(tensors) == [f"model.layers.1.mlp::{p}" for p in ("biases", "keys", "values")]
+    assert torch.equal(tensors["model.layers.1.mlp::keys"], patch.tensors["keys"])
+    worker.editserve_load(str(engine.sent[-1]))
+    served = _logits(host.model, tiny_tokenizer)
+    assert not torch.allclose(served, pristine)
+    assert torch.equal(_logits(worker_model, tiny_tokenizer), served)
+
+    host.apply("w", WeightDelta(dense={"model.layers.0.mlp.down_proj.weight": torch.ones(width, 2 * width)}), 2)
+    tensors, metadata = _payload(engine.sent[-1])
+    assert NEURONS_KEY not in metadata and sorted(tensors) == ["model.layers.0.mlp.down_proj.weight"]
+    host.revert("w", revision=3)
+
+    host.revert("n", revision=4)
+    tensors, metadata = _payload(engine.sent[-1])
+    assert json.loads(metadata[NEURONS_KEY]) == [] and tensors == {}
+    worker.editserve_load(str(engine.sent[-1]))
+    assert torch.equal(_logits(worker_model, tiny_tokenizer), pristine)
 
 
 def test_a_fused_member_travels_with_its_group(tiny_tokenizer):
@@ -38,7 +117,8 @@ def test_a_fused_member_travels_with_its_group(tiny_tokenizer):
     assert host.engine_names(["model.layers.0.mlp.down_proj.weight"]) == ["model.layers.0.mlp.down_proj.weight"]
 
 
-def test_the_vllm_state_refuses_neurons_and_names_itself(tiny_tokenizer):
+def test_a_compiled_engine_refuses_neurons_and_names_itself(tiny_tokenizer):
+    """With ``vllm_enforce_eager`` off the workers' model runs no Python hooks."""
     host = _host(tiny_tokenizer)
     assert isinstance(host, AnalysisView) and isinstance(host, ServedState)
     assert "ffn_neurons" not in host.capabilities and "routing" in host.capabilities
@@ -46,7 +126,7 @@ def test_the_vllm_state_refuses_neurons_and_names_itself(tiny_tokenizer):
     assert "the vllm backend lacks" in reason and "ffn_neurons" in reason
     assert unavailable_reason("rome", host.capabilities, host.backend_name) is None
     neurons = RuntimeLayer(layer_type="ffn_neurons", tensors={"keys": torch.zeros(1, 4)}, info={})
-    with pytest.raises(ValueError, match="vllm backend cannot host"):
+    with pytest.raises(ValueError, match="only with vllm_enforce_eager"):
         host.check_delta(neurons)
 
 
