@@ -106,15 +106,20 @@ class EditingContext:
         """C = E[k k^T] for one layer (see :meth:`second_moments`)."""
         return self.second_moments([layer], source, tokens)[layer]
 
-    def solve_regularised(self, layer: int, source: str, tokens: int, weight: float, keys: torch.Tensor
-                          ) -> torch.Tensor:
-        """(weight * C + K K^T)^-1 K in float64 for keys K [d_mlp, n] (MEMIT's least squares).
+    def solve_regularised(self, layer: int, source: str, tokens: int, weight: float, keys: torch.Tensor,
+                          earlier: torch.Tensor | None = None) -> torch.Tensor:
+        """(weight * C + K K^T + Ke Ke^T)^-1 K in float64 for keys K [d_mlp, n] (MEMIT's least
+        squares); ``earlier`` keys Ke [d_mlp, m] (default none) join it with residual zero, so
+        they keep their outputs as closely as the new keys reach theirs.
 
         K K^T is positive semi-definite and C positive definite up to rounding, so the system
         is solved by Cholesky, with a tiny ridge added only if the factorisation fails."""
         c = self.second_moment(layer, source, tokens).double()
         k = keys.double().cpu()
         system = weight * c + k @ k.T
+        if earlier is not None and earlier.numel():
+            e = earlier.double().cpu()
+            system = system + e @ e.T
         factor, info = torch.linalg.cholesky_ex(system)
         scale = 1e-10 * system.diagonal().mean().clamp_min(1e-30)
         eye = torch.eye(system.shape[0], dtype=system.dtype)

@@ -171,6 +171,14 @@ class ValueHyperParams(HyperParams):
         this fraction of the largest count as the null space.
     preserve_ridge: with ``preserve``, the ridge of the solve, as a fraction of E||k||^2
         (trace C): larger shrinks the update, smaller writes the facts more exactly.
+    preserve_projection: with ``preserve``, confine the update to C's null space (AlphaEdit,
+        the default). False keeps only the earlier edits' keys: the solve is MEMIT's least
+        squares over the whole key space, (lambda C + K K^T + Ke Ke^T)^-1 K with lambda =
+        ``mom2_update_weight``, each earlier key held to its current output with the weight a
+        new key is written with (for ROME, its C^-1 k* direction bent away from Ke).
+    mom2_update_weight: lambda in Delta = R K^T (lambda C + K K^T)^-1: how strongly the
+        keys the layer usually sees are preserved, relative to the edited facts (MEMIT's
+        solve; ROME reads it only with ``preserve`` and ``preserve_projection`` false).
     skip_lower_layers: each optimisation step starts at the edited layer from its cached
         input instead of running the layers below it again (same result, faster; off only to
         measure the difference or to rule it out).
@@ -190,6 +198,8 @@ class ValueHyperParams(HyperParams):
     preserve: bool = False
     null_space_threshold: float = bounded(1e-2, 0.0, 1.0)
     preserve_ridge: float = bounded(1e-3, 1e-9, 1e3)
+    preserve_projection: bool = True
+    mom2_update_weight: float = bounded(15_000.0, 1e-6, 1e9)
     skip_lower_layers: bool = True
 
     aliases: ClassVar[dict[str, str]] = {"learning_rate": "lr", "stats_token_count": "stats_tokens"}
@@ -220,14 +230,11 @@ class MemitHyperParams(ValueHyperParams):
     """MEMIT: the facts' target hidden states z are optimised at the last of ``layers`` (the
     residual stream after that block) and the change is spread over all of ``layers``.
 
-    mom2_update_weight: lambda in Delta = R K^T (lambda C + K K^T)^-1: how strongly the
-        keys the layer usually sees are preserved, relative to the edited facts.
     batch_facts: facts optimised together in one batch of forward passes (memory bound).
     """
 
     method: ClassVar[str] = "memit"
     layers: tuple[int, ...] = bounded((3, 4, 5, 6, 7), 0, MAX_LAYERS - 1)
-    mom2_update_weight: float = bounded(15_000.0, 1e-6, 1e9)
     batch_facts: int = bounded(32, 1, 1024)
     clamp_norm_factor: float = bounded(0.75, 1e-3, 1e6)
 

@@ -51,8 +51,14 @@ def rank_one_factors(ctx: EditingContext, layer: int, key: torch.Tensor, change:
     ``anchor_key`` (default k*) is the key whose output changes by exactly ``change``. With
     ``hparams.preserve`` the direction C^-1 k* becomes the preserving solve's
     (:meth:`EditingContext.solve_preserving`): confined to C's null space and orthogonal, in
-    effect, to the ``earlier`` edits' keys [d_mlp, m], which keep their outputs."""
-    if hparams.preserve:
+    effect, to the ``earlier`` edits' keys [d_mlp, m], which keep their outputs. Without the
+    projection (``preserve_projection`` false) it is (lambda C + Ke Ke^T)^-1 k*: C^-1 k* when
+    no edit is active, bent away from the earlier keys as far as lambda lets it."""
+    if hparams.preserve and not hparams.preserve_projection:
+        # (lambda C + Ke Ke^T)^-1 k*, up to scale: k* k*^T in the system only rescales it
+        left = ctx.solve_regularised(layer, hparams.stats_source, hparams.stats_tokens, hparams.mom2_update_weight,
+                                     key.cpu()[:, None], earlier)[:, 0].float()
+    elif hparams.preserve:
         left = ctx.solve_preserving(layer, hparams.stats_source, hparams.stats_tokens, key.cpu()[:, None], earlier,
                                     hparams.null_space_threshold, hparams.preserve_ridge)[:, 0].float()
     else:

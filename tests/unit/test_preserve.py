@@ -117,3 +117,45 @@ def test_host_gathers_the_active_edits_keys(tiny_tokenizer):
     torch.testing.assert_close(host.active_keys(name), torch.cat([d.keys[name] for d in deltas], 1))
     host.revert("e0", 3)
     torch.testing.assert_close(host.active_keys(name), deltas[1].keys[name])
+
+
+def test_keys_only_preservation_bends_rome_away_from_earlier_keys(tiny_tokenizer, stats_dir):
+    """``preserve_projection=false``: no null space, only the earlier edits' keys kept. With
+    none active the update is plain ROME's; with one, its key hardly moves, and a larger
+    lambda (the usual keys' weight) lets it move more."""
+    model, adapter, ctx = _setup(tiny_tokenizer, stats_dir)
+    name = adapter.mlp_out_weight_name(1)
+    keys_only = dict(preserve=True, preserve_projection=False, mom2_update_weight=1e-3)
+    ctx.preserved_keys = lambda _wanted: None
+    plain, _ = compute_rome(ctx, [FACT], tiny_hparams(model))
+    alone, _ = compute_rome(ctx, [FACT], tiny_hparams(model, **keys_only))
+    torch.testing.assert_close(alone.delta(name), plain.delta(name), atol=1e-4 * float(plain.delta(name).abs().max()),
+                               rtol=1e-3)
+
+    ctx.preserved_keys = lambda wanted: plain.keys[wanted] if wanted == name else None
+    written = plain.delta(name) @ plain.keys[name]
+    moved = {}
+    for weight in (1e-3, 1e3):
+        second, diagnostics = compute_rome(ctx, [SECOND], tiny_hparams(model, **{**keys_only, "mom2_update_weight": weight}))
+        assert diagnostics["preserved_keys"] == 1
+        moved[weight] = float((second.delta(name) @ plain.keys[name]).norm()) / float(written.norm())
+        with preview(model, second):
+            assert score(model, tiny_tokenizer, [SECOND.text], [SECOND.target_new])[0].probability > 0.3
+    ctx.preserved_keys = lambda _wanted: None
+    unkept, _ = compute_rome(ctx, [SECOND], tiny_hparams(model))
+    moved_plain = float((unkept.delta(name) @ plain.keys[name]).norm()) / float(written.norm())
+    assert moved[1e-3] < 1e-3 < moved_plain and moved[1e-3] < moved[1e3], (moved, moved_plain)
+
+
+def test_keys_only_preservation_in_memit_keeps_earlier_keys(tiny_tokenizer, stats_dir):
+    model, adapter = learnable_model("llama", tiny_tokenizer, edit_layer=2)
+    ctx = EditingContext(model, tiny_tokenizer, adapter, stats_dir, progress=False)
+    first, _ = compute_memit(ctx, FACTS[:1], tiny_memit(model))
+    names = [adapter.mlp_out_weight_name(layer) for layer in (1, 2)]
+    ctx.preserved_keys = lambda wanted: first.keys[wanted] if wanted in names else None
+    options = dict(preserve=True, preserve_projection=False, mom2_update_weight=1e-3)
+    kept, _ = compute_memit(ctx, FACTS[1:], tiny_memit(model, **options))
+    plain, _ = compute_memit(ctx, FACTS[1:], tiny_memit(model, mom2_update_weight=1e-3))
+    for name in names:
+        moved = float((kept.delta(name) @ first.keys[name]).norm())
+        assert moved < 0.05 * float((plain.delta(name) @ first.keys[name]).norm())
