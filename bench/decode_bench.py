@@ -8,10 +8,13 @@ measured here, by summing a buffer much larger than the caches with the same thr
 bound and the speeds come from one sitting. Rows:
 
 * ``generate``: transformers' ``model.generate`` (greedy, fp32), the baseline;
-* ``engine``: editserve's batching engine (``HFBackend``), in-process, as the server runs it,
-  for each dtype; batch 16 submits 16 requests at once. In fp32 twice, run by run in turn
-  (A/B pairs): with plain ``F.linear`` products and with the blocked products the engine
-  uses (``server/backends/blocked_linear.py``).
+* ``engine``: editserve's batching engine (``HFBackend``), in-process, for each dtype; batch
+  16 submits 16 requests at once. In fp32 five variants run by run in turn: the engine as it
+  was before issue 17's decode work (transformers' full forward, blocked products always),
+  full forward or lean step (``server/backends/lean_decode.py``) each with ``F.linear`` and
+  with blocked products (``server/backends/blocked_linear.py``), and the engine as served
+  now (lean step, products chosen by timing both at start-up,
+  ``server/backends/product_choice.py``, whose measurement is printed).
 
 Tokens/s at batch 1 is the decode rate of one stream (tokens after the first over the time
 between first and last); at batch 16 it is all tokens over the wall time, prefill included.
@@ -113,7 +116,7 @@ def main() -> None:
 
     import torch
 
-    from editserve.server.backends.blocked_linear import use_blocked_linear, use_plain_linear
+    from editserve.server.backends.blocked_linear import ALL_ROWS, use_blocked_linear
     from editserve.server.backends.hf import HFBackend
     from editserve.server.host import ModelHost
     from editserve.server.models import load_model
@@ -126,6 +129,8 @@ def main() -> None:
     bounds: dict[str, float] = {}
     reference: dict[int, list[list[int]]] = {}
     baseline: dict[int, float] = {}
+    before: dict[int, float] = {}
+    choices: list[str] = []
     for dtype in args.dtypes.split(","):
         model, tokenizer, _ = load_model(args.model, dtype=dtype)
         bounds[dtype] = bandwidth / weight_bytes(model)
@@ -133,23 +138,35 @@ def main() -> None:
             for batch in batches:
                 baseline[batch] = generate_rate(model, tokenizer, batch, args.tokens, args.runs)
                 rows.append(("generate", dtype, batch, baseline[batch], ""))
-        # fp32: plain and blocked products alternate run by run (A/B pairs), so a change in
-        # machine load hits both alike
-        variants = {"plain F.linear": use_plain_linear, "blocked": use_blocked_linear} if dtype == "fp32" \
-            else {"": use_blocked_linear}
         backend = HFBackend(ModelHost(model, tokenizer, name=args.model, dtype=dtype, device="cpu"),
-                            max_batch_size=max(batches), max_pending=max(batches))
+                            max_batch_size=max(batches), max_pending=max(batches))  # products "auto": measured
+        choices.append(f"{dtype}: {backend.products.describe()}")
+        lean, served_rows = backend.lean, backend.products.blocked_rows
+        # (name, lean step or None, rows taking the blocked product); the first is the engine as
+        # it was before the lean step and the product choice (2026-11-30), the last as served now
+        variants = [("engine before: full forward, blocked products", None, ALL_ROWS),
+                    ("full forward, F.linear", None, frozenset()),
+                    ("lean step, F.linear", lean, frozenset()),
+                    ("lean step, blocked products", lean, ALL_ROWS),
+                    ("engine as served: lean step, products chosen at start-up", lean, served_rows)]
+        if dtype != "fp32":  # the blocked product is fp32 only: no product variants
+            variants = [("engine before: full forward", None, served_rows),
+                        ("engine as served: lean step", lean, served_rows)]
         backend.start()
         try:
             engine_run(backend, tokenizer, 1, 4)  # warm-up
             for batch in batches:
-                results: dict[str, list[tuple[float, list[list[int]]]]] = {name: [] for name in variants}
+                # variants alternate run by run, so a change in machine load hits them alike
+                results: dict[str, list[tuple[float, list[list[int]]]]] = {name: [] for name, _, _ in variants}
                 for _ in range(args.runs):
-                    for name, switch in variants.items():
-                        switch(model)  # the engine is idle between runs
+                    for name, step, blocked_rows in variants:
+                        backend.lean = step  # the engine is idle between runs
+                        use_blocked_linear(model, blocked_rows)
                         results[name].append(engine_run(backend, tokenizer, batch, args.tokens))
                 for name, runs in results.items():
                     rate = statistics.median(r for r, _ in runs)
+                    if dtype == "fp32" and name.startswith("engine before"):
+                        before[batch] = rate
                     outputs = runs[0][1]
                     reference.setdefault(batch, outputs)
                     same = sum(a == b for a, b in zip(outputs, reference[batch], strict=True))
@@ -158,18 +175,22 @@ def main() -> None:
                     agree = f"{same}/{len(outputs)} identical"
                     if same < len(outputs):
                         agree += f", first difference at token {min(first)}"
-                    rows.append((f"engine {name}".strip(), dtype, batch, rate, agree))
+                    rows.append((name, dtype, batch, rate, agree))
         finally:
             backend.stop()
-        del model, backend
+        del model, backend, lean
 
-    print(f"{time.strftime('%Y-%m-%d')}, model {args.model}, {args.threads} torch threads, {args.tokens} new tokens, "
-          f"median of {args.runs}; read bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print("| path | dtype | batch | tok/s | / generate fp32 | / bandwidth bound (batch 1) | greedy vs engine fp32 plain |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, model {args.model}, {args.threads} torch threads, {args.tokens} new "
+          f"tokens, median of {args.runs}; read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    for line in choices:
+        print(f"  {line}")
+    print("| path | dtype | batch | tok/s | / generate fp32 | / engine before (fp32) | / bandwidth bound (batch 1) "
+          "| greedy vs engine before (fp32) |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     for path, dtype, batch, rate, agree in rows:
         bound = f"{rate / bounds[dtype]:.0%} of {bounds[dtype]:.0f}" if batch == 1 else ""
-        print(f"| {path} | {dtype} | {batch} | {rate:.1f} | {rate / baseline[batch]:.2f}x | {bound} | {agree} |")
+        ratio = f"{rate / before[batch]:.2f}x" if batch in before else ""
+        print(f"| {path} | {dtype} | {batch} | {rate:.1f} | {rate / baseline[batch]:.2f}x | {ratio} | {bound} | {agree} |")
 
 
 if __name__ == "__main__":

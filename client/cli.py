@@ -63,6 +63,10 @@ def main() -> None:
               help="glibc malloc arenas, in [0, 64] (default 2; 0: glibc's default of 8 per core).")
 @click.option("--prefix-cache-mb", type=int, default=None,
               help="MiB of recent prompts' KV reused by later prompts with the same start (default 256; 0: off).")
+@click.option("--decode-products", type=click.Choice(["auto", "plain", "blocked"]), default=None,
+              help="Small fp32 decode products: auto (time both kernels at start-up, default), plain or blocked.")
+@click.option("--lean-decode/--no-lean-decode", default=None,
+              help="Decode Llama-layout models without transformers' per-call work (default on).")
 @click.option("--max-concurrent-requests", type=int, default=None)
 @click.option("--threads", "torch_threads", type=int, default=None, help="torch threads (0: torch default).")
 @click.option("--max-edit-facts", type=int, default=None, help="Facts one Edit may carry (default 10000).")

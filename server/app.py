@@ -30,6 +30,7 @@ from editserve.client._pb import editing_pb2, editing_pb2_grpc, inference_pb2, i
 from .auth import AccessPolicy, AuthInterceptor, server_credentials, startup_warnings
 from .config import ServeConfig
 from .editing_service import EditingServicer
+from .fresh_thread import in_fresh_thread
 from .inference_service import InferenceServicer
 from .memory import limit_malloc_arenas
 from .rpc import MalformedRequestInterceptor
@@ -273,7 +274,8 @@ def make_backend(config: ServeConfig, host, model_dir: Path, metrics):
     from .backends.hf import HFBackend
 
     return HFBackend(host, max_batch_size=config.max_batch_size, max_pending=config.max_pending_requests,
-                     observer=metrics, prefix_cache_bytes=config.prefix_cache_mb << 20)
+                     observer=metrics, prefix_cache_bytes=config.prefix_cache_mb << 20,
+                     products=config.decode_products, lean_decode=config.lean_decode)
 
 
 def serve(config: ServeConfig, port_file: Path | None = None) -> int:
@@ -295,7 +297,8 @@ def serve(config: ServeConfig, port_file: Path | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, _frame: server.on_signal(signum))
     signal.signal(signal.SIGINT, lambda signum, _frame: server.on_signal(signum))
     try:
-        server.load()
+        # the main thread lives on: loading in a thread that ends leaves no idle OpenMP team (fresh_thread.py)
+        in_fresh_thread(server.load, "editserve-load")
     except Exception as error:  # noqa: BLE001 - report and exit non-zero for the orchestrator
         log.error("start-up failed: %s", error)
         print(f"editserve: start-up failed: {error}", file=sys.stderr)

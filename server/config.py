@@ -16,6 +16,7 @@ MAX_SHUTDOWN_GRACE_SECONDS = 600.0
 MAX_PREFIX_CACHE_MB = 1 << 20
 MAX_BUNDLE_MB = 64 << 10
 BACKENDS = ("hf", "vllm")
+DECODE_PRODUCTS = ("auto", "plain", "blocked")  # server/backends/product_choice.py
 JOURNAL_URL_SCHEMES = ("postgresql://", "postgres://")
 MIN_JOURNAL_POLL_SECONDS = 0.05
 MAX_JOURNAL_POLL_SECONDS = 300.0
@@ -41,6 +42,13 @@ class ServeConfig:
     # KV of recent prompts kept for reuse by later prompts that start the same way (MiB;
     # 0 turns it off). Emptied at every edit or revert. SmolLM2-135M: ~46 KiB per token (fp32).
     prefix_cache_mb: int = 256
+    # small fp32 decode products: "auto" times F.linear against the blocked product on this
+    # machine at start-up (~1 s) and keeps the faster per batch size; "plain" or "blocked"
+    # skip the measurement (server/backends/product_choice.py)
+    decode_products: str = "auto"
+    # decode steps of Llama-layout models without transformers' per-call work (same
+    # arithmetic; server/backends/lean_decode.py); false: always the full forward
+    lean_decode: bool = True
     max_pending_requests: int = 64
     max_concurrent_requests: int = 64
     max_prompt_tokens: int = 2048
@@ -126,6 +134,10 @@ class ServeConfig:
                 or not 0 <= self.prefix_cache_mb <= MAX_PREFIX_CACHE_MB:
             raise ValueError(f"prefix_cache_mb must be an integer in [0, {MAX_PREFIX_CACHE_MB}], "
                              f"got {self.prefix_cache_mb!r}")
+        if self.decode_products not in DECODE_PRODUCTS:
+            raise ValueError(f"decode_products must be one of {list(DECODE_PRODUCTS)}, got {self.decode_products!r}")
+        if not isinstance(self.lean_decode, bool):
+            raise ValueError(f"lean_decode must be true or false, got {self.lean_decode!r}")
         if isinstance(self.malloc_arenas, bool) or not isinstance(self.malloc_arenas, int) \
                 or not 0 <= self.malloc_arenas <= 64:
             raise ValueError(f"malloc_arenas must be an integer in [0, 64], got {self.malloc_arenas!r}")

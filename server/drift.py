@@ -21,6 +21,7 @@ from editserve.editing.evaluation.metrics import distribution_drift
 from editserve.editing.evaluation.probes import load_probes, next_token_logits
 from editserve.editing.memory import LAYER_TYPE as MEMORY_LAYER
 
+from .fresh_thread import in_fresh_thread
 from .host import ModelHost
 from .metrics import Metrics
 
@@ -109,7 +110,7 @@ class DriftMonitor:
             if self._stop:
                 return
             try:
-                self.refresh()
+                in_fresh_thread(self.refresh, "editserve-drift-refresh")  # no idle OpenMP team left behind
             except Exception:  # noqa: BLE001 - drift is advisory; never take the server down
                 log.exception("drift refresh failed")
             if not self._wake.is_set():

@@ -43,6 +43,7 @@ from editserve.editing.registry import METHODS, ArtifactKind
 from .bundle import MAX_BUNDLE_EDITS, BundledEdit, read_bundle, write_bundle
 from .drift_budget import DriftBudget, DriftCheck
 from .errors import Diverged
+from .fresh_thread import in_fresh_thread
 from .host import ModelHost
 from .idempotency import KeyConflict, request_digest, validate_key
 from .journal import DuplicateKey, EditRecord, Journal, JournalError, JournalUnavailable
@@ -372,7 +373,8 @@ class EditManager:
 
         Once the work has started it checks ``should_stop`` itself between its steps, so the
         wait stops polling: one caller's checks then come from one thread, in step order."""
-        future = self._worker.submit(work)
+        # in a thread of its own that ends with the work: no idle OpenMP team slows decoding (fresh_thread.py)
+        future = self._worker.submit(in_fresh_thread, work, "editserve-edit-work")
         while True:
             try:
                 return future.result(timeout=MUTEX_POLL_SECONDS)

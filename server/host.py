@@ -30,6 +30,7 @@ from editserve.editing.adapter import ArchitectureAdapter
 from editserve.editing.artifacts import Artifact, RuntimeLayer, WeightDelta, compact_keys
 from editserve.editing.registry import ArtifactKind
 
+from .fresh_thread import in_fresh_thread
 from .rwlock import RWLock
 
 # What the model fingerprint reads (see ModelHost.fingerprint); changing any of these changes
@@ -146,7 +147,8 @@ class ModelHost:
             memory = self._build_memory(_runtime_layers(self._active, edit_memory.LAYER_TYPE) + list(extra))
         if memory is None or not len(memory):
             return [None] * len(texts)
-        return memory.route(texts, self.encoder.encode)
+        # Generate calls route from gRPC threads, which live on: no OpenMP team left behind (fresh_thread.py)
+        return in_fresh_thread(lambda: memory.route(texts, self.encoder.encode), "editserve-route")
 
     def routed_prompts(self, texts: list[str], extra: list[tuple[str, RuntimeLayer]] = ()
                        ) -> tuple[list[str], list[edit_memory.Match | None]]:

@@ -10,6 +10,12 @@ even that core's bandwidth. The same product written as ``torch.bmm`` of the wei
 faster, and for many rows (prefill, scoring, tracing) the plain matrix product is, so only
 small fp32 products without autograd take the blocked path.
 
+That was one machine. On another of the same kind (an Intel Xeon, 2026-12-03) ``F.linear``
+read 25 GB/s at one row and the blocked product 10 GB/s: which is faster is a property of the
+CPU and the torch build, not of the model. So the row counts that take the blocked path are
+an attribute of each layer (:attr:`BlockedLinear.blocked_rows`), set from a measurement on the
+serving machine at start-up (:mod:`.product_choice`), not a constant.
+
 The result is the same product summed in another order: it differs from ``F.linear`` by
 float32 rounding (~1e-5 relative), which the tests bound. Parameters, their names and every
 hook stay as they were: only the class of each ``nn.Linear`` changes, so an edit that swaps a
@@ -28,14 +34,21 @@ BLOCKS = 8
 MAX_ROWS = 16
 
 
+ALL_ROWS: frozenset[int] = frozenset(range(1, MAX_ROWS + 1))
+
+
 class BlockedLinear(nn.Linear):
     """``nn.Linear`` whose small fp32 no-grad products run as 8 row-block products at once."""
+
+    # the row counts (at most MAX_ROWS) that take the blocked path; set per layer by
+    # use_blocked_linear, from product_choice's measurement when the server starts
+    blocked_rows: frozenset[int] = ALL_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         out_features, in_features = weight.shape
         rows = x.numel() // in_features if in_features else 0
-        if (torch.is_grad_enabled() or rows == 0 or rows > MAX_ROWS or weight.dtype != torch.float32
+        if (rows not in self.blocked_rows or torch.is_grad_enabled() or weight.dtype != torch.float32
                 or x.dtype != torch.float32 or out_features % BLOCKS or not weight.is_contiguous()):
             return F.linear(x, weight, self.bias)
         columns = x.reshape(rows, in_features).t().unsqueeze(0).expand(BLOCKS, in_features, rows)
@@ -46,13 +59,16 @@ class BlockedLinear(nn.Linear):
         return out.reshape(*x.shape[:-1], out_features)
 
 
-def use_blocked_linear(model: nn.Module) -> int:
-    """Switch every plain ``nn.Linear`` of ``model`` to :class:`BlockedLinear`; returns how
-    many. Subclasses of ``nn.Linear`` (quantised or patched layers) are left alone."""
+def use_blocked_linear(model: nn.Module, rows: frozenset[int] = ALL_ROWS) -> int:
+    """Switch every plain ``nn.Linear`` of ``model`` to :class:`BlockedLinear`, taking the
+    blocked path for products of ``rows`` rows (default: up to MAX_ROWS); returns how many.
+    Subclasses of ``nn.Linear`` (quantised or patched layers) are left alone; layers already
+    switched get the new ``rows``."""
     count = 0
     for module in model.modules():
-        if type(module) is nn.Linear:
+        if type(module) in (nn.Linear, BlockedLinear):
             module.__class__ = BlockedLinear
+            module.blocked_rows = frozenset(rows)
             count += 1
     return count
 

@@ -36,8 +36,9 @@ from .base import (
     Started,
     Tokens,
 )
-from .blocked_linear import use_blocked_linear
 from .kv_slab import left_padded_slab_cache
+from .lean_decode import lean_decoder_for
+from .product_choice import choose_products
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ class HFBackend(GenerationBackend):
         max_pending: int = 64,
         observer: EngineObserver | None = None,
         prefix_cache_bytes: int = 0,
+        products: str = "auto",
+        lean_decode: bool = True,
     ) -> None:
         self.host = host
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
@@ -112,8 +115,12 @@ class HFBackend(GenerationBackend):
         config = host.model.config.get_text_config()
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 2048))
         self._device = next(host.model.parameters()).device
-        if self._device.type == "cpu":
-            use_blocked_linear(host.model)  # 2x faster small fp32 products (see blocked_linear.py)
+        # small fp32 products: F.linear or blocked, whichever this CPU runs faster (product_choice.py)
+        self.products = choose_products(host.model, products if self._device.type == "cpu" else "plain")
+        log.info("%s", self.products.describe())
+        # decode steps without transformers' per-call work where the architecture allows (lean_decode.py)
+        self.lean, why = lean_decoder_for(host.model) if lean_decode else (None, "turned off (lean_decode = false)")
+        log.info("lean decode step: %s", "on" if self.lean is not None else f"off, {why}")
         self._pending: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
         self._batch: _Batch | None = None
@@ -285,20 +292,22 @@ class HFBackend(GenerationBackend):
         started = time.perf_counter()
         with self.host.lock.read():
             revision = self.host.revision
-            out = self.host.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=batch.cache,
-                cache_position=cache_position,
-                use_cache=True,
-            )
+            if self.lean is not None and self.lean.usable():
+                logits = self.lean.step(input_ids, positions, batch.cache.layers, mask)
+            else:  # a hook the lean step would skip is attached (or the model is not Llama-like)
+                logits = self.host.model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=batch.cache,
+                    cache_position=cache_position,
+                    use_cache=True,
+                ).logits[:, -1]
         now = time.perf_counter()
         self.observer.on_step(len(rows), now - started)
         if mask is not None:
             batch.mask = mask
         batch.width += 1
-        logits = out.logits[:, -1]
         for i, seq in enumerate(rows):
             seq.length += 1
             self.observer.on_token(now - seq.last_token_at)

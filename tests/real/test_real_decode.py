@@ -32,9 +32,12 @@ def _engine_tokens(backend: HFBackend, ids: list[int], n: int) -> list[int]:
     raise AssertionError("no Finished event")
 
 
-def test_blocked_products_decode_the_same_greedy_tokens_as_plain_generate(editserve_cache):
+@pytest.mark.parametrize("products", ["blocked", "plain"])
+def test_lean_steps_and_either_product_decode_the_same_greedy_tokens_as_plain_generate(products, editserve_cache):
     model, tokenizer, _ = load_model("smollm2-135m", cache_dir=editserve_cache)
-    backend = HFBackend(ModelHost(model, tokenizer, name="smollm2-135m", dtype="fp32", device="cpu"), max_batch_size=8)
+    backend = HFBackend(ModelHost(model, tokenizer, name="smollm2-135m", dtype="fp32", device="cpu"), max_batch_size=8,
+                        products=products)
+    assert backend.lean is not None  # SmolLM2 is of the Llama layout: every decode step is a lean one
     backend.start()
     try:
         handles = [(tokenizer(p).input_ids, None) for p in PROMPTS]
