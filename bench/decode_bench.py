@@ -27,6 +27,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -118,13 +119,16 @@ def main() -> None:
 
     from editserve.server.backends.blocked_linear import ALL_ROWS, use_blocked_linear
     from editserve.server.backends.hf import HFBackend
+    from editserve.server.fresh_thread import in_fresh_thread
     from editserve.server.host import ModelHost
     from editserve.server.models import load_model
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     batches = [int(b) for b in args.batches.split(",")]
-    bandwidth = read_bandwidth(args.threads)
+    # torch work outside the engine runs in threads that end with it, as in the server: an idle
+    # OpenMP team left in this thread would throttle the engine's (server/fresh_thread.py)
+    bandwidth = in_fresh_thread(lambda: read_bandwidth(args.threads))
     rows: list[tuple[str, str, int, float, str]] = []
     bounds: dict[str, float] = {}
     reference: dict[int, list[list[int]]] = {}
@@ -132,14 +136,16 @@ def main() -> None:
     before: dict[int, float] = {}
     choices: list[str] = []
     for dtype in args.dtypes.split(","):
-        model, tokenizer, _ = load_model(args.model, dtype=dtype)
+        model, tokenizer, _ = in_fresh_thread(partial(load_model, args.model, dtype=dtype))
         bounds[dtype] = bandwidth / weight_bytes(model)
         if dtype == "fp32":
             for batch in batches:
-                baseline[batch] = generate_rate(model, tokenizer, batch, args.tokens, args.runs)
+                baseline[batch] = in_fresh_thread(partial(generate_rate, model, tokenizer, batch, args.tokens,
+                                                          args.runs))
                 rows.append(("generate", dtype, batch, baseline[batch], ""))
-        backend = HFBackend(ModelHost(model, tokenizer, name=args.model, dtype=dtype, device="cpu"),
-                            max_batch_size=max(batches), max_pending=max(batches))  # products "auto": measured
+        host = ModelHost(model, tokenizer, name=args.model, dtype=dtype, device="cpu")
+        backend = in_fresh_thread(partial(HFBackend, host, max_batch_size=max(batches),  # products "auto"
+                                          max_pending=max(batches)))
         choices.append(f"{dtype}: {backend.products.describe()}")
         lean, served_rows = backend.lean, backend.products.blocked_rows
         # (name, lean step or None, rows taking the blocked product); the first is the engine as
@@ -161,7 +167,7 @@ def main() -> None:
                 for _ in range(args.runs):
                     for name, step, blocked_rows in variants:
                         backend.lean = step  # the engine is idle between runs
-                        use_blocked_linear(model, blocked_rows)
+                        use_blocked_linear(model, blocked_rows)  # no torch work: attributes only
                         results[name].append(engine_run(backend, tokenizer, batch, args.tokens))
                 for name, runs in results.items():
                     rate = statistics.median(r for r, _ in runs)
@@ -178,7 +184,7 @@ def main() -> None:
                     rows.append((name, dtype, batch, rate, agree))
         finally:
             backend.stop()
-        del model, backend, lean
+        del model, backend, lean, host
 
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, model {args.model}, {args.threads} torch threads, {args.tokens} new "
           f"tokens, median of {args.runs}; read bandwidth {bandwidth / 1e9:.1f} GB/s")

@@ -18,6 +18,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -36,14 +37,18 @@ def main() -> None:
 
     from bench.decode_bench import PROMPTS, engine_run, generate_rate
     from editserve.server.backends.hf import HFBackend
+    from editserve.server.fresh_thread import in_fresh_thread
     from editserve.server.host import ModelHost
     from editserve.server.models import load_model
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    model, tokenizer, _ = load_model(args.model, dtype="fp32")
-    backend = HFBackend(ModelHost(model, tokenizer, name=args.model, dtype="fp32", device="cpu"),
-                        max_batch_size=args.batch, max_pending=args.batch)
+    # as in the server, torch work outside the engine runs in threads that end with it: a
+    # thread that lives on keeps an idle OpenMP team, which throttles the engine's
+    # (server/fresh_thread.py); generate's runs get a fresh thread each for the same reason
+    model, tokenizer, _ = in_fresh_thread(partial(load_model, args.model, dtype="fp32"))
+    host = ModelHost(model, tokenizer, name=args.model, dtype="fp32", device="cpu")
+    backend = in_fresh_thread(partial(HFBackend, host, max_batch_size=args.batch, max_pending=args.batch))
     backend.start()
     same = [PROMPTS[0]] * args.batch
     mixed = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
@@ -52,7 +57,8 @@ def main() -> None:
     try:
         engine_run(backend, tokenizer, 1, 4)  # warm-up
         for _ in range(args.runs):
-            rates["generate, one prompt repeated"].append(generate_rate(model, tokenizer, args.batch, args.tokens, 1))
+            rates["generate, one prompt repeated"].append(
+                in_fresh_thread(partial(generate_rate, model, tokenizer, args.batch, args.tokens, 1)))
             rates["engine, one prompt repeated"].append(engine_run(backend, tokenizer, args.batch, args.tokens,
                                                                    prompts=same)[0])
             rates["engine, 4 prompts of different lengths"].append(
