@@ -108,3 +108,26 @@ def test_vllm_running_requests_keep_their_kv_by_default():
 
     assert ServeConfig().vllm_on_edit == "keep"
     assert ServeConfig().with_overrides(vllm_on_edit="recompute").vllm_on_edit == "recompute"
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("decode_products", "fastest", r"decode_products must be one of \['auto', 'plain', 'blocked'\]"),
+    ("decode_products", "", "decode_products must be one of"),
+    ("lean_decode", "yes", "lean_decode must be true or false"),
+    ("lean_decode", 1, "lean_decode must be true or false"),
+])
+def test_decode_path_options_are_checked(field, value, message):
+    from editserve.server.config import ServeConfig
+
+    with pytest.raises(ValueError, match=message):
+        ServeConfig().with_overrides(**{field: value})
+    assert ServeConfig().with_overrides(decode_products="plain", lean_decode=False).decode_products == "plain"
+
+
+def test_an_unknown_decode_products_flag_is_refused():
+    from click.testing import CliRunner
+
+    from editserve.client.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--decode-products", "fastest"])
+    assert result.exit_code != 0 and "fastest" in result.output
