@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 # Positions a decode batch's KV slabs are allocated with past the current width (they double
 # when a batch outgrows them).
 SLAB_HEADROOM = 256
+# An engine thread with nothing to do for this long ends (the next request starts another):
+# its OpenMP team goes with it, so edits, traces and scores run while generation is idle are
+# not throttled by a docked team (server/fresh_thread.py: 1.2-1.5x on their products).
+IDLE_RELEASE_SECONDS = 1.0
 
 
 class EngineObserver:
@@ -126,19 +130,32 @@ class HFBackend(GenerationBackend):
         self._batch: _Batch | None = None
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._accepting = False
+        self._thread: threading.Thread | None = None  # the engine thread while one runs
 
     # --- public ------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="editserve-engine", daemon=True)
-        self._thread.start()
+        """Accept requests. The engine thread starts with the first one and ends after
+        IDLE_RELEASE_SECONDS without work; the next request starts a new one."""
+        with self._cond:
+            self._accepting = True
+            if self._pending:
+                self._wake_locked()
 
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=30)
+
+    def _wake_locked(self) -> None:
+        """Start an engine thread unless one runs (call holding ``_cond``)."""
+        if self._thread is None and self._accepting:
+            self._thread = threading.Thread(target=self._loop, name="editserve-engine", daemon=True)
+            self._thread.start()
+        self._cond.notify_all()
 
     @property
     def load(self) -> int:
@@ -172,7 +189,7 @@ class HFBackend(GenerationBackend):
                     f"too many queued requests (max_pending_requests={self.max_pending})", exhausted=True
                 )
             self._pending.append(seq)
-            self._cond.notify_all()
+            self._wake_locked()
         handle.events.put(Started(prompt_tokens=len(prompt_ids), prompt_token_ids=list(prompt_ids)))
         return handle
 
@@ -182,9 +199,12 @@ class HFBackend(GenerationBackend):
         while True:
             with self._cond:
                 while not self._stopping and not self._pending and not self._running:
-                    self._cond.wait()
+                    if not self._cond.wait(IDLE_RELEASE_SECONDS) and not self._pending and not self._stopping:
+                        self._thread = None  # idle: this thread ends, its OpenMP team with it
+                        return
                 if self._stopping:
                     self._drain()
+                    self._thread = None
                     return
                 admit = []
                 while self._pending and len(self._running) + len(admit) < self.max_batch_size:

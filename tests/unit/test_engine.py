@@ -156,3 +156,21 @@ def test_a_batch_that_outgrows_its_kv_slabs_still_equals_generate(engine_factory
         tokens, _ = _collect(handle)
         assert tokens == model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
                                         pad_token_id=0)[0, len(ids):].tolist()
+
+
+def test_an_idle_engine_thread_ends_and_the_next_request_starts_another(engine_factory, monkeypatch):
+    """An idle engine's thread ends (its OpenMP team with it, server/fresh_thread.py); the next
+    request is served by a new one, with the same tokens."""
+    from editserve.server.backends import hf
+
+    monkeypatch.setattr(hf, "IDLE_RELEASE_SECONDS", 0.5)
+    backend = engine_factory()
+    ids = backend.host.tokenizer(PROMPTS[0]).input_ids
+    first, _ = _collect(backend.submit(ids, GenerationParams(max_new_tokens=6, ignore_eos=True)))
+    thread = backend._thread
+    assert thread is not None and thread.name == "editserve-engine"
+    thread.join(5)
+    assert not thread.is_alive() and backend._thread is None
+    again, finished = _collect(backend.submit(ids, GenerationParams(max_new_tokens=6, ignore_eos=True)))
+    assert again == first and finished.reason == FinishReason.LENGTH
+    assert backend._thread is not thread
