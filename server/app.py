@@ -156,6 +156,7 @@ class EditserveServer:
         metrics.model_info.info({
             "model": config.model, "model_type": host.adapter.model_type, "dtype": config.dtype,
             "device": device, "backend": backend.name, "layers": str(host.adapter.num_layers),
+            "decode": getattr(backend, "decode_path", backend.name),
         })
         if config.prepare_statistics:
             self.preparer = manager.prepare_in_background(

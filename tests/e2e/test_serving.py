@@ -195,6 +195,8 @@ def test_concurrent_clients_are_batched_and_counted(server):
                  "editserve_request_duration_seconds_bucket", "editserve_prompt_tokens_total",
                  "editserve_model_info", "editserve_batch_size_bucket"):
         assert name in text
+    # the tiny model has the Llama layout: the server decodes with the lean step
+    assert 'decode="lean step, blocked products for rows ' in text
 
 
 def test_a_shared_prompt_start_is_reused_and_counted(server):
