@@ -13,7 +13,7 @@ pytestmark = pytest.mark.e2e
 
 ROME_TINY = {"method": "rome", "layer": 1, "steps": 40, "clamp_norm_factor": 1e4, "weight_decay": 0.0,
              "stats_tokens": 2000}
-PRESERVE = {"preserve": True, "null_space_threshold": 0.2, "preserve_ridge": 1e-6}
+PRESERVE = {"preserve": True, "preserve_projection": True, "null_space_threshold": 0.2, "preserve_ridge": 1e-6}
 KEYS_ONLY = {"preserve": True, "preserve_projection": False}
 FIRST = Fact("The language of {}", "Danielle Darrieux", "founded")
 SECOND = Fact("The capital of {}", "Italy", "founded")
@@ -25,7 +25,7 @@ def test_a_preserving_edit_keeps_the_earlier_fact(tiny_model_dir, tmp_path):
         with servers[0].client() as client:
             client.edit(FIRST, **ROME_TINY, **PRESERVE)
             (held,) = client.score([(FIRST.prompt.replace("{}", FIRST.subject), FIRST.target_new)])
-            plain = client.edit(SECOND, **ROME_TINY)
+            plain = client.edit(SECOND, **ROME_TINY, preserve=False)
             (moved,) = client.score([(FIRST.prompt.replace("{}", FIRST.subject), FIRST.target_new)])
             client.revert(plain.edit_id)
         servers[0].stop()
@@ -40,8 +40,15 @@ def test_a_preserving_edit_keeps_the_earlier_fact(tiny_model_dir, tmp_path):
                 with pytest.raises(InvalidArgument, match=r"mom2_update_weight must be in \[1e-06, 1e\+09\]"):
                     client.edit(SECOND, **ROME_TINY, **KEYS_ONLY, mom2_update_weight=bad)
             assert client.model_info().revision == revision
-            client.edit(SECOND, **ROME_TINY, **KEYS_ONLY, mom2_update_weight=1e-3)
+            by_keys = client.edit(SECOND, **ROME_TINY, **KEYS_ONLY, mom2_update_weight=1e-3)
             (kept_by_keys,) = client.score([(FIRST.prompt.replace("{}", FIRST.subject), FIRST.target_new)])
+            client.revert(by_keys.edit_id)
+            default = client.edit(SECOND, **ROME_TINY)  # the shipped Llama default since rome-llama-4
+            (kept_by_default,) = client.score([(FIRST.prompt.replace("{}", FIRST.subject), FIRST.target_new)])
+            default_digest = client.model_info(include_weights_digest=True).weights_digest
+            client.revert(default.edit_id)
+            client.edit(SECOND, **ROME_TINY, **KEYS_ONLY, mom2_update_weight=100.0)
+            explicit_digest = client.model_info(include_weights_digest=True).weights_digest
     finally:
         for s in servers:
             s.stop()
@@ -54,3 +61,6 @@ def test_a_preserving_edit_keeps_the_earlier_fact(tiny_model_dir, tmp_path):
     # so the fact moves a little (measured 0.0022 against 0.029 for the plain edit)
     keys_shift = abs(kept_by_keys.logprob - held.logprob)
     assert keys_shift < 0.2 * plain_shift, (held.logprob, kept_by_keys.logprob, plain_shift)
+    # the default is exactly keys-only preservation at lambda 100: the same weights, bit for bit
+    assert default_digest == explicit_digest
+    assert abs(kept_by_default.logprob - held.logprob) < plain_shift, (held.logprob, kept_by_default.logprob)

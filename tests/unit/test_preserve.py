@@ -20,7 +20,7 @@ from tests.unit.test_rome import FACT, tiny_hparams
 torch.set_num_threads(1)
 
 SECOND = Fact("The capital of {}", "Italy", "founded", "Rome")
-PRESERVE = dict(preserve=True, null_space_threshold=0.2, preserve_ridge=1e-6)
+PRESERVE = dict(preserve=True, preserve_projection=True, null_space_threshold=0.2, preserve_ridge=1e-6)
 
 
 @pytest.fixture(scope="module")
