@@ -7,6 +7,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from editserve.editing.evaluation.teacher_forcing import ContinuationScore, scor
 from editserve.editing.facts import Fact
 
 from .edits import EditManager, stable_weights
+from .fresh_thread import in_fresh_thread
 from .host import ModelHost
 from .journal import Journal
 from .methods import build_methods
@@ -25,19 +27,23 @@ from .models import default_cache_dir, load_model
 
 class InProcessTarget:
     """``state_dir``: keep the journal there (default: a temporary directory), so a
-    sequential run's accumulated edits survive the process and a rerun resumes on them."""
+    sequential run's accumulated edits survive the process and a rerun resumes on them.
+
+    Every model pass runs in a thread that ends with it, as in the server: the caller's thread
+    lives on, and an OpenMP team it kept would throttle the edit thread's (server/fresh_thread.py),
+    so the edit compute times measured here would include a slowdown a server does not have."""
 
     def __init__(self, model: str, *, method: str = "rome", options: dict | None = None, dtype: str = "fp32",
                  cache_dir: Path | None = None, state_dir: Path | None = None) -> None:
         cache = cache_dir or default_cache_dir()
-        loaded, tokenizer, _ = load_model(model, dtype=dtype, cache_dir=cache)
+        loaded, tokenizer, _ = in_fresh_thread(partial(load_model, model, dtype=dtype, cache_dir=cache))
         self.host = ModelHost(loaded, tokenizer, name=model, dtype=dtype, device="cpu")
         self._tmp = None if state_dir is not None else tempfile.TemporaryDirectory(prefix="editserve-eval-")
-        self._fingerprint = self.host.fingerprint()  # of the pristine base: constant, asked per case
+        self._fingerprint = in_fresh_thread(self.host.fingerprint)  # of the pristine base: constant, asked per case
         journal = Journal(Path(state_dir) if state_dir is not None else Path(self._tmp.name), self._fingerprint)
         table = build_methods(self.host, cache)
         self.manager = EditManager(self.host, journal, table.compute, table.score, Metrics())
-        self.manager.replay()
+        in_fresh_thread(self.manager.replay)
         self.method = method
         self.options = options or {}
         self.probes = load_probes()
@@ -52,14 +58,20 @@ class InProcessTarget:
         return time.perf_counter() - started
 
     def score(self, pairs: Sequence[tuple[str, str]]) -> list[ContinuationScore]:
+        return in_fresh_thread(partial(self._score, pairs), "editserve-eval")
+
+    def _score(self, pairs: Sequence[tuple[str, str]]) -> list[ContinuationScore]:
         with stable_weights(self.manager):
             prompts, _matches = self.host.routed_prompts([p for p, _ in pairs])  # as Score would read them
             return score_continuations(self.host.model, self.host.tokenizer, prompts, [c for _, c in pairs])
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         """Greedy continuations of all prompts in one left-padded batch: fluency (GE) needs
         ten prompts per case, and one batched decode costs little more than one prompt's."""
+        return in_fresh_thread(partial(self._generate, prompts, max_new_tokens), "editserve-eval")
+
+    @torch.no_grad()
+    def _generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         tok = self.host.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         encoded = [tok(p).input_ids for p in self.host.routed_prompts(list(prompts))[0]]
@@ -72,8 +84,11 @@ class InProcessTarget:
         return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
 
     def probe_logits(self):
-        with stable_weights(self.manager):
-            return next_token_logits(self.host.model, self.host.tokenizer, self.probes)
+        def measure():
+            with stable_weights(self.manager):
+                return next_token_logits(self.host.model, self.host.tokenizer, self.probes)
+
+        return in_fresh_thread(measure, "editserve-eval")
 
     def active_edits(self) -> list[str]:
         return list(self.host.active_edit_ids)
