@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -147,8 +148,10 @@ class ModelHost:
             memory = self._build_memory(_runtime_layers(self._active, edit_memory.LAYER_TYPE) + list(extra))
         if memory is None or not len(memory):
             return [None] * len(texts)
-        # Generate calls route from gRPC threads, which live on: no OpenMP team left behind (fresh_thread.py)
-        return in_fresh_thread(lambda: memory.route(texts, self.encoder.encode), "editserve-route")
+        # Generate calls route from gRPC threads, which live on: the encoder (the only torch work
+        # here, and only for inputs naming an edited subject) runs in a thread that ends with it,
+        # leaving no OpenMP team behind (fresh_thread.py)
+        return memory.route(texts, lambda batch: in_fresh_thread(partial(self.encoder.encode, batch), "editserve-route"))
 
     def routed_prompts(self, texts: list[str], extra: list[tuple[str, RuntimeLayer]] = ()
                        ) -> tuple[list[str], list[edit_memory.Match | None]]:
