@@ -36,7 +36,7 @@ def main() -> None:
     import torch
 
     from bench.decode_bench import PROMPTS, engine_run, generate_rate
-    from editserve.server.backends.hf import HFBackend
+    from editserve.server.backends import hf
     from editserve.server.fresh_thread import in_fresh_thread
     from editserve.server.host import ModelHost
     from editserve.server.models import load_model
@@ -48,7 +48,8 @@ def main() -> None:
     # (server/fresh_thread.py); generate's runs get a fresh thread each for the same reason
     model, tokenizer, _ = in_fresh_thread(partial(load_model, args.model, dtype="fp32"))
     host = ModelHost(model, tokenizer, name=args.model, dtype="fp32", device="cpu")
-    backend = in_fresh_thread(partial(HFBackend, host, max_batch_size=args.batch, max_pending=args.batch))
+    hf.IDLE_RELEASE_SECONDS = 0.05  # the engine's thread (and team) ends before each generate run
+    backend = in_fresh_thread(partial(hf.HFBackend, host, max_batch_size=args.batch, max_pending=args.batch))
     backend.start()
     same = [PROMPTS[0]] * args.batch
     mixed = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
@@ -57,6 +58,7 @@ def main() -> None:
     try:
         engine_run(backend, tokenizer, 1, 4)  # warm-up
         for _ in range(args.runs):
+            time.sleep(0.2)
             rates["generate, one prompt repeated"].append(
                 in_fresh_thread(partial(generate_rate, model, tokenizer, args.batch, args.tokens, 1)))
             rates["engine, one prompt repeated"].append(engine_run(backend, tokenizer, args.batch, args.tokens,

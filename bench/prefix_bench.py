@@ -14,6 +14,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -64,15 +65,20 @@ def main() -> None:
 
     import torch
 
-    from editserve.server.backends.hf import HFBackend
+    from editserve.server.backends import hf
+    from editserve.server.fresh_thread import in_fresh_thread
     from editserve.server.host import ModelHost
     from editserve.server.models import load_model
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    model, tokenizer, _ = load_model(args.model)
+    # one live OpenMP team at a time, as in a server (server/fresh_thread.py): loading in a thread
+    # that ends, and each engine's thread released before the other engine runs
+    hf.IDLE_RELEASE_SECONDS = 0.05
+    model, tokenizer, _ = in_fresh_thread(partial(load_model, args.model))
     host = ModelHost(model, tokenizer, name=args.model, dtype="fp32", device="cpu")
-    engines = {"off": HFBackend(host, prefix_cache_bytes=0), "on": HFBackend(host, prefix_cache_bytes=256 << 20)}
+    engines = {"off": in_fresh_thread(partial(hf.HFBackend, host, prefix_cache_bytes=0)),
+               "on": in_fresh_thread(partial(hf.HFBackend, host, prefix_cache_bytes=256 << 20))}
     for engine in engines.values():
         engine.start()
     preamble = INSTRUCTIONS * args.repeat
@@ -85,6 +91,7 @@ def main() -> None:
             ids = tokenizer(preamble + question).input_ids
             outputs = {}
             for name, engine in engines.items():
+                time.sleep(0.2)  # the other engine's thread (and team) has ended
                 seconds, outputs[name] = first_token_seconds(engine, ids, args.tokens)
                 times[name].append(seconds)
             same += outputs["on"] == outputs["off"]
