@@ -161,9 +161,7 @@ class HFBackend(GenerationBackend):
     def decode_path(self) -> str:
         """How decode steps run, for the model info metric: "lean" or "full" forward, and the
         batch sizes whose fp32 products take the blocked kernel."""
-        rows = sorted(self.products.blocked_rows)
-        blocked = "none" if not rows else f"{rows[0]}-{rows[-1]}" if rows == list(range(rows[0], rows[-1] + 1)) \
-            else ",".join(map(str, rows))
+        blocked = ",".join(map(str, sorted(self.products.blocked_rows))) or "none"
         return f"{'lean' if self.lean is not None else 'full'} step, blocked products for rows {blocked}"
 
     @property
