@@ -355,6 +355,8 @@ DATASETS = {
     "counterfact": ("counterfact/counterfact_rich_union.json", _COUNTERFACT + " with paraphrase/neighbourhood prompts"),
     "counterfact_flat": ("counterfact/counterfact-edit.json", _COUNTERFACT + ", EasyEdit's flat split"),
     "zsre": ("portability/zsre_mend_eval_portability_gpt4.json", _EASYEDIT),
+    "zsre_train": ("zsre/zsre_mend_train-1k.json", "MEND's zsRE train split, 1,000 records (the ROME/MEND zsRE release; "
+                   "https://rome.baulab.info/data/dsets/)"),
     "knowedit_zsre": ("knowedit/ZsRE-test-all.json", "KnowEdit, arXiv 2401.01286 (https://huggingface.co/datasets/zjunlp/KnowEdit)"),
     "portability_counterfact": ("portability/counterfact_portability_gpt4.json", _EASYEDIT),
     "subject_replace_counterfact": ("portability/counterfact_subject_replace.json", _EASYEDIT),
@@ -395,6 +397,9 @@ def _dataset_path(name: str, data_dir: str | None) -> Path:
                     server_help="Evaluate a running server through the client instead (with the TLS and token options).")
 @click.option("--sequential", is_flag=True, help="Accumulate edits instead of edit-measure-revert.")
 @click.option("--batch", type=int, default=1, help="Facts per edit in sequential mode.")
+@click.option("--distinct-subjects", is_flag=True,
+              help="Keep only each subject's first case (--n counts subjects): a sequential run over a set that "
+                   "edits one subject twice with different answers (zsRE) cannot keep both (docs/LIFELONG.md).")
 @click.option("--checkpoints", default="10,100,1000", help="Sequential mode: measure after this many edits.")
 @click.option("--revert-sample", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
               help="Sequential mode: after the last measurement revert this many edits drawn at random among the "
@@ -417,7 +422,7 @@ def _dataset_path(name: str, data_dir: str | None) -> Path:
               help="In-process: reuse the unedited model's measurement of a case from earlier runs (same "
                    "model, case, options and code), kept under the model cache's eval-pre/.")
 def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model: str, connection: Connection,
-             sequential: bool, batch: int, checkpoints: str, revert_sample: int, revert_seed: int, fluency: int,
+             sequential: bool, batch: int, distinct_subjects: bool, checkpoints: str, revert_sample: int, revert_seed: int, fluency: int,
              by_generation: bool, generation_tokens: int,
              layer: int | None, settings: tuple[str, ...], threads: int, out: Path | None, state_dir: Path | None,
              report: bool, pre_cache: bool) -> None:
@@ -425,7 +430,7 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
     and with --by-generation by what the model actually says (gES/gPS/gNS/gLoc)."""
     import time as _time
 
-    from editserve.editing.evaluation.datasets import load_cases
+    from editserve.editing.evaluation.datasets import load_cases, resubjected
     from editserve.editing.evaluation.pre_cache import PreMeasurementCache
     from editserve.editing.evaluation.runner import (
         Progress,
@@ -452,7 +457,12 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
                                  param_hint="--revert-sample")
     options = _edit_options(method, layer, settings)
     path = _dataset_path(dataset, data_dir)
-    cases, skipped = load_cases(path, limit=limit)
+    cases, skipped = load_cases(path, limit=limit, distinct_subjects=distinct_subjects)
+    contradicting = resubjected(cases)
+    if sequential and contradicting:
+        click.echo(f"warning: {contradicting} of the {len(cases)} cases give a subject an earlier case edits a "
+                   "different answer; the later edit supersedes the earlier, so those earlier cases cannot hold "
+                   "at the end (--distinct-subjects keeps each subject's first case)", err=True)
     started = _time.perf_counter()
     server = connection.server
     cache = None
@@ -489,6 +499,8 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
                                      generation_tokens=generation_tokens if by_generation else 0, pre_cache=cache)
     where = f"server {server}" if server else f"in-process {model}"
     mode = f"sequential, batch {batch}" if sequential else "non-sequential"
+    if distinct_subjects:
+        mode += ", distinct subjects"
     title = f"{method} on {path.name}, {where}, {mode}"
     if out is not None and out.exists():
         saved = json.loads(out.read_text())
@@ -498,7 +510,8 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
         tmp.replace(out)
     click.echo(summary_table(records, title=title, drift=final_drift))
     reused = f"; unedited measurements reused {cache.hits}, measured {cache.misses}" if cache is not None else ""
-    click.echo(f"\n{skipped} records skipped (subject not in prompt); wall time {_time.perf_counter() - started:.0f} s"
+    why = "subject not in prompt, or repeated" if distinct_subjects else "subject not in prompt"
+    click.echo(f"\n{skipped} records skipped ({why}); wall time {_time.perf_counter() - started:.0f} s"
                + reused)
 
 

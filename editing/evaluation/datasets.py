@@ -184,8 +184,11 @@ def detect_format(record: dict) -> str:
     raise ValueError(f"unrecognised dataset record with keys {sorted(record)}")
 
 
-def load_cases(path: Path | str, *, fmt: str | None = None, limit: int | None = None) -> tuple[list[EvalCase], int]:
-    """(cases, skipped): skipped counts records whose subject is not in their prompt."""
+def load_cases(path: Path | str, *, fmt: str | None = None, limit: int | None = None,
+               distinct_subjects: bool = False) -> tuple[list[EvalCase], int]:
+    """(cases, skipped): skipped counts records whose subject is not in their prompt, and with
+    ``distinct_subjects`` also records whose subject an earlier kept case already has (the
+    first ``limit`` cases are then the first ``limit`` subjects; see :func:`resubjected`)."""
     records = json.loads(Path(path).read_text())
     if not records:
         return [], 0
@@ -193,12 +196,33 @@ def load_cases(path: Path | str, *, fmt: str | None = None, limit: int | None = 
     if fmt not in LOADERS:
         raise ValueError(f"unknown dataset format {fmt!r}; choose one of {sorted(LOADERS)}")
     cases, skipped = [], 0
+    seen: set[str] = set()
     for i, record in enumerate(records):
         case = LOADERS[fmt](record, i)
-        if case is None:
+        if case is None or (distinct_subjects and case.fact.subject.casefold() in seen):
             skipped += 1
             continue
+        seen.add(case.fact.subject.casefold())
         cases.append(case)
         if limit is not None and len(cases) >= limit:
             break
     return cases, skipped
+
+
+def resubjected(cases: list[EvalCase]) -> int:
+    """How many cases give a subject an earlier case already edited a *different* new answer.
+
+    zsRE (the MEND split) asks the same question about one subject in several wordings, each
+    with its own sampled counterfactual answer: 31 of its first 100 cases contradict an
+    earlier one (e.g. four different makers of USS Leedstown). Edit-measure-revert does not
+    mind, but in a sequential run the later edit rightly supersedes the earlier, so the earlier
+    case cannot be reliable at the end and the curve measures the data, not the method
+    (docs/RESULTS.md, "T-Patcher, sequential on zsRE"). CounterFact's subjects are distinct."""
+    first: dict[str, str] = {}
+    count = 0
+    for case in cases:
+        subject = case.fact.subject.casefold()
+        if subject in first and first[subject] != case.fact.target_new.strip().casefold():
+            count += 1
+        first.setdefault(subject, case.fact.target_new.strip().casefold())
+    return count

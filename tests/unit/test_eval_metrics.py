@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from editserve.editing.evaluation.datasets import detect_format, load_cases
+from editserve.editing.evaluation.datasets import detect_format, load_cases, resubjected
 from editserve.editing.evaluation.metrics import (
     distribution_drift,
     harmonic_mean,
@@ -83,6 +83,27 @@ def test_dataset_formats(tmp_path):
     assert cases[0].fact.prompt == "What does {} speak?"
     cases, _ = load_cases(tmp_path / "zsre.json")
     assert cases[0].locality[0].answer == "y" and cases[0].portability[0].answer == "Ann"
+
+
+def test_distinct_subjects_keeps_each_subjects_first_case(tmp_path):
+    """zsRE edits one subject in several wordings with different answers; a sequential run can
+    keep only the last, so ``resubjected`` counts them and ``distinct_subjects`` drops them."""
+    import json
+
+    def record(subject: str, question: str, alt: str) -> dict:
+        return {"subject": subject, "src": question.format(subject), "alt": alt, "answers": ["x"]}
+
+    records = [record("Ann", "What does {} speak?", "Dutch"), record("Bob", "What does {} speak?", "Greek"),
+               record("ann", "Which language does {} speak?", "Welsh"),  # contradicts case 0 (case-blind)
+               record("Ann", "{} speaks which language?", "Dutch"),  # agrees with case 0
+               record("Cy", "What does {} speak?", "Thai"), record("Bob", "Bob's language?", "Maltese")]
+    (tmp_path / "zsre.json").write_text(json.dumps(records))
+    every, skipped = load_cases(tmp_path / "zsre.json")
+    assert len(every) == 6 and skipped == 0
+    assert resubjected(every) == 2  # "ann" -> Welsh and Bob -> Maltese; Ann -> Dutch again agrees
+    kept, skipped = load_cases(tmp_path / "zsre.json", distinct_subjects=True, limit=3)
+    assert [c.fact.subject for c in kept] == ["Ann", "Bob", "Cy"] and skipped == 2
+    assert resubjected(kept) == 0
 
 
 def test_true_answer_equal_to_the_target_is_dropped(tmp_path):
