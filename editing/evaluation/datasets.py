@@ -213,7 +213,7 @@ def resubjected(cases: list[EvalCase]) -> int:
     """How many cases give a subject an earlier case already edited a *different* new answer.
 
     zsRE (the MEND split) asks the same question about one subject in several wordings, each
-    with its own sampled counterfactual answer: 31 of its first 100 cases contradict an
+    with its own sampled counterfactual answer: 24 of its first 100 cases contradict an
     earlier one (e.g. four different makers of USS Leedstown). Edit-measure-revert does not
     mind, but in a sequential run the later edit rightly supersedes the earlier, so the earlier
     case cannot be reliable at the end and the curve measures the data, not the method
