@@ -59,6 +59,9 @@ def main() -> None:
 @click.option("--min-drift-top1-agreement", type=float, default=None,
               help="Drift guard: refuse edits that would bring the probes' top-1 agreement under this (default 0: off).")
 @click.option("--max-batch-size", type=int, default=None)
+@click.option("--consolidate-after", type=int, default=None,
+              help="Consolidation policy: once this many ROME/MEMIT edits are served on their own, replace them by "
+                   "one MEMIT solve in the background (0: off, default; else 2-10000; docs/LIFELONG.md).")
 @click.option("--malloc-arenas", type=int, default=None,
               help="glibc malloc arenas, in [0, 64] (default 2; 0: glibc's default of 8 per core).")
 @click.option("--prefix-cache-mb", type=int, default=None,

@@ -131,6 +131,8 @@ class EditserveServer:
         metrics = self.runtime.metrics
         table = build_methods(host, cache, dict(config.statistics_sources))
         self.methods = table
+        if config.consolidate_after and "memit" not in table.compute:
+            raise ValueError("consolidate_after: consolidations are MEMIT solves, which this backend does not offer")
         manager = EditManager(host, journal, table.compute, table.score, metrics, max_facts=config.max_edit_facts)
         drift = DriftMonitor(host, metrics, stable_weights(manager))  # reference = unedited weights
         # the backend starts before replay: a vLLM engine loads the checkpoint, and replay
@@ -143,6 +145,8 @@ class EditserveServer:
         manager.on_change = drift.request_refresh
         manager.measure_drift, manager.drift_probes = drift.measure, len(drift.probes)
         manager.default_budget = config.drift_budget
+        manager.consolidate_after = config.consolidate_after
+        manager.stopping = self.runtime.stopping
         manager.on_divergence = self._diverged
         drift.start()
         self.drift = drift
@@ -245,6 +249,8 @@ class EditserveServer:
             self.methods.stop()  # abandon a statistics estimate: no torch work left running at exit
         if getattr(self, "preparer", None) is not None:
             self.preparer.join(timeout=30)
+        if self.runtime.edits is not None:
+            self.runtime.edits.stop()  # the edit thread: a policy's consolidation stops at its next step
         stopped.wait()
         self._finished.set()
 

@@ -20,6 +20,7 @@ DECODE_PRODUCTS = ("auto", "plain", "blocked")  # server/backends/product_choice
 JOURNAL_URL_SCHEMES = ("postgresql://", "postgres://")
 MIN_JOURNAL_POLL_SECONDS = 0.05
 MAX_JOURNAL_POLL_SECONDS = 300.0
+MAX_CONSOLIDATE_AFTER = 10_000  # edits one automatic consolidation replaces at most
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,10 @@ class ServeConfig:
     # these is refused before it is journaled; 0: no limit. An Edit's max_drift overrides them.
     max_drift_kl: float = 0.0  # nats, mean KL(unedited || edited)
     min_drift_top1_agreement: float = 0.0  # share of probes whose top token is unchanged
+    # the consolidation policy (docs/LIFELONG.md): once this many ROME/MEMIT edits are served
+    # on their own, replace them by one MEMIT solve over all their facts, in the background on
+    # the edit thread (edits sent meanwhile wait behind it); 0: only on request (Consolidate)
+    consolidate_after: int = 0
     # largest edit bundle ImportEdits accepts (MiB; held in memory while it is checked). One
     # FT-L edit of an 8B model's MLP projection is ~235 MB in fp32 (docs/ARCHITECTURE.md)
     max_bundle_mb: int = 1024
@@ -144,6 +149,10 @@ class ServeConfig:
         if isinstance(self.max_bundle_mb, bool) or not isinstance(self.max_bundle_mb, int) \
                 or not 1 <= self.max_bundle_mb <= MAX_BUNDLE_MB:
             raise ValueError(f"max_bundle_mb must be an integer in [1, {MAX_BUNDLE_MB}], got {self.max_bundle_mb!r}")
+        after = self.consolidate_after
+        if isinstance(after, bool) or not isinstance(after, int) or not (after == 0 or 2 <= after <= MAX_CONSOLIDATE_AFTER):
+            raise ValueError(f"consolidate_after must be 0 (off) or an integer in [2, {MAX_CONSOLIDATE_AFTER}], "
+                             f"got {after!r}")
         if not 1 <= self.max_edit_facts <= 100_000:
             raise ValueError(f"max_edit_facts must be in [1, 100000], got {self.max_edit_facts}")
         grace = self.shutdown_grace_seconds

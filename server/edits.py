@@ -206,6 +206,11 @@ class EditManager:
         self.default_budget = DriftBudget()
         # newest journal revision last read (a shared journal's follower sets it; see replica.py)
         self.journal_revision = 0
+        # the consolidation policy (config ``consolidate_after``): once this many ROME/MEMIT
+        # edits are served on their own, the edit thread replaces them by one joint solve in
+        # the background; 0: only when an operator asks (docs/LIFELONG.md, "Consolidation")
+        self.consolidate_after = 0
+        self.stopping = threading.Event()  # set when the server stops: the policy's solve gives up
 
     # --- start-up ----------------------------------------------------------------------
     def replay(self) -> int:
@@ -512,6 +517,8 @@ class EditManager:
             self.metrics.weight_swap_pause.labels("apply").observe(pause)
             self.metrics.edits.labels(method, "applied").inc()
             self._publish()
+            if method in CONSOLIDATABLE:
+                self._consolidate_if_due()
             diagnostics = {**diagnostics, "write_lock_seconds": pause}
             return EditOutcome(edit_id, revision, True, reports, compute_seconds, apply_seconds,
                                self.journal.get(edit_id), diagnostics, notes, drift=drift)
@@ -811,6 +818,45 @@ class EditManager:
                                self.journal.get(edit_id), {**diagnostics, "write_lock_seconds": pause}, notes,
                                drift=drift)
 
+    def _served_alone(self) -> list[EditRecord]:
+        """The active ROME/MEMIT edits served on their own, not consolidations themselves: what
+        the policy replaces (a consolidation is never consolidated again, so reverting one
+        original edit stays the two events of docs/LIFELONG.md)."""
+        return [r for r in self.journal.list() if r.applied and r.method in CONSOLIDATABLE and not r.consolidates]
+
+    def _consolidate_if_due(self) -> None:
+        """Queue the policy's consolidation behind the edit that made it due (called on the
+        edit thread with the mutex held, after that edit's commit): the Edit's caller gets its
+        reply now, and the solve runs next on the edit thread, ahead of edits queued later."""
+        if not self.consolidate_after or CONSOLIDATION_METHOD not in self.methods or self.stopping.is_set() \
+                or len(self._served_alone()) < self.consolidate_after:
+            return
+        try:
+            self._worker.submit(in_fresh_thread, self._consolidate_by_policy, "editserve-edit-work")
+        except RuntimeError:  # the edit thread is shutting down with the server
+            log.info("the consolidation policy's solve was not queued: the server is stopping")
+
+    def _consolidate_by_policy(self) -> None:
+        """The policy's consolidation of every edit served alone (if still due when its turn
+        comes: an operator may have consolidated or reverted meanwhile). A failure (the drift
+        guard refusing the joint solve, another replica consolidating the same edits first) is
+        logged and counted; the edits stay served as they were."""
+        ids = [r.edit_id for r in self._served_alone()]
+        if len(ids) < max(2, self.consolidate_after):
+            return
+        try:
+            outcome = self._consolidate(ids, {}, False, f"consolidation of {len(ids)} edits (consolidate_after = "
+                                        f"{self.consolidate_after})", self.stopping.is_set, "", self.default_budget)
+        except Cancelled:
+            log.info("the consolidation policy's solve of %d edits stopped with the server; nothing journaled", len(ids))
+            return
+        except Exception as error:  # the edit thread must go on serving edits
+            self.metrics.edits.labels(CONSOLIDATION_METHOD, "policy_failed").inc()
+            log.warning("the consolidation policy could not consolidate %d edits: %s", len(ids), error)
+            return
+        log.info("consolidated %d edits into %s (revision %d, %.1f s)", len(ids), outcome.edit_id,
+                 outcome.revision, outcome.compute_seconds)
+
     # --- bundles: moving edits between servers without recomputing them ----------------------
     def export_bundle(self, edit_ids: list[str], should_stop: StopCheck | None = None) -> bytes:
         """The bundle (:mod:`.bundle`) of the named edits, in journal order, or of every active
@@ -911,6 +957,13 @@ class EditManager:
                 results[index] = replace(results[index], edit_id=edit_id, revision=revision)
             self._publish()
             return ImportOutcome(results, self.host.revision, drift)
+
+    def stop(self) -> None:
+        """Stop the edit thread (the server is stopping): work still running stops at its next
+        step (``stopping``), work still queued is dropped; waits until the thread is done, so
+        no torch work runs while the interpreter shuts down."""
+        self.stopping.set()
+        self._worker.shutdown(wait=True, cancel_futures=True)
 
     def get(self, edit_id: str) -> EditRecord:
         record = self.journal.get(edit_id)

@@ -116,3 +116,38 @@ def test_edits_past_the_queue_bound_are_refused(tiny_servers):
         finally:
             slow.join()
         assert errors == [] and client.list_edits() == []
+
+
+def test_the_consolidation_policy_replaces_accumulated_edits_and_survives_a_restart(tiny_model_dir, tmp_path):
+    """``--consolidate-after 2`` over a socket: the second Edit's reply comes first, then the
+    server consolidates both in the background; the consolidation is journaled like any edit
+    and replays after a restart; reverting one original edit serves the other alone again."""
+    server = start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", "--consolidate-after", "2",
+                          timeout=120)
+    try:
+        with server.client() as client:
+            first = client.edit([FACTS[0]], **MEMIT_TINY)
+            second = client.edit([FACTS[1]], **MEMIT_TINY)
+            assert first.applied and second.applied
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                merged = [e for e in client.list_edits() if e.consolidates]
+                if merged:
+                    break
+                time.sleep(0.2)
+            (merged,) = merged
+            assert merged.consolidates == [first.edit_id, second.edit_id] and merged.method == "memit"
+            assert {e.edit_id: e.status for e in client.list_edits()}[first.edit_id] == "consolidated"
+            consolidated = client.model_info(include_weights_digest=True).weights_digest
+            assert client.model_info().revision == 3
+    finally:
+        server.stop()
+    server = start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", timeout=120)
+    try:
+        with server.client() as client:
+            assert client.model_info(include_weights_digest=True).weights_digest == consolidated
+            client.revert(first.edit_id)
+            states = {e.edit_id: e.status for e in client.list_edits(include_reverted=True)}
+            assert states[second.edit_id] == "active" and states[merged.edit_id] == "reverted"
+    finally:
+        server.stop()

@@ -131,3 +131,22 @@ def test_an_unknown_decode_products_flag_is_refused():
 
     result = CliRunner().invoke(main, ["serve", "--decode-products", "fastest"])
     assert result.exit_code != 0 and "fastest" in result.output
+
+
+@pytest.mark.parametrize("value", [1, -1, 10_001, True, 2.5, "3", float("nan")])
+def test_the_consolidation_policy_is_bounded(value):
+    from editserve.server.config import ServeConfig
+
+    with pytest.raises(ValueError, match=r"consolidate_after must be 0 \(off\) or an integer in \[2, 10000\]"):
+        ServeConfig().with_overrides(consolidate_after=value)
+    assert ServeConfig().consolidate_after == 0
+    assert ServeConfig().with_overrides(consolidate_after=100).consolidate_after == 100
+
+
+def test_a_bad_consolidation_policy_flag_stops_serve_before_loading():
+    from click.testing import CliRunner
+
+    from editserve.client.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--consolidate-after", "1"])
+    assert result.exit_code == 2 and "consolidate_after must be 0 (off)" in result.output

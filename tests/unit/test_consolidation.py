@@ -136,3 +136,35 @@ def test_a_schema_3_journal_gains_the_consolidation_columns(tmp_path):
     assert journal.schema_version() == 4 and journal.list() == []
     columns = {row[1] for row in sqlite3.connect(tmp_path / "journal.sqlite3").execute("PRAGMA table_info(edits)")}
     assert {"consolidates", "consolidated_into"} <= columns
+
+
+def test_the_policy_consolidates_in_the_background_once_enough_edits_are_served_alone(make):
+    """``consolidate_after``: the edit that makes N edits served on their own gets its reply,
+    then the edit thread replaces those N by one joint solve; a consolidation is never
+    consolidated again, so the next round takes only the edits made after it."""
+    served = make("a")
+    served.manager.consolidate_after = 3
+    first = [served.manager.edit("memit", [fact], MEMIT, report=False).edit_id for fact in FACTS[:2]]
+    assert served.host.active_edit_ids == first  # two served alone: not due
+    third = served.manager.edit("memit", [FACTS[2]], MEMIT, report=False).edit_id
+    served.manager.run_stable(None, "test", lambda: None)  # queued behind the policy's solve
+    (merged,) = served.host.active_edit_ids
+    record = served.journal.get(merged)
+    assert record.consolidates == [*first, third] and "consolidate_after = 3" in record.description
+    assert [served.states()[i] for i in (*first, third)] == ["consolidated"] * 3
+    later = _edit_each(served)
+    served.manager.run_stable(None, "test", lambda: None)
+    assert len(served.host.active_edit_ids) == 2  # the first consolidation and a second one
+    assert served.host.active_edit_ids[0] == merged
+    assert served.journal.get(served.host.active_edit_ids[1]).consolidates == later
+    served.manager.revert(later[0])  # one original edit: the others of its round are served alone again
+    assert served.host.active_edit_ids == [merged, *later[1:]]
+
+
+def test_the_policy_gives_up_when_the_server_stops(make):
+    served = make("a")
+    served.manager.consolidate_after = 2
+    served.manager.stopping.set()
+    _edit_each(served)
+    served.manager.stop()  # waits for the edit thread: nothing was queued
+    assert len(served.host.active_edit_ids) == 3 and all(s == "active" for s in served.states().values())
