@@ -180,17 +180,18 @@ def spread(ctx: EditingContext, facts: list[Fact], hparams: MemitHyperParams, te
         if mlp_out is not None:
             resid = _through_post_norm(ctx, layer, mlp_out, resid)
         name = ctx.adapter.mlp_out_weight_name(layer)
+        earlier = ctx.preserved_keys(name) if hparams.preserve else None
         if hparams.preserve and hparams.preserve_projection:  # AlphaEdit: in C's null space, earlier keys kept
             adj = ctx.solve_preserving(layer, hparams.stats_source, hparams.stats_tokens, keys.T,
-                                       ctx.preserved_keys(name), hparams.null_space_threshold, hparams.preserve_ridge)
+                                       earlier, hparams.null_space_threshold, hparams.preserve_ridge)
         else:  # MEMIT's least squares; with preserve, the earlier active edits' keys join it
-            earlier = ctx.preserved_keys(name) if hparams.preserve else None
             adj = ctx.solve_regularised(layer, hparams.stats_source, hparams.stats_tokens,
                                         hparams.mom2_update_weight, keys.T, earlier)  # [d_mlp, n]
         if not (torch.isfinite(resid).all() and torch.isfinite(adj).all()):
             raise PreconditionFailed(f"MEMIT produced a non-finite update at layer {layer}")
         total = _factors_or_dense(ctx, name, resid.T, adj, total, keys.T)
         per_layer.append({"layer": layer, "missing_norm": float(missing.norm(dim=-1).mean()),
+                          "preserved_keys": 0 if earlier is None else int(earlier.shape[1]),
                           "seconds": time.perf_counter() - layer_started})
     return total, per_layer
 

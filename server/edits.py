@@ -734,9 +734,6 @@ class EditManager:
         validate_key(idempotency_key, dry_run=dry_run)
         if len(set(edit_ids)) != len(edit_ids) or len(edit_ids) > MAX_BUNDLE_EDITS:
             raise InvalidRequest(f"edit_ids: at most {MAX_BUNDLE_EDITS} distinct ids")
-        if options.get("preserve"):
-            raise InvalidRequest("options.preserve: a consolidation is solved on the weights without the edits it "
-                                 "replaces; keeping other edits' keys is not supported for it yet")
         if len(description) > MAX_DESCRIPTION_CHARS:
             raise InvalidRequest(f"description is {len(description)} characters, over the limit of "
                                  f"{MAX_DESCRIPTION_CHARS}")
@@ -776,7 +773,9 @@ class EditManager:
             ids = [r.edit_id for r in records]
             removed = negated_sum([self.host.active_artifact(i) for i in ids])
             started = time.perf_counter()
-            with preview(self.host.model, removed):  # solved on the weights without them, in this thread
+            # solved on the weights without them (in this thread); with ``preserve`` the edits
+            # that stay keep their keys, the replaced ones' are solved for again, not kept
+            with preview(self.host.model, removed), self.host.keys_left_out(ids):
                 delta, diagnostics = self._compute(method, facts, options, should_stop)
             compute_seconds = time.perf_counter() - started
             self.metrics.edit_compute.labels(method).observe(compute_seconds)

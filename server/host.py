@@ -18,7 +18,8 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -106,6 +107,9 @@ class ModelHost:
     encoder_name: str = edit_memory.DEFAULT_ENCODER
     _encoder: edit_memory.Encoder | None = None
     _memory: edit_memory.EditMemory | None = None
+    # active edits whose keys :meth:`active_keys` leaves out (a consolidation's members while
+    # their joint solve runs: they are being replaced, not preserved)
+    _keys_left_out: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self.adapter = ArchitectureAdapter.from_model(self.model)
@@ -182,8 +186,19 @@ class ModelHost:
         compact matrix with the same Gram once they outnumber d_in), or None: what an edit
         with ``preserve`` keeps in place. Edits are computed under the edit mutex, so the
         active set cannot change while one reads this."""
-        blocks = [d.keys[name] for d in _weight_deltas(self._active) if name in d.keys]
+        kept = (a for a in self._active if a.edit_id not in self._keys_left_out)
+        blocks = [d.keys[name] for d in _weight_deltas(kept) if name in d.keys]
         return compact_keys(torch.cat(blocks, 1)) if blocks else None
+
+    @contextmanager
+    def keys_left_out(self, edit_ids: Iterable[str]) -> Iterator[None]:
+        """:meth:`active_keys` without these edits' keys while in the block (on the edit
+        thread, under the edit mutex: a consolidation solving for their facts again)."""
+        self._keys_left_out = frozenset(edit_ids)
+        try:
+            yield
+        finally:
+            self._keys_left_out = frozenset()
 
     def active_neuron_prompts(self, module: str) -> list[tuple[str, str]]:
         """(subject, prompt) of every fact an active T-Patcher edit patched into ``module``:

@@ -114,8 +114,8 @@ def test_what_cannot_be_consolidated_changes_nothing(make):
     with pytest.raises(PreconditionFailed, match=rf"edit {ft} \(ft_l, active\) cannot be consolidated"):
         served.manager.consolidate([first, ft], MEMIT)
     second = served.manager.edit("memit", [FACTS[2]], MEMIT, report=False).edit_id
-    with pytest.raises(InvalidRequest, match="options.preserve"):
-        served.manager.consolidate([], {**MEMIT, "preserve": True})
+    with pytest.raises(InvalidRequest, match="mom2_update_weight must be in"):
+        served.manager.consolidate([], {**MEMIT, "preserve": True, "mom2_update_weight": float("nan")})
     before = (served.digest(), served.host.revision, served.states())
     dry = served.manager.consolidate([first, second], MEMIT, dry_run=True)
     assert not dry.applied and dry.edit_id == "" and len(dry.reports) == 2
@@ -168,3 +168,27 @@ def test_the_policy_gives_up_when_the_server_stops(make):
     _edit_each(served)
     served.manager.stop()  # waits for the edit thread: nothing was queued
     assert len(served.host.active_edit_ids) == 3 and all(s == "active" for s in served.states().values())
+
+
+def test_a_preserving_consolidation_keeps_the_other_edits_keys_and_solves_its_own_again(make):
+    """``preserve`` (keys only) in the joint solve: the edits that stay (here the first)
+    keep their keys where they map; the replaced edits' keys are not "preserved" (their facts
+    are what is solved for), so the consolidation still writes them."""
+    from editserve.editing.scoring import score
+
+    plain, kept = make("plain"), make("kept")
+    for served, options in ((plain, MEMIT), (kept, {**MEMIT, "preserve": True, "preserve_projection": False})):
+        ids = _edit_each(served)
+        outcome = served.manager.consolidate(ids[1:], options)
+        for report in outcome.reports:
+            assert score(served.host.model, served.host.tokenizer, [report.fact.text],
+                         [report.fact.target_new])[0].probability > report.rewrite.p_new_before, report
+        # the solve kept the first edit's one key per layer, not the replaced edits' two
+        assert [layer["preserved_keys"] for layer in outcome.diagnostics["per_layer"]] == \
+            ([1, 1] if served is kept else [0, 0])
+        served.change = served.host.active_artifact(outcome.edit_id)
+        served.first_keys = served.host.active_artifact(ids[0]).keys
+    assert kept.first_keys.keys() == plain.first_keys.keys()
+    for name, keys in kept.first_keys.items():
+        moved = {s: float((s.change.delta(name) @ keys).norm()) for s in (plain, kept)}
+        assert moved[kept] < 0.5 * moved[plain], (name, moved)
