@@ -68,6 +68,9 @@ def main() -> None:
               help="MiB of recent prompts' KV reused by later prompts with the same start (default 256; 0: off).")
 @click.option("--decode-products", type=click.Choice(["auto", "plain", "blocked"]), default=None,
               help="Small fp32 decode products: auto (time both kernels at start-up, default), plain or blocked.")
+@click.option("--decode-bf16-min-rows", type=int, default=None,
+              help="Decode steps of at least this many rows (1-16) use bf16 products where faster (greedy text may "
+                   "differ from fp32; default 0: never).")
 @click.option("--lean-decode/--no-lean-decode", default=None,
               help="Decode Llama-layout models without transformers' per-call work (default on).")
 @click.option("--max-concurrent-requests", type=int, default=None)

@@ -282,7 +282,8 @@ def make_backend(config: ServeConfig, host, model_dir: Path, metrics):
 
     return HFBackend(host, max_batch_size=config.max_batch_size, max_pending=config.max_pending_requests,
                      observer=metrics, prefix_cache_bytes=config.prefix_cache_mb << 20,
-                     products=config.decode_products, lean_decode=config.lean_decode)
+                     products=config.decode_products, lean_decode=config.lean_decode,
+                     bf16_min_rows=config.decode_bf16_min_rows)
 
 
 def serve(config: ServeConfig, port_file: Path | None = None) -> int:

@@ -50,6 +50,11 @@ class ServeConfig:
     # decode steps of Llama-layout models without transformers' per-call work (same
     # arithmetic; server/backends/lean_decode.py); false: always the full forward
     lean_decode: bool = True
+    # decode steps of at least this many rows (1-16) round their products to bf16 against
+    # packed bf16 copies of the weights (+50 % weight memory), where that measures faster at
+    # start-up; logits move by ~1e-2, so greedy text may differ: opt-in, 0 (default) never
+    # (server/backends/bf16_products.py, docs/BENCHMARKS.md "Decode speed")
+    decode_bf16_min_rows: int = 0
     max_pending_requests: int = 64
     max_concurrent_requests: int = 64
     max_prompt_tokens: int = 2048
@@ -141,6 +146,9 @@ class ServeConfig:
                              f"got {self.prefix_cache_mb!r}")
         if self.decode_products not in DECODE_PRODUCTS:
             raise ValueError(f"decode_products must be one of {list(DECODE_PRODUCTS)}, got {self.decode_products!r}")
+        rows = self.decode_bf16_min_rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows <= 16:
+            raise ValueError(f"decode_bf16_min_rows must be an integer in [0, 16] (0: never), got {rows!r}")
         if not isinstance(self.lean_decode, bool):
             raise ValueError(f"lean_decode must be true or false, got {self.lean_decode!r}")
         if isinstance(self.malloc_arenas, bool) or not isinstance(self.malloc_arenas, int) \

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bf16_products import DecodeScope, PackedBf16, bf16_linear
+
 BLOCKS = 8
 # products of at most this many rows take the blocked path (decode batches); more rows
 # (prompts, scoring, tracing) are compute-bound and faster as one matrix product
@@ -43,11 +45,20 @@ class BlockedLinear(nn.Linear):
     # the row counts (at most MAX_ROWS) that take the blocked path; set per layer by
     # use_blocked_linear, from product_choice's measurement when the server starts
     blocked_rows: frozenset[int] = ALL_ROWS
+    # the row counts whose products are rounded to bf16 (bf16_products.py), inside the
+    # engine's decode steps only (``decode_scope.active``); empty unless the operator opts in
+    bf16_rows: frozenset[int] = frozenset()
+    decode_scope: DecodeScope | None = None
+    bf16_weight: PackedBf16 | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         out_features, in_features = weight.shape
         rows = x.numel() // in_features if in_features else 0
+        if rows in self.bf16_rows and self.decode_scope is not None and self.decode_scope.active \
+                and self.bf16_weight is not None and not torch.is_grad_enabled() \
+                and weight.dtype == torch.float32 and x.dtype == torch.float32:
+            return bf16_linear(self, x, self.bf16_weight)
         if (rows not in self.blocked_rows or torch.is_grad_enabled() or weight.dtype != torch.float32
                 or x.dtype != torch.float32 or out_features % BLOCKS or not weight.is_contiguous()):
             return F.linear(x, weight, self.bias)
@@ -69,6 +80,18 @@ def use_blocked_linear(model: nn.Module, rows: frozenset[int] = ALL_ROWS) -> int
         if type(module) in (nn.Linear, BlockedLinear):
             module.__class__ = BlockedLinear
             module.blocked_rows = frozenset(rows)
+            count += 1
+    return count
+
+
+def use_bf16_products(model: nn.Module, rows: frozenset[int], scope: DecodeScope | None) -> int:
+    """Let the :class:`BlockedLinear` layers of ``model`` round products of ``rows`` rows to
+    bf16 while ``scope`` is active (empty ``rows``: never); returns how many layers."""
+    count = 0
+    for module in model.modules():
+        if type(module) is BlockedLinear:
+            module.bf16_rows, module.decode_scope = frozenset(rows), scope
+            module.bf16_weight = PackedBf16() if rows else None
             count += 1
     return count
 

@@ -36,6 +36,7 @@ from .base import (
     Started,
     Tokens,
 )
+from .bf16_products import DecodeScope
 from .kv_slab import left_padded_slab_cache
 from .lean_decode import lean_decoder_for
 from .product_choice import choose_products
@@ -109,6 +110,7 @@ class HFBackend(GenerationBackend):
         prefix_cache_bytes: int = 0,
         products: str = "auto",
         lean_decode: bool = True,
+        bf16_min_rows: int = 0,
     ) -> None:
         self.host = host
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
@@ -120,8 +122,16 @@ class HFBackend(GenerationBackend):
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 2048))
         self._device = next(host.model.parameters()).device
         # small fp32 products: F.linear or blocked, whichever this CPU runs faster (product_choice.py)
-        self.products = choose_products(host.model, products if self._device.type == "cpu" else "plain")
+        # decode steps of at least bf16_min_rows rows may round products to bf16 (opt-in;
+        # bf16_products.py): only inside this engine's decode steps, which set the scope
+        self._scope = DecodeScope()
+        on_cpu = self._device.type == "cpu"
+        self.products = choose_products(host.model, products if on_cpu else "plain",
+                                        bf16_min_rows=bf16_min_rows if on_cpu else 0, scope=self._scope)
         log.info("%s", self.products.describe())
+        if bf16_min_rows and not self.products.bf16_rows:
+            log.warning("decode_bf16_min_rows = %d: no batch size takes bf16 products here (not faster on this "
+                        "machine, no oneDNN packed linear in this torch build, or not a CPU)", bf16_min_rows)
         # decode steps without transformers' per-call work where the architecture allows (lean_decode.py)
         self.lean, why = lean_decoder_for(host.model) if lean_decode else (None, "turned off (lean_decode = false)")
         log.info("lean decode step: %s", "on" if self.lean is not None else f"off, {why}")
@@ -162,7 +172,10 @@ class HFBackend(GenerationBackend):
         """How decode steps run, for the model info metric: "lean" or "full" forward, and the
         batch sizes whose fp32 products take the blocked kernel."""
         blocked = ",".join(map(str, sorted(self.products.blocked_rows))) or "none"
-        return f"{'lean' if self.lean is not None else 'full'} step, blocked products for rows {blocked}"
+        path = f"{'lean' if self.lean is not None else 'full'} step, blocked products for rows {blocked}"
+        if self.products.bf16_rows:
+            path += ", bf16 products for rows " + ",".join(map(str, sorted(self.products.bf16_rows)))
+        return path
 
     @property
     def load(self) -> int:
@@ -319,17 +332,21 @@ class HFBackend(GenerationBackend):
         started = time.perf_counter()
         with self.host.lock.read():
             revision = self.host.revision
-            if self.lean is not None and self.lean.usable():
-                logits = self.lean.step(input_ids, positions, batch.cache.layers, mask)
-            else:  # a hook the lean step would skip is attached (or the model is not Llama-like)
-                logits = self.host.model(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=batch.cache,
-                    cache_position=cache_position,
-                    use_cache=True,
-                ).logits[:, -1]
+            self._scope.active = True  # this step's products may be bf16 (if opted in for its row count)
+            try:
+                if self.lean is not None and self.lean.usable():
+                    logits = self.lean.step(input_ids, positions, batch.cache.layers, mask)
+                else:  # a hook the lean step would skip is attached (or the model is not Llama-like)
+                    logits = self.host.model(
+                        input_ids=input_ids,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        past_key_values=batch.cache,
+                        cache_position=cache_position,
+                        use_cache=True,
+                    ).logits[:, -1]
+            finally:
+                self._scope.active = False
         now = time.perf_counter()
         self.observer.on_step(len(rows), now - started)
         if mask is not None:

@@ -12,10 +12,10 @@ from tests.tiny import tiny_model
 PROMPTS = ["The capital of France is", "Apple was founded by Steve Jobs and the"]
 
 
-def _batch(model, tok):
+def _batch(model, tok, prompts=PROMPTS):
     """A left-padded batch cache of the prompts (as the engine builds it) and its mask."""
     rows, lengths, last = [], [], []
-    for prompt in PROMPTS:
+    for prompt in prompts:
         ids = tok(prompt, return_tensors="pt").input_ids
         cache = DynamicCache()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True)

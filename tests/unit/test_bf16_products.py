@@ -1,0 +1,97 @@
+"""bf16 decode products (opt-in): rounded only inside an engine's decode step, only for the row
+counts chosen, never under autograd or on another thread; a swapped weight is repacked; the
+engine's logits stay within the documented tolerance of fp32."""
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from editserve.server.backends import bf16_products
+from editserve.server.backends.bf16_products import DecodeScope
+from editserve.server.backends.blocked_linear import use_bf16_products, use_blocked_linear
+from editserve.server.backends.product_choice import choose_products
+from tests.tiny import tiny_model
+
+pytestmark = pytest.mark.skipif(not bf16_products.available(), reason="torch built without oneDNN's packed linear")
+
+
+def _layer(tiny_tokenizer, rows=frozenset({4})):
+    model, _tok = tiny_model("llama", tokenizer=tiny_tokenizer)
+    scope = DecodeScope()
+    use_blocked_linear(model, frozenset())
+    use_bf16_products(model, rows, scope)
+    return model, model.model.layers[0].mlp.down_proj, scope
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@torch.no_grad()
+def test_products_are_rounded_only_in_an_active_scope_for_their_row_counts(tiny_tokenizer):
+    _model, layer, scope = _layer(tiny_tokenizer)
+    x = torch.randn(4, layer.in_features)
+    exact = F.linear(x, layer.weight)
+    assert torch.equal(layer(x), exact)  # scope inactive: fp32
+    scope.active = True
+    reduced = layer(x)
+    assert not torch.equal(reduced, exact) and _rel(reduced, exact) < 2e-2  # bf16, within its rounding
+    assert torch.equal(layer(x[:3]), F.linear(x[:3], layer.weight))  # 3 rows: not chosen
+    seen = {}
+    worker = threading.Thread(target=lambda: seen.update(out=layer(x)))  # the scope is this thread's only
+    worker.start()
+    worker.join()
+    assert torch.equal(seen["out"], exact)
+    with torch.enable_grad():
+        assert torch.equal(layer(x), exact)
+    assert reduced.dtype == torch.float32 and reduced.shape == exact.shape
+
+
+@torch.no_grad()
+def test_a_swapped_weight_is_packed_again(tiny_tokenizer):
+    _model, layer, scope = _layer(tiny_tokenizer)
+    x = torch.randn(4, layer.in_features)
+    scope.active = True
+    before = layer(x)
+    layer.weight.data = layer.weight.data * -2.0  # as the host commits an edit: a new storage
+    after = layer(x)
+    expected = F.linear(x, layer.weight)
+    assert _rel(after, expected) < 2e-2 and _rel(before, expected) > 1.0
+
+
+@torch.no_grad()
+def test_the_engines_choice_and_the_step_tolerance(tiny_tokenizer):
+    """``bf16_min_rows`` with a fixed mode takes bf16 from that row count on; a lean decode
+    step of 4 rows then stays within bf16's rounding of the fp32 step, and 3 rows are exact."""
+    from editserve.server.backends.lean_decode import lean_decoder_for
+    from tests.unit.test_lean_decode import _batch
+
+    model, tok = tiny_model("llama", tokenizer=tiny_tokenizer)
+    scope = DecodeScope()
+    choice = choose_products(model, "plain", bf16_min_rows=4, scope=scope)
+    assert choice.bf16_rows == frozenset(range(4, 17)) and "bf16 for rows 4,5," in choice.describe()
+    lean, why = lean_decoder_for(model)
+    assert lean is not None, why
+    prompts = ["The capital of France is", "Hi", "Apple was founded by", "The mother tongue of"]
+    steps = {}
+    for rows in (3, 4):
+        for active in (False, True):
+            cache, width, mask, lengths, tokens = _batch(model, tok, prompts[:rows])
+            scope.active = active
+            try:
+                steps[rows, active] = lean.step(torch.tensor([[t] for t in tokens]), torch.tensor([[n] for n in lengths]),
+                                                cache.layers, torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype)], 1))
+            finally:
+                scope.active = False
+    assert torch.equal(steps[3, True], steps[3, False])
+    assert not torch.equal(steps[4, True], steps[4, False])
+    scale = float(steps[4, False].abs().max())
+    torch.testing.assert_close(steps[4, True], steps[4, False], rtol=0, atol=5e-2 * scale)
+
+
+def test_bad_row_counts_are_refused(tiny_tokenizer):
+    model, _tok = tiny_model("llama", tokenizer=tiny_tokenizer)
+    with pytest.raises(ValueError, match=r"least row count must be in \[0, 16\]"):
+        choose_products(model, "plain", bf16_min_rows=17, scope=DecodeScope())
