@@ -14,7 +14,10 @@ bound and the speeds come from one sitting. Rows:
   full forward or lean step (``server/backends/lean_decode.py``) each with ``F.linear`` and
   with blocked products (``server/backends/blocked_linear.py``), and the engine as served
   now (lean step, products chosen by timing both at start-up,
-  ``server/backends/product_choice.py``, whose measurement is printed).
+  ``server/backends/product_choice.py``, whose measurement is printed); a sixth is the opt-in
+  ``decode_bf16_min_rows`` (bf16 products against packed copies for the batch sizes where
+  they measured faster, ``server/backends/bf16_products.py``), whose greedy tokens are
+  compared like the rest.
 
 Tokens/s at batch 1 is the decode rate of one stream (tokens after the first over the time
 between first and last); at batch 16 it is all tokens over the wall time, prefill included.
@@ -113,11 +116,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--bf16-min-rows", type=int, default=2, help="the opt-in row's decode_bf16_min_rows")
     args = parser.parse_args()
 
     import torch
 
-    from editserve.server.backends.blocked_linear import ALL_ROWS, use_blocked_linear
+    from editserve.server.backends.blocked_linear import ALL_ROWS, use_bf16_products, use_blocked_linear
     from editserve.server.backends.hf import HFBackend
     from editserve.server.fresh_thread import in_fresh_thread
     from editserve.server.host import ModelHost
@@ -145,29 +149,34 @@ def main() -> None:
                 rows.append(("generate", dtype, batch, baseline[batch], ""))
         host = ModelHost(model, tokenizer, name=args.model, dtype=dtype, device="cpu")
         backend = in_fresh_thread(partial(HFBackend, host, max_batch_size=max(batches),  # products "auto"
-                                          max_pending=max(batches)))
+                                          max_pending=max(batches), bf16_min_rows=args.bf16_min_rows))
         choices.append(f"{dtype}: {backend.products.describe()}")
-        lean, served_rows = backend.lean, backend.products.blocked_rows
-        # (name, lean step or None, rows taking the blocked product); the first is the engine as
-        # it was before the lean step and the product choice (2026-11-30), the last as served now
-        variants = [("engine before: full forward, blocked products", None, ALL_ROWS),
-                    ("full forward, F.linear", None, frozenset()),
-                    ("lean step, F.linear", lean, frozenset()),
-                    ("lean step, blocked products", lean, ALL_ROWS),
-                    ("engine as served: lean step, products chosen at start-up", lean, served_rows)]
-        if dtype != "fp32":  # the blocked product is fp32 only: no product variants
-            variants = [("engine before: full forward", None, served_rows),
-                        ("engine as served: lean step", lean, served_rows)]
+        lean, served_rows, bf16_rows = backend.lean, backend.products.blocked_rows, backend.products.bf16_rows
+        none: frozenset[int] = frozenset()
+        # (name, lean step or None, rows taking the blocked product, rows taking bf16 products);
+        # the first is the engine as it was before the lean step and the product choice
+        # (2026-11-30), the fifth as served by default now, the last the opt-in bf16 products
+        variants = [("engine before: full forward, blocked products", None, ALL_ROWS, none),
+                    ("full forward, F.linear", None, none, none),
+                    ("lean step, F.linear", lean, none, none),
+                    ("lean step, blocked products", lean, ALL_ROWS, none),
+                    ("engine as served: lean step, products chosen at start-up", lean, served_rows, none),
+                    (f"opt-in decode_bf16_min_rows={args.bf16_min_rows}: bf16 products for rows "
+                     f"{','.join(map(str, sorted(bf16_rows))) or 'none'}", lean, served_rows, bf16_rows)]
+        if dtype != "fp32":  # the blocked and bf16 products are fp32 only: no product variants
+            variants = [("engine before: full forward", None, served_rows, none),
+                        ("engine as served: lean step", lean, served_rows, none)]
         backend.start()
         try:
             engine_run(backend, tokenizer, 1, 4)  # warm-up
             for batch in batches:
                 # variants alternate run by run, so a change in machine load hits them alike
-                results: dict[str, list[tuple[float, list[list[int]]]]] = {name: [] for name, _, _ in variants}
+                results: dict[str, list[tuple[float, list[list[int]]]]] = {name: [] for name, *_ in variants}
                 for _ in range(args.runs):
-                    for name, step, blocked_rows in variants:
+                    for name, step, blocked_rows, reduced_rows in variants:
                         backend.lean = step  # the engine is idle between runs
                         use_blocked_linear(model, blocked_rows)  # no torch work: attributes only
+                        use_bf16_products(model, reduced_rows, backend.decode_scope)  # packed copies are kept
                         results[name].append(engine_run(backend, tokenizer, batch, args.tokens))
                 for name, runs in results.items():
                     rate = statistics.median(r for r, _ in runs)

@@ -91,7 +91,8 @@ def use_bf16_products(model: nn.Module, rows: frozenset[int], scope: DecodeScope
     for module in model.modules():
         if type(module) is BlockedLinear:
             module.bf16_rows, module.decode_scope = frozenset(rows), scope
-            module.bf16_weight = PackedBf16() if rows else None
+            if rows and module.bf16_weight is None:  # a packed copy already made is kept (benchmarks toggle)
+                module.bf16_weight = PackedBf16()
             count += 1
     return count
 

@@ -124,10 +124,10 @@ class HFBackend(GenerationBackend):
         # small fp32 products: F.linear or blocked, whichever this CPU runs faster (product_choice.py)
         # decode steps of at least bf16_min_rows rows may round products to bf16 (opt-in;
         # bf16_products.py): only inside this engine's decode steps, which set the scope
-        self._scope = DecodeScope()
+        self.decode_scope = DecodeScope()
         on_cpu = self._device.type == "cpu"
         self.products = choose_products(host.model, products if on_cpu else "plain",
-                                        bf16_min_rows=bf16_min_rows if on_cpu else 0, scope=self._scope)
+                                        bf16_min_rows=bf16_min_rows if on_cpu else 0, scope=self.decode_scope)
         log.info("%s", self.products.describe())
         if bf16_min_rows and not self.products.bf16_rows:
             log.warning("decode_bf16_min_rows = %d: no batch size takes bf16 products here (not faster on this "
@@ -332,7 +332,7 @@ class HFBackend(GenerationBackend):
         started = time.perf_counter()
         with self.host.lock.read():
             revision = self.host.revision
-            self._scope.active = True  # this step's products may be bf16 (if opted in for its row count)
+            self.decode_scope.active = True  # this step's products may be bf16 (if opted in for its row count)
             try:
                 if self.lean is not None and self.lean.usable():
                     logits = self.lean.step(input_ids, positions, batch.cache.layers, mask)
@@ -346,7 +346,7 @@ class HFBackend(GenerationBackend):
                         use_cache=True,
                     ).logits[:, -1]
             finally:
-                self._scope.active = False
+                self.decode_scope.active = False
         now = time.perf_counter()
         self.observer.on_step(len(rows), now - started)
         if mask is not None:

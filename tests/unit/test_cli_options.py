@@ -115,6 +115,10 @@ def test_vllm_running_requests_keep_their_kv_by_default():
     ("decode_products", "", "decode_products must be one of"),
     ("lean_decode", "yes", "lean_decode must be true or false"),
     ("lean_decode", 1, "lean_decode must be true or false"),
+    ("decode_bf16_min_rows", 17, r"decode_bf16_min_rows must be an integer in \[0, 16\]"),
+    ("decode_bf16_min_rows", -1, r"decode_bf16_min_rows must be an integer in \[0, 16\]"),
+    ("decode_bf16_min_rows", True, "decode_bf16_min_rows must be an integer"),
+    ("decode_bf16_min_rows", 4.0, "decode_bf16_min_rows must be an integer"),
 ])
 def test_decode_path_options_are_checked(field, value, message):
     from editserve.server.config import ServeConfig
