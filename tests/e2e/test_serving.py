@@ -225,3 +225,30 @@ def test_async_client(server):
     result, chunks = asyncio.run(run())
     assert result.generated_tokens == 5
     assert "".join(c.text for c in chunks) == result.text
+
+
+def test_opted_in_bf16_products_serve_batches_and_say_so(tiny_model_dir, tmp_path):
+    """``--decode-bf16-min-rows 2`` (with fixed products, so no timing decides): a batch of
+    three concurrent requests decodes through the bf16 path, every request gets its tokens,
+    rows of the same prompt agree, and the model info metric names the path."""
+    proc = start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", "--decode-products", "plain",
+                        "--decode-bf16-min-rows", "2", timeout=120)
+    try:
+        results = []
+
+        def call():
+            with proc.client() as client:
+                results.append(client.generate("Michael Jordan plays", max_new_tokens=40, ignore_eos=True))
+
+        threads = [threading.Thread(target=call) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(results) == 3 and all(r.generated_tokens == 40 for r in results)
+        assert len({r.text for r in results}) == 1
+        assert 'bf16 products for rows 2,3,4,5,6,7,8,9,10,11,12,13,14,15,16"' in proc.metrics()
+        # steps of more than one row ran (the only ones bf16 takes)
+        assert proc.metric("editserve_batch_size_sum") > proc.metric("editserve_batch_size_count")
+    finally:
+        proc.stop()
