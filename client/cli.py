@@ -516,7 +516,7 @@ def evaluate(method: str, dataset: str, data_dir: str | None, limit: int, model:
         tmp.replace(out)
     click.echo(summary_table(records, title=title, drift=final_drift))
     reused = f"; unedited measurements reused {cache.hits}, measured {cache.misses}" if cache is not None else ""
-    why = "subject not in prompt, or repeated" if distinct_subjects else "subject not in prompt"
+    why = "subject not in prompt, no new answer" + (", or subject repeated" if distinct_subjects else "")
     click.echo(f"\n{skipped} records skipped ({why}); wall time {_time.perf_counter() - started:.0f} s"
                + reused)
 

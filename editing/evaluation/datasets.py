@@ -115,7 +115,7 @@ def _counterfact_flat(record: dict, index: int) -> EvalCase | None:
 def _zsre(record: dict, index: int) -> EvalCase | None:
     subject = record["subject"]
     template = _template(record["src"], subject)
-    if template is None:
+    if template is None or not str(record.get("alt") or "").strip():  # no new answer: nothing to edit
         return None
     answers = record.get("answers") or [""]
     fact = _fact(template, subject, record["alt"], answers[0])
@@ -186,7 +186,8 @@ def detect_format(record: dict) -> str:
 
 def load_cases(path: Path | str, *, fmt: str | None = None, limit: int | None = None,
                distinct_subjects: bool = False) -> tuple[list[EvalCase], int]:
-    """(cases, skipped): skipped counts records whose subject is not in their prompt, and with
+    """(cases, skipped): skipped counts records whose subject is not in their prompt (or that have
+    no new answer), and with
     ``distinct_subjects`` also records whose subject an earlier kept case already has (the
     first ``limit`` cases are then the first ``limit`` subjects; see :func:`resubjected`)."""
     records = json.loads(Path(path).read_text())

@@ -80,6 +80,8 @@ def test_dataset_formats(tmp_path):
     (tmp_path / "zsre.json").write_text(json.dumps([zsre, {**zsre, "subject": "Zed"}]))
     cases, skipped = load_cases(tmp_path / "zsre.json")
     assert len(cases) == 1 and skipped == 1  # "Zed" is not in the question
+    (tmp_path / "blank.json").write_text(json.dumps([{**zsre, "alt": " "}, zsre]))
+    assert [len(x) if isinstance(x, list) else x for x in load_cases(tmp_path / "blank.json")] == [1, 1]  # no new answer
     assert cases[0].fact.prompt == "What does {} speak?"
     cases, _ = load_cases(tmp_path / "zsre.json")
     assert cases[0].locality[0].answer == "y" and cases[0].portability[0].answer == "Ann"
