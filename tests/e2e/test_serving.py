@@ -170,21 +170,27 @@ def test_concurrency_limit_is_resource_exhausted(server):
             s.cancel()
 
 
-def test_concurrent_clients_are_batched_and_counted(server):
-    server.wait_idle()
-    before_tokens = server.metric("editserve_generated_tokens_total")
-    before_ok = server.metric("editserve_requests_total", rpc="Generate", code="OK")
+def _generate_at_once(server, clients: int, max_new_tokens: int) -> list:
+    """The same greedy prompt from ``clients`` concurrent clients (the engine batches them)."""
     results = []
 
     def call():
         with server.client() as client:
-            results.append(client.generate("Michael Jordan plays", max_new_tokens=10, ignore_eos=True))
+            results.append(client.generate("Michael Jordan plays", max_new_tokens=max_new_tokens, ignore_eos=True))
 
-    threads = [threading.Thread(target=call) for _ in range(3)]
+    threads = [threading.Thread(target=call) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return results
+
+
+def test_concurrent_clients_are_batched_and_counted(server):
+    server.wait_idle()
+    before_tokens = server.metric("editserve_generated_tokens_total")
+    before_ok = server.metric("editserve_requests_total", rpc="Generate", code="OK")
+    results = _generate_at_once(server, 3, max_new_tokens=10)
     assert len(results) == 3 and len({r.text for r in results}) == 1  # greedy: identical answers
     assert server.metric("editserve_generated_tokens_total") - before_tokens == 30
     assert server.metric("editserve_requests_total", rpc="Generate", code="OK") - before_ok == 3
@@ -234,17 +240,7 @@ def test_opted_in_bf16_products_serve_batches_and_say_so(tiny_model_dir, tmp_pat
     proc = start_server(str(tiny_model_dir), tmp_path / "state", tmp_path / "logs", "--decode-products", "plain",
                         "--decode-bf16-min-rows", "2", timeout=120)
     try:
-        results = []
-
-        def call():
-            with proc.client() as client:
-                results.append(client.generate("Michael Jordan plays", max_new_tokens=40, ignore_eos=True))
-
-        threads = [threading.Thread(target=call) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = _generate_at_once(proc, 3, max_new_tokens=40)
         assert len(results) == 3 and all(r.generated_tokens == 40 for r in results)
         assert len({r.text for r in results}) == 1
         assert 'bf16 products for rows 2,3,4,5,6,7,8,9,10,11,12,13,14,15,16"' in proc.metrics()
