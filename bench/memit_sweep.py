@@ -4,7 +4,8 @@ optimised targets of every range that ends at the same layer (the costly step).
   .venv/bin/python bench/memit_sweep.py --model smollm2-135m --facts 20 --ranges 3-7,5-7,2-6 --lambdas 1500,5000,15000
 
 Prints one JSON line per (range, lambda) with ES / PS / NS on those facts (under preview) and
-the unedited row first. Results and the chosen defaults: docs/MEMIT.md.
+drift (KL and top-1 agreement on the shipped probes against the unedited model), the unedited
+row first. Results and the chosen defaults: docs/MEMIT.md.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def main() -> None:
     ctx.second_moments(sorted({x for r in ranges for x in r}), base.stats_source, base.stats_tokens)
     print(f"# {datetime.datetime.now().isoformat(timespec='minutes')} {args.model} facts {args.start}.."
           f"{args.start + len(facts) - 1} overrides {overrides}")
+    from editserve.editing.evaluation.probes import load_probes, next_token_logits
+
+    reference = next_token_logits(model, tokenizer, load_probes())
     print(json.dumps({"unedited": quality(model, tokenizer, cases)}))
     targets: dict[int, tuple[torch.Tensor, float]] = {}
     for layers in ranges:
@@ -63,7 +67,7 @@ def main() -> None:
             delta, per_layer = spread(ctx, facts, hp, templates, z)
             print(json.dumps({"layers": list(layers), "lambda": lam, "targets_s": round(seconds, 1),
                               "missing_norm": [round(p["missing_norm"], 1) for p in per_layer],
-                              **quality(model, tokenizer, cases, delta)}), flush=True)
+                              **quality(model, tokenizer, cases, delta, reference)}), flush=True)
 
 
 if __name__ == "__main__":
