@@ -11,6 +11,15 @@ agreement on the drift probes against the unedited model) are measured on the un
 after the N edits, and after the consolidation; then the consolidation is reverted and the
 weights digest must equal the one before it (checked). The baseline of every ratio is the
 state after the N sequential edits, measured in the same run.
+
+``--from-state DIR`` takes the N edits from a finished ``editserve eval --sequential
+--state-dir DIR`` run instead of computing them: the edits that were active when its last edit
+was applied (a run reverts them when it ends; their artifacts stay), moved in by a bundle, as
+one server hands edits to another. So a 1,000-edit run's state is consolidated without
+recomputing its 1,000 edits (``--data`` must name the run's dataset; the facts are checked).
+
+    .venv/bin/python bench/consolidation_bench.py --n 1000 --from-state ~/runs/memit_keys1000_state \
+        --data ../shared/data/counterfact/counterfact_rich_union.json
 """
 
 from __future__ import annotations
@@ -43,12 +52,36 @@ def measure(target, cases) -> dict:
             for key in ("es", "ps", "ns")}
 
 
+def run_bundle(state_dir: Path, target, cases) -> bytes:
+    """A bundle of the edits a finished sequential run held after its last edit: those applied
+    and not reverted before that moment (a resumed run's recomputed edit replaces the one it
+    reverted), the first ``len(cases)`` of them, checked against ``cases`` fact by fact."""
+    from editserve.server.bundle import BundledEdit, write_bundle
+    from editserve.server.journal import Journal
+
+    journal = Journal(state_dir, target.host.fingerprint())
+    try:
+        records = journal.list(include_reverted=True)
+        last = max(r.applied_revision for r in records)
+        alive = [r for r in records if not r.reverted_revision or r.reverted_revision > last][:len(cases)]
+        subjects = [f["subject"] for r in alive for f in r.facts]
+        if subjects != [c.fact.subject for c in cases]:
+            raise SystemExit(f"{state_dir}: its {len(subjects)} facts are not the first {len(cases)} cases of --data")
+        edits = [BundledEdit(r.edit_id, r.method, r.kind, r.facts, r.options, r.layers, r.parameters, r.delta_norm,
+                             r.compute_seconds, r.description, r.sha256, journal.artifact_bytes(r)) for r in alive]
+    finally:
+        journal.close()
+    return write_bundle(target.host.name, target.host.fingerprint(), 0, edits)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--n", type=int, default=30)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/counterfact/counterfact_500_rich.json")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--from-state", type=Path, default=None,
+                        help="take the edits from this finished sequential eval run's state directory")
     args = parser.parse_args()
 
     from editserve.editing.evaluation.datasets import load_cases
@@ -68,16 +101,22 @@ def main() -> None:
 
     rows = [state("unedited")]
     started = time.perf_counter()
-    for case in cases:
-        target.edit([case.fact])
+    if args.from_state:
+        moved = target.manager.import_bundle(run_bundle(args.from_state, target, cases))
+        label = f"after {len(moved.edits)} edits of {args.from_state.name}"
+    else:
+        for case in cases:
+            target.edit([case.fact])
+        label = f"after {len(cases)} ROME edits"
     sequential_s = time.perf_counter() - started
-    rows.append(state(f"after {len(cases)} ROME edits"))
+    rows.append(state(label))
     before = target.host.weights_digest()
     outcome = target.manager.consolidate([], {})
     rows.append(state("after consolidation"))
     target.manager.revert(outcome.edit_id)
     exact = target.host.weights_digest() == before
-    print(f"sequential edits {sequential_s:.0f} s ({sequential_s / len(cases):.1f} s each); consolidation "
+    how = "moving them in" if args.from_state else "sequential edits"
+    print(f"{how} {sequential_s:.0f} s ({sequential_s / len(cases):.1f} s each); consolidation "
           f"{outcome.compute_seconds:.0f} s; revert of the consolidation bit-exact: {exact}")
     after, base = rows[2], rows[1]
     ratios = {f"{k}_after_over_before": after[k] / base[k] if base[k] else None
