@@ -149,6 +149,9 @@ class ServeConfig:
         rows = self.decode_bf16_min_rows
         if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows <= 16:
             raise ValueError(f"decode_bf16_min_rows must be an integer in [0, 16] (0: never), got {rows!r}")
+        if rows and self.backend != "hf":
+            raise ValueError("decode_bf16_min_rows applies to the hf backend's decode steps; vLLM chooses its own "
+                             "kernels (serve a bf16 model there instead)")
         if not isinstance(self.lean_decode, bool):
             raise ValueError(f"lean_decode must be true or false, got {self.lean_decode!r}")
         if isinstance(self.malloc_arenas, bool) or not isinstance(self.malloc_arenas, int) \

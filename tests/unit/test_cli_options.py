@@ -126,6 +126,9 @@ def test_decode_path_options_are_checked(field, value, message):
     with pytest.raises(ValueError, match=message):
         ServeConfig().with_overrides(**{field: value})
     assert ServeConfig().with_overrides(decode_products="plain", lean_decode=False).decode_products == "plain"
+    with pytest.raises(ValueError, match="decode_bf16_min_rows applies to the hf backend"):
+        ServeConfig().with_overrides(backend="vllm", decode_bf16_min_rows=8)
+    assert ServeConfig().with_overrides(decode_bf16_min_rows=8).decode_bf16_min_rows == 8
 
 
 def test_an_unknown_decode_products_flag_is_refused():
