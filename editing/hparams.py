@@ -159,6 +159,10 @@ class ValueHyperParams(HyperParams):
         at the subject (MLP output for ROME, residual stream for MEMIT).
     weight_decay: weight of ||delta||^2 / ||unedited output||^2 in the loss.
     early_stop_loss: a fact stops optimising once its mean target-token NLL is below this.
+    stop_at_top: a fact also stops as soon as each of its target tokens is the model's top
+        token at every context row (ENCORE's most-probable early stopping, Gupta et al. 2025):
+        the smallest change that makes the model say the target, so edits that accumulate add
+        less to the weights' norm (docs/LIFELONG.md).
     context_count / context_length: self-generated context prefixes (besides the empty one
         "{}") and their length in tokens.
     stats_source: text for the key covariance C = E[k k^T]: "default" (shipped with the
@@ -190,6 +194,7 @@ class ValueHyperParams(HyperParams):
     clamp_norm_factor: float = bounded(4.0, 1e-3, 1e6)
     weight_decay: float = bounded(0.5, 0.0, 100.0)
     early_stop_loss: float = bounded(0.05, 0.0, 20.0)
+    stop_at_top: bool = False
     context_count: int = bounded(10, 0, 50)
     context_length: int = bounded(10, 1, 64)
     kl_prompt: str = "{} is a"

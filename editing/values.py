@@ -401,6 +401,7 @@ def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, specs:
     started = time.perf_counter()
     device = next(model.parameters()).device
     has_kl = hparams.kl_factor > 0
+    stop_at_top = hparams.stop_at_top
     pad = pad_id_of(tokenizer)
     n = len(specs)
     params = [torch.zeros(hidden_size, device=device, dtype=torch.float32, requires_grad=True) for _ in range(n)]
@@ -411,6 +412,7 @@ def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, specs:
     steps_run = [0] * n
     nll0 = [0.0] * n
     last = [(0.0, 0.0)] * n  # (nll, kl) at the fact's last evaluation
+    last_missed = [-1.0] * n  # with stop_at_top: target positions not on top at the last evaluation
     trace: list[list[float]] = [[] for _ in range(n)]  # NLL at every evaluation (diagnostics)
     active = list(range(n))
     upper = _upper_stack(model, module_name) if hparams.skip_lower_layers else None
@@ -422,10 +424,14 @@ def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, specs:
         stacked = torch.stack(params)
         nll = torch.zeros(n, device=device)
         kl = torch.zeros(n, device=device)
+        missed = torch.zeros(n, device=device)  # target positions where another token is on top
         for runner in runners:
             b = runner.batch
             logits, out0 = runner.logits(stacked[b.row_fact])
             logp = torch.log_softmax(logits, -1)
+            if stop_at_top:
+                off_top = (logp[:b.n_nll].detach().argmax(-1) != b.loss_targets).float()
+                missed = missed.index_add(0, b.loss_fact, off_top)
             if step == 0:  # delta = 0: these outputs are the unedited ones (KL reference, norms)
                 for row, f in zip(b.bare_rows.tolist(), b.bare_fact.tolist(), strict=True):
                     base_out[f] = out0[row].detach()
@@ -455,7 +461,11 @@ def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, specs:
                 nll0[f] = nll_values[f]
         if step == hparams.steps:
             break
-        remaining = [f for f in active if nll_values[f] >= hparams.early_stop_loss]
+        on_top = missed.tolist()
+        for f in active:
+            last_missed[f] = on_top[f]
+        remaining = [f for f in active if nll_values[f] >= hparams.early_stop_loss
+                     and not (stop_at_top and on_top[f] == 0)]
         if not remaining:
             break
         grads = torch.autograd.grad(loss[remaining].sum(), [params[f] for f in remaining])
@@ -491,6 +501,7 @@ def _optimise_chunk(model, tokenizer, module_name: str, hidden_size: int, specs:
         "final_kl": last[f][1],
         "nll_trace": trace[f],
         "target_prob": math.exp(-last[f][0]),
+        **({"positions_off_top": int(last_missed[f])} if stop_at_top else {}),
         "delta_norm": float(result[f].norm()),
         "output_norm": float(base_out[f].norm()),
         "target_tokens": len(specs[f].targets),

@@ -101,6 +101,27 @@ def test_converged_facts_stop_while_others_go_on(tiny_tokenizer, stats_dir):
     assert max(steps) <= 30 and len(set(steps)) > 1, steps
 
 
+def test_stop_at_top_ends_each_fact_once_its_target_is_the_top_token(tiny_tokenizer, stats_dir):
+    """``stop_at_top`` (most-probable early stopping): a fact stops as soon as its target tokens
+    are the top token at every context row, with fewer steps and a smaller change than
+    optimising on to the NLL threshold."""
+    from editserve.editing.values import compute_value_deltas
+
+    model, adapter = learnable_model("llama", tiny_tokenizer, edit_layer=2)
+    ctx = EditingContext(model, tiny_tokenizer, adapter, stats_dir, progress=False)
+    templates = ctx.context_templates(1, 5)
+    runs = {}
+    for stop in (False, True):
+        hp = tiny_memit(model, steps=60, early_stop_loss=0.01, lr=0.005, stop_at_top=stop)
+        runs[stop] = compute_value_deltas(model, tiny_tokenizer, adapter.layer(2), adapter.hidden_size, FACTS,
+                                          templates, hp, batch_facts=3)
+    for early, full in zip(runs[True].info, runs[False].info, strict=True):
+        assert early["positions_off_top"] == 0 and "positions_off_top" not in full
+        assert early["steps"] < full["steps"], (early["steps"], full["steps"])
+        assert early["delta_norm"] < full["delta_norm"]
+        assert early["final_nll"] > full["final_nll"]  # it stopped before the NLL threshold
+
+
 def test_bad_requests_change_nothing(tiny_tokenizer, stats_dir, tmp_path):
     model, adapter = learnable_model("llama", tiny_tokenizer)
     ctx = EditingContext(model, tiny_tokenizer, adapter, stats_dir, progress=False)
