@@ -151,3 +151,14 @@ def test_the_consolidation_policy_replaces_accumulated_edits_and_survives_a_rest
             assert states[second.edit_id] == "active" and states[merged.edit_id] == "reverted"
     finally:
         server.stop()
+
+
+def test_stop_at_top_reaches_the_server_and_writes_a_smaller_change(server):
+    """``stop_at_top`` over gRPC: the dry run's target probability is lower than optimising on to
+    the NLL threshold gives (the optimisation stopped once the target was on top), still above
+    the unedited one; nothing is applied."""
+    with server[0].client() as client:
+        full = client.edit([FACTS[0]], **MEMIT_TINY, dry_run=True).facts[0].rewrite
+        early = client.edit([FACTS[0]], **MEMIT_TINY, stop_at_top=True, dry_run=True).facts[0].rewrite
+        assert full.p_new_before == early.p_new_before < early.p_new_after < full.p_new_after
+        assert client.list_edits() == []
