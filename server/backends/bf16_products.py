@@ -47,6 +47,10 @@ class PackedBf16:
             self._source, self._version = storage, weight._version
         return self._packed
 
+    def __deepcopy__(self, memo: dict) -> PackedBf16:
+        """A copied model (a bf16 trace copies the model) packs its own weights when it needs them."""
+        return PackedBf16()
+
 
 def bf16_linear(layer: nn.Linear, x: torch.Tensor, packed: PackedBf16) -> torch.Tensor:
     """``layer(x)`` with bf16 products against the packed copy; fp32 in, fp32 out."""
@@ -64,3 +68,7 @@ class DecodeScope(threading.local):
     count). One per engine, shared by its model's layers."""
 
     active = False
+
+    def __deepcopy__(self, memo: dict) -> DecodeScope:
+        """A copied model gets a scope of its own, never active: no engine decodes with it."""
+        return DecodeScope()

@@ -91,6 +91,21 @@ def test_the_engines_choice_and_the_step_tolerance(tiny_tokenizer):
     torch.testing.assert_close(steps[4, True], steps[4, False], rtol=0, atol=5e-2 * scale)
 
 
+@torch.no_grad()
+def test_a_copied_model_keeps_fp32_and_packs_its_own(tiny_tokenizer):
+    """A deep copy (the bf16 trace copies the served model) is exact fp32 even while the
+    engine's scope is active, and shares no packed copy with the original."""
+    import copy
+
+    model, layer, scope = _layer(tiny_tokenizer)
+    x = torch.randn(4, layer.in_features)
+    scope.active = True
+    layer(x)  # packs the original's copy
+    twin = copy.deepcopy(model).model.layers[0].mlp.down_proj
+    assert torch.equal(twin(x), F.linear(x, twin.weight))
+    assert twin.decode_scope is not scope and twin.bf16_weight is not layer.bf16_weight
+
+
 def test_bad_row_counts_are_refused(tiny_tokenizer):
     model, _tok = tiny_model("llama", tokenizer=tiny_tokenizer)
     with pytest.raises(ValueError, match=r"least row count must be in \[0, 16\]"):
