@@ -162,3 +162,19 @@ def test_stop_at_top_reaches_the_server_and_writes_a_smaller_change(server):
         early = client.edit([FACTS[0]], **MEMIT_TINY, stop_at_top=True, dry_run=True).facts[0].rewrite
         assert full.p_new_before == early.p_new_before < early.p_new_after < full.p_new_after
         assert client.list_edits() == []
+
+
+def test_a_preserving_consolidation_over_grpc_keeps_the_edit_it_does_not_replace(server):
+    """Consolidate two of three edits with keys-only ``preserve`` over a socket: it is
+    accepted (it used to be refused), one revision, and the edit left out stays served."""
+    with server[0].client() as client:
+        ids = [client.edit([fact], **MEMIT_TINY).edit_id for fact in FACTS]
+        options = {k: v for k, v in MEMIT_TINY.items() if k != "method"}
+        merged = client.consolidate(ids[1:], preserve=True, preserve_projection=False, **options)
+        assert merged.applied and merged.revision == 4
+        states = {e.edit_id: e.status for e in client.list_edits()}
+        assert states[ids[0]] == "active" and states[ids[1]] == states[ids[2]] == "consolidated"
+        with pytest.raises(InvalidArgument, match="mom2_update_weight must be in"):
+            client.consolidate([ids[0], merged.edit_id], preserve=True, mom2_update_weight=float("nan"), **{
+                k: v for k, v in options.items() if k != "mom2_update_weight"})
+        assert client.model_info().revision == 4
