@@ -1,7 +1,7 @@
 """Generation with Hugging Face transformers, batching concurrent requests.
 
-One engine thread owns all forward passes. Requests that arrive while others decode are
-prefilled on their own, then join the running batch: every decode step advances all running
+One engine thread owns all forward passes. Requests are prefilled when admitted (short
+prompts admitted together share one left-padded pass), then join the running batch: every decode step advances all running
 sequences by one token in a single forward pass over a left-padded KV cache. When the set
 of running sequences changes (a join, a finish, a cancel) the batch cache is rebuilt from
 each sequence's valid slice; while it is stable the cache is reused as is.
@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from ..detokenize import IncrementalText
 from ..host import ModelHost
-from ..prefix_cache import PrefixCache
+from ..prefix_cache import PrefixCache, PrefixHit
 from ..sampling import sample_token
 from .base import (
     Failed,
@@ -50,6 +50,9 @@ SLAB_HEADROOM = 256
 # its OpenMP team goes with it, so edits, traces and scores run while generation is idle are
 # not throttled by a docked team (server/fresh_thread.py: 1.2-1.5x on their products).
 IDLE_RELEASE_SECONDS = 1.0
+# Prompts of at most this many tokens, admitted together and not served by the prefix cache,
+# share one prefill pass (HFBackend._prefill_admitted); longer ones run alone.
+BATCHED_PREFILL_MAX_TOKENS = 64
 
 
 class EngineObserver:
@@ -230,11 +233,14 @@ class HFBackend(GenerationBackend):
                 while self._pending and len(self._running) + len(admit) < self.max_batch_size:
                     admit.append(self._pending.popleft())
             try:
+                live = []
                 for seq in admit:
                     if seq.handle.cancelled.is_set():
                         self._finish(seq, FinishReason.CANCELLED, "")
-                        continue
-                    self._prefill(seq)
+                    else:
+                        live.append(seq)
+                self._prefill_admitted(live)
+                for seq in live:
                     if not seq.done:
                         self._invalidate_batch()  # membership changed
                         self._running.append(seq)
@@ -273,25 +279,73 @@ class HFBackend(GenerationBackend):
             self._running = keep
 
     # --- model work --------------------------------------------------------------------
-    def _prefill(self, seq: _Sequence) -> None:
-        """Run the prompt, past whatever prefix an earlier prompt already computed."""
+    def _prefill_admitted(self, seqs: list[_Sequence]) -> None:
+        """Prefill the sequences admitted together: short prompts that no earlier prompt's
+        prefix covers share one left-padded forward pass, the rest run one by one.
+
+        A short prompt's forward is mostly per-call work (the model's Python, one small
+        product per weight), so 16 requests arriving at once used to spend ~0.75 s in 16
+        prefills of ~47 ms before their first tokens; together they take one pass
+        (docs/BENCHMARKS.md "Decode speed"). Long prompts are compute-bound, gain nothing from
+        sharing a pass and would pay for the padding; a prompt the prefix cache serves reuses
+        the cached keys instead."""
+        done: list[tuple[_Sequence, torch.Tensor, int]] = []  # (sequence, next-token logits, reused tokens)
         with self.host.lock.read():
             revision = self.host.revision
-            hit = self.prefix_cache.lookup(seq.prompt_ids, revision)
-            start = hit.tokens if hit is not None else 0
-            cache = DynamicCache(ddp_cache_data=hit.kv) if hit is not None else DynamicCache()
-            ids = torch.tensor([seq.prompt_ids[start:]], device=self._device)
-            positions = torch.arange(start, len(seq.prompt_ids), device=self._device)
-            out = self.host.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                                  position_ids=positions[None], cache_position=positions)
-            seq.kv = [(layer.keys, layer.values) for layer in cache.layers]
-            self.prefix_cache.store(seq.prompt_ids, seq.kv, revision)
-        self.observer.on_prefill(len(seq.prompt_ids), start)
-        seq.length = len(seq.prompt_ids)
-        now = time.perf_counter()
-        self.observer.on_first_token(now - seq.submitted_at)
-        seq.last_token_at = now
-        self._accept(seq, out.logits[0, -1], revision, first=True)
+            group: list[_Sequence] = []
+            for seq in seqs:
+                hit = self.prefix_cache.lookup(seq.prompt_ids, revision)
+                if hit is None and len(seq.prompt_ids) <= BATCHED_PREFILL_MAX_TOKENS:
+                    group.append(seq)
+                else:
+                    done.append(self._prefill(seq, hit, revision))
+            if len(group) == 1:
+                done.append(self._prefill(group[0], None, revision))
+            elif group:
+                done += self._prefill_together(group, revision)
+        for seq, logits, reused in done:  # sampling and streaming need no lock
+            self.observer.on_prefill(len(seq.prompt_ids), reused)
+            seq.length = len(seq.prompt_ids)
+            now = time.perf_counter()
+            self.observer.on_first_token(now - seq.submitted_at)
+            seq.last_token_at = now
+            self._accept(seq, logits, revision, first=True)
+
+    def _prefill(self, seq: _Sequence, hit: PrefixHit | None, revision: int) -> tuple[_Sequence, torch.Tensor, int]:
+        """Run one prompt, past whatever prefix an earlier prompt already computed (``hit``);
+        (sequence, next-token logits, tokens reused). Called holding the host's read lock."""
+        start = hit.tokens if hit is not None else 0
+        cache = DynamicCache(ddp_cache_data=hit.kv) if hit is not None else DynamicCache()
+        ids = torch.tensor([seq.prompt_ids[start:]], device=self._device)
+        positions = torch.arange(start, len(seq.prompt_ids), device=self._device)
+        out = self.host.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                              position_ids=positions[None], cache_position=positions)
+        seq.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self.prefix_cache.store(seq.prompt_ids, seq.kv, revision)
+        return seq, out.logits[0, -1], start
+
+    def _prefill_together(self, seqs: list[_Sequence], revision: int) -> list[tuple[_Sequence, torch.Tensor, int]]:
+        """Run several whole prompts in one forward pass, left-padded to the longest; each
+        keeps the unpadded slice of the keys and values. Called holding the read lock."""
+        width = max(len(seq.prompt_ids) for seq in seqs)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long, device=self._device)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self._device)
+        positions = torch.zeros((len(seqs), width), dtype=torch.long, device=self._device)
+        for i, seq in enumerate(seqs):
+            pad = width - len(seq.prompt_ids)
+            ids[i, pad:] = torch.tensor(seq.prompt_ids, device=self._device)
+            mask[i, pad:] = 1
+            positions[i, pad:] = torch.arange(len(seq.prompt_ids), device=self._device)
+        cache = DynamicCache()
+        out = self.host.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                              use_cache=True, logits_to_keep=1,
+                              cache_position=torch.arange(width, device=self._device))
+        for i, seq in enumerate(seqs):
+            pad = width - len(seq.prompt_ids)
+            seq.kv = [(layer.keys[i : i + 1, :, pad:], layer.values[i : i + 1, :, pad:]) for layer in cache.layers]
+            if self.prefix_cache.enabled:  # a slice would keep the whole batch's tensors alive
+                self.prefix_cache.store(seq.prompt_ids, [(k.clone(), v.clone()) for k, v in seq.kv], revision)
+        return [(seq, out.logits[i, -1], 0) for i, seq in enumerate(seqs)]
 
     def _invalidate_batch(self) -> None:
         """Give every still-running row its own KV slice back; the next step rebuilds the batch."""
@@ -352,28 +406,34 @@ class HFBackend(GenerationBackend):
         if mask is not None:
             batch.mask = mask
         batch.width += 1
+        # greedy rows' tokens in one operation: one argmax per row cost ~0.1 ms each here
+        greedy = logits.argmax(-1).tolist() if any(s.params.temperature <= 0.0 for s in rows) else None
         for i, seq in enumerate(rows):
             seq.length += 1
             self.observer.on_token(now - seq.last_token_at)
             seq.last_token_at = now
-            self._accept(seq, logits[i], revision, first=False)
+            self._accept(seq, logits[i], revision, first=False,
+                         greedy=greedy[i] if greedy is not None and seq.params.temperature <= 0.0 else None)
 
-    def _accept(self, seq: _Sequence, logits: torch.Tensor, revision: int, *, first: bool) -> None:
-        """Sample the next token of one sequence, emit it, and decide whether it is done.
+    def _accept(self, seq: _Sequence, logits: torch.Tensor, revision: int, *, first: bool,
+                greedy: int | None = None) -> None:
+        """Sample the next token of one sequence (``greedy``: already chosen, the row's
+        argmax), emit it, and decide whether it is done.
 
         Everything here is one request's own business (its sampling options, its stop
         strings), so a failure fails that request alone: its neighbours in the batch go on."""
         try:
-            self._accept_token(seq, logits, revision, first=first)
+            self._accept_token(seq, logits, revision, first=first, greedy=greedy)
         except Exception as error:  # noqa: BLE001 - reported to the one request it belongs to
             log.exception("sampling failed for one request; the others in its batch go on")
             seq.done = True
             seq.kv = None
             seq.handle.events.put(Failed(error))
 
-    def _accept_token(self, seq: _Sequence, logits: torch.Tensor, revision: int, *, first: bool) -> None:
+    def _accept_token(self, seq: _Sequence, logits: torch.Tensor, revision: int, *, first: bool,
+                      greedy: int | None) -> None:
         params = seq.params
-        token = sample_token(logits, params, seq.generator)
+        token = greedy if greedy is not None else sample_token(logits, params, seq.generator)
         logprob = float(torch.log_softmax(logits.float(), -1)[token]) if params.return_logprobs else 0.0
         if token in self._eos and not params.ignore_eos:
             self._finish(seq, FinishReason.STOP, "eos", revision)

@@ -41,11 +41,12 @@ def _collect(handle):
 def engine_factory(tiny_tokenizer):
     started = []
 
-    def make(arch="llama", **kw):
+    def make(arch="llama", start=True, **kw):
         model, tok = tiny_model(arch, tokenizer=tiny_tokenizer)
         host = ModelHost(model, tok, name="tiny", dtype="fp32", device="cpu")
         backend = HFBackend(host, **kw)
-        backend.start()
+        if start:
+            backend.start()
         started.append(backend)
         return backend
 
@@ -68,6 +69,30 @@ def test_concurrent_batched_greedy_equals_generate(arch, engine_factory):
                                    eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
         assert tokens == reference
         assert finished.reason == FinishReason.LENGTH and finished.generated_tokens == len(reference)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_requests_admitted_together_share_one_prefill_and_equal_generate(arch, engine_factory):
+    """Short prompts admitted at once are prefilled in one left-padded pass (one model call
+    with several rows and more than one position), and every request still decodes exactly
+    what transformers' generate makes of its prompt alone, padding notwithstanding."""
+    backend = engine_factory(arch, start=False, max_batch_size=4)
+    model, tok = backend.host.model, backend.host.tokenizer
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    assert len({len(ids) for ids in prompts}) == len(prompts)  # every row padded differently
+    calls = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: calls.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    handles = [backend.submit(ids, GenerationParams(max_new_tokens=10, ignore_eos=True)) for ids in prompts]
+    backend.start()  # all four are pending: the engine admits them together
+    results = [_collect(handle)[0] for handle in handles]
+    hook.remove()
+    prefills = [shape for shape in calls if shape[1] > 1]
+    assert prefills == [(4, max(len(ids) for ids in prompts))]
+    for ids, tokens in zip(prompts, results, strict=True):
+        reference = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[0, len(ids):].tolist()
+        assert tokens == reference
 
 
 def test_stop_string_is_cut_and_never_streamed(engine_factory):
