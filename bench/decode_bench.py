@@ -10,7 +10,8 @@ bound and the speeds come from one sitting. Rows:
 * ``generate``: transformers' ``model.generate`` (greedy, fp32), the baseline;
 * ``engine``: editserve's batching engine (``HFBackend``), in-process, for each dtype; batch
   16 submits 16 requests at once. In fp32 five variants run by run in turn: the engine as it
-  was before issue 17's decode work (transformers' full forward, blocked products always),
+  was before issue 17's decode work (transformers' full forward, blocked products always,
+  each prompt prefilled alone),
   full forward or lean step (``server/backends/lean_decode.py``) each with ``F.linear`` and
   with blocked products (``server/backends/blocked_linear.py``), and the engine as served
   now (lean step, products chosen by timing both at start-up,
@@ -122,7 +123,7 @@ def main() -> None:
     import torch
 
     from editserve.server.backends.blocked_linear import ALL_ROWS, use_bf16_products, use_blocked_linear
-    from editserve.server.backends.hf import HFBackend
+    from editserve.server.backends.hf import PREFILL_TOGETHER_MAX_TOKENS, HFBackend
     from editserve.server.fresh_thread import in_fresh_thread
     from editserve.server.host import ModelHost
     from editserve.server.models import load_model
@@ -153,19 +154,21 @@ def main() -> None:
         choices.append(f"{dtype}: {backend.products.describe()}")
         lean, served_rows, bf16_rows = backend.lean, backend.products.blocked_rows, backend.products.bf16_rows
         none: frozenset[int] = frozenset()
-        # (name, lean step or None, rows taking the blocked product, rows taking bf16 products);
-        # the first is the engine as it was before the lean step and the product choice
-        # (2026-11-30), the fifth as served by default now, the last the opt-in bf16 products
-        variants = [("engine before: full forward, blocked products", None, ALL_ROWS, none),
-                    ("full forward, F.linear", None, none, none),
-                    ("lean step, F.linear", lean, none, none),
-                    ("lean step, blocked products", lean, ALL_ROWS, none),
-                    ("engine as served: lean step, products chosen at start-up", lean, served_rows, none),
+        # (name, lean step or None, rows taking the blocked product, rows taking bf16 products,
+        # shared prefills); the first is the engine as it was before the lean step, the product
+        # choice and the shared prefill (2026-11-30), the fifth as served by default now, the
+        # last the opt-in bf16 products
+        together = PREFILL_TOGETHER_MAX_TOKENS
+        variants = [("engine before: full forward, blocked products, prompts prefilled alone", None, ALL_ROWS, none, 0),
+                    ("full forward, F.linear", None, none, none, together),
+                    ("lean step, F.linear", lean, none, none, together),
+                    ("lean step, blocked products", lean, ALL_ROWS, none, together),
+                    ("engine as served: lean step, products chosen at start-up", lean, served_rows, none, together),
                     (f"opt-in decode_bf16_min_rows={args.bf16_min_rows}: bf16 products for rows "
-                     f"{','.join(map(str, sorted(bf16_rows))) or 'none'}", lean, served_rows, bf16_rows)]
+                     f"{','.join(map(str, sorted(bf16_rows))) or 'none'}", lean, served_rows, bf16_rows, together)]
         if dtype != "fp32":  # the blocked and bf16 products are fp32 only: no product variants
-            variants = [("engine before: full forward", None, served_rows, none),
-                        ("engine as served: lean step", lean, served_rows, none)]
+            variants = [("engine before: full forward, prompts prefilled alone", None, served_rows, none, 0),
+                        ("engine as served: lean step", lean, served_rows, none, together)]
         backend.start()
         try:
             engine_run(backend, tokenizer, 1, 4)  # warm-up
@@ -173,8 +176,9 @@ def main() -> None:
                 # variants alternate run by run, so a change in machine load hits them alike
                 results: dict[str, list[tuple[float, list[list[int]]]]] = {name: [] for name, *_ in variants}
                 for _ in range(args.runs):
-                    for name, step, blocked_rows, reduced_rows in variants:
+                    for name, step, blocked_rows, reduced_rows, shared in variants:
                         backend.lean = step  # the engine is idle between runs
+                        backend.prefill_together_max_tokens = shared
                         use_blocked_linear(model, blocked_rows)  # no torch work: attributes only
                         use_bf16_products(model, reduced_rows, backend.decode_scope)  # packed copies are kept
                         results[name].append(engine_run(backend, tokenizer, batch, args.tokens))

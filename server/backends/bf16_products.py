@@ -30,22 +30,34 @@ def available() -> bool:
 
 
 class PackedBf16:
-    """The bf16, oneDNN-packed copy of one fp32 weight, remade when the weight changes."""
+    """The bf16, oneDNN-packed copy of one fp32 weight (or of several stacked along their
+    output rows, for a fused product), remade when any of them changes."""
 
-    __slots__ = ("_packed", "_source", "_version")
+    __slots__ = ("_packed", "_sources", "_versions")
 
     def __init__(self) -> None:
         self._packed: torch.Tensor | None = None
-        self._source: torch.UntypedStorage | None = None
-        self._version = -1
+        self._sources: tuple[torch.UntypedStorage, ...] = ()
+        self._versions: tuple[int, ...] = ()
 
     def of(self, weight: torch.Tensor, rows: int) -> torch.Tensor:
-        storage = weight.untyped_storage()
-        if self._packed is None or self._source is None or storage.data_ptr() != self._source.data_ptr() \
-                or weight._version != self._version:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), rows)
-            self._source, self._version = storage, weight._version
+        return self.of_stacked((weight,), rows)
+
+    def of_stacked(self, weights: tuple[torch.Tensor, ...], rows: int) -> torch.Tensor:
+        """The packed copy of ``torch.cat(weights)`` (output rows stacked), packed for
+        products of ``rows`` rows when it is (re)made."""
+        if self._packed is None or len(weights) != len(self._sources) or any(
+                w.untyped_storage().data_ptr() != source.data_ptr() or w._version != version
+                for w, source, version in zip(weights, self._sources, self._versions, strict=True)):
+            stacked = weights[0].detach() if len(weights) == 1 else torch.cat([w.detach() for w in weights])
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(stacked.to(torch.bfloat16), rows)
+            self._sources = tuple(w.untyped_storage() for w in weights)
+            self._versions = tuple(w._version for w in weights)
         return self._packed
+
+    def release(self) -> None:
+        """Drop the copy (made again at the next use)."""
+        self._packed, self._sources, self._versions = None, (), ()
 
     def __deepcopy__(self, memo: dict) -> PackedBf16:
         """A copied model (a bf16 trace copies the model) packs its own weights when it needs them."""

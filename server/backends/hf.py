@@ -52,7 +52,7 @@ SLAB_HEADROOM = 256
 IDLE_RELEASE_SECONDS = 1.0
 # Prompts of at most this many tokens, admitted together and not served by the prefix cache,
 # share one prefill pass (HFBackend._prefill_admitted); longer ones run alone.
-BATCHED_PREFILL_MAX_TOKENS = 64
+PREFILL_TOGETHER_MAX_TOKENS = 64
 
 
 class EngineObserver:
@@ -138,6 +138,9 @@ class HFBackend(GenerationBackend):
         # decode steps without transformers' per-call work where the architecture allows (lean_decode.py)
         self.lean, why = lean_decoder_for(host.model) if lean_decode else (None, "turned off (lean_decode = false)")
         log.info("lean decode step: %s", "on" if self.lean is not None else f"off, {why}")
+        # prompts up to this many tokens admitted together share a prefill pass (0: never;
+        # benchmarks set 0 to measure the engine as it was before)
+        self.prefill_together_max_tokens = PREFILL_TOGETHER_MAX_TOKENS
         self._pending: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
         self._batch: _Batch | None = None
@@ -295,7 +298,7 @@ class HFBackend(GenerationBackend):
             group: list[_Sequence] = []
             for seq in seqs:
                 hit = self.prefix_cache.lookup(seq.prompt_ids, revision)
-                if hit is None and len(seq.prompt_ids) <= BATCHED_PREFILL_MAX_TOKENS:
+                if hit is None and len(seq.prompt_ids) <= self.prefill_together_max_tokens:
                     group.append(seq)
                 else:
                     done.append(self._prefill(seq, hit, revision))

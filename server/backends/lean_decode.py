@@ -22,6 +22,14 @@ slabs, calling the model's own modules for every product, so:
 The attention is ``scaled_dot_product_attention`` over the slab views, the norms
 ``torch.rms_norm``: the same operations summed in another order, so logits differ from the
 full forward's by float rounding (tests bound it, and compare greedy tokens).
+
+With the opt-in bf16 decode products (``decode_bf16_min_rows``, :mod:`.bf16_products`), a
+step whose row count takes them computes each layer's products fused, against packed bf16
+copies: q, k and v as one product, the gate with its SiLU and the up projection with the
+product of the two as oneDNN post-operations, so a layer makes 4 products instead of 7 and
+casts between fp32 and bf16 once per product (at 16 rows on this project's Xeon: 36 -> ~29
+ms a step, docs/BENCHMARKS.md). It applies only while no hook sits on a projection or MLP
+it fuses; otherwise the layer's modules run, each rounding its own product to bf16.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bf16_products import PackedBf16
+
 log = logging.getLogger(__name__)
 
 # model_type values whose decoder layer is exactly: x += attn(norm1(x)); x += mlp(norm2(x))
@@ -41,6 +51,51 @@ LLAMA_LAYOUT = frozenset({"llama", "mistral", "qwen2"})
 
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+class _FusedBf16Layer:
+    """One decoder layer's products as 4 fused bf16 products against packed copies (made on
+    first use, remade when an edit changes a weight)."""
+
+    __slots__ = ("attention", "mlp", "qkv", "o", "gate", "up", "down", "modules", "qkv_bias")
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.attention, self.mlp = layer.self_attn, layer.mlp
+        self.qkv, self.o, self.gate, self.up, self.down = (PackedBf16() for _ in range(5))
+        projections = (self.attention.q_proj, self.attention.k_proj, self.attention.v_proj)
+        # the modules whose forward the fused layer skips: a hook on any of them must run
+        self.modules = (*projections, self.attention.o_proj, self.mlp, self.mlp.gate_proj, self.mlp.up_proj,
+                        self.mlp.down_proj, self.mlp.act_fn)
+        self.qkv_bias = any(m.bias is not None for m in projections)
+
+    def usable(self) -> bool:
+        return not any(_hooked(m) for m in self.modules)
+
+    def attention_inputs(self, h: torch.Tensor, rows: int) -> torch.Tensor:
+        """q, k and v of ``h`` ([B, H] bf16) side by side, fp32 [B, (heads + 2 kv heads) * dim]."""
+        a = self.attention
+        weights = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+        out = _product(h, self.qkv.of_stacked(weights, rows)).float()
+        if self.qkv_bias:
+            biases = [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                      for m in (a.q_proj, a.k_proj, a.v_proj)]
+            out = out + torch.cat(biases)
+        return out
+
+    def attention_output(self, out: torch.Tensor, rows: int) -> torch.Tensor:
+        return _product(out.to(torch.bfloat16), self.o.of(self.attention.o_proj.weight, rows)).float()
+
+    def mlp_output(self, h: torch.Tensor, rows: int) -> torch.Tensor:
+        """down(silu(gate(h)) * up(h)) for ``h`` [B, H] bf16: SiLU and the product are
+        oneDNN post-operations of the gate and up products."""
+        m = self.mlp
+        gate = torch.ops.mkldnn._linear_pointwise(h, self.gate.of(m.gate_proj.weight, rows), None, "swish", [], "")
+        both = torch.ops.mkldnn._linear_pointwise.binary(h, gate, self.up.of(m.up_proj.weight, rows), None, "mul")
+        return _product(both, self.down.of(m.down_proj.weight, rows)).float()
+
+
+def _product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 class LeanDecoder:
@@ -62,6 +117,8 @@ class LeanDecoder:
         self._skipped = [model, self.backbone, self.backbone.norm, self.backbone.rotary_emb,
                          *(m for layer in self.layers
                            for m in (layer, layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm))]
+        # the fused bf16 layers (module docstring), where the layout allows them
+        self._fused = [_FusedBf16Layer(layer) for layer in self.layers] if _fusable(model) else []
 
     def usable(self) -> bool:
         """False while a hook sits on a module this step does not call (the engine then runs
@@ -75,6 +132,17 @@ class LeanDecoder:
             return torch.rms_norm(x, (self.hidden,), norm.weight, self.eps)
         wide = x.float()  # LlamaRMSNorm's order for narrower types: normalise in fp32, round, scale
         return norm.weight * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def _bf16_step(self, rows: int) -> bool:
+        """Whether this step's layers take the fused bf16 products: the row count is one the
+        operator's opt-in chose, the engine's decode scope is active (the projections carry
+        both, use_bf16_products), and no fused module carries a hook."""
+        if not self._fused:
+            return False
+        projection = self._fused[0].attention.q_proj
+        scope = getattr(projection, "decode_scope", None)
+        return (rows in getattr(projection, "bf16_rows", ()) and scope is not None and scope.active
+                and projection.weight.dtype == torch.float32 and all(f.usable() for f in self._fused))
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = self.head_dim // 2
@@ -98,6 +166,10 @@ class LeanDecoder:
             bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
             bias.masked_fill_(mask == 0, torch.finfo(x.dtype).min)
             bias = bias[:, None, None, :]  # [B, 1, 1, W]
+        if self._bf16_step(rows):
+            for layer, fused, cache in zip(self.layers, self._fused, cache_layers, strict=True):
+                x = self._fused_layer(layer, fused, x, cos, sin, cache, bias)
+            return self.model.lm_head(self._norm(x, self.backbone.norm))[:, -1]
         for layer, cache in zip(self.layers, cache_layers, strict=True):
             attention = layer.self_attn
             h = self._norm(x, layer.input_layernorm)
@@ -111,6 +183,38 @@ class LeanDecoder:
             x = x + layer.mlp(self._norm(x, layer.post_attention_layernorm))
         x = self._norm(x, self.backbone.norm)
         return self.model.lm_head(x)[:, -1]
+
+    def _fused_layer(self, layer: nn.Module, fused: _FusedBf16Layer, x: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, cache, bias: torch.Tensor | None) -> torch.Tensor:
+        """One decoder layer with fused bf16 products; ``x`` [B, 1, H] fp32 and the result too.
+        q and k are rotated together (one set of operations for both)."""
+        rows = x.shape[0]
+        h = self._norm(x, layer.input_layernorm).view(rows, self.hidden).to(torch.bfloat16)
+        qkv = fused.attention_inputs(h, rows)
+        rotated = self._rotate(qkv[:, : (self.heads + self.kv_heads) * self.head_dim]
+                               .view(rows, self.heads + self.kv_heads, 1, self.head_dim), cos, sin)
+        values = qkv[:, (self.heads + self.kv_heads) * self.head_dim :].view(rows, self.kv_heads, 1, self.head_dim)
+        keys, values = cache.update(rotated[:, self.heads :], values)
+        out = F.scaled_dot_product_attention(rotated[:, : self.heads], keys, values, attn_mask=bias,
+                                             scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
+        x = x + fused.attention_output(out.reshape(rows, self.heads * self.head_dim), rows).view(rows, 1, self.hidden)
+        h = self._norm(x, layer.post_attention_layernorm).view(rows, self.hidden).to(torch.bfloat16)
+        return x + fused.mlp_output(h, rows).view(rows, 1, self.hidden)
+
+
+def _fusable(model: nn.Module) -> bool:
+    """Whether the fused bf16 layer computes this model's layers: a SiLU-gated MLP without
+    biases, an unbiased output projection, and a torch build with oneDNN's packed products."""
+    from . import bf16_products
+
+    config = model.config
+    layer = model.model.layers[0]
+    mlp, attention = layer.mlp, layer.self_attn
+    parts = all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")) and all(
+        hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    return (bf16_products.available() and parts and getattr(config, "hidden_act", "") in ("silu", "swish")
+            and all(getattr(mlp, name).bias is None for name in ("gate_proj", "up_proj", "down_proj"))
+            and attention.o_proj.bias is None)
 
 
 def lean_decoder_for(model: nn.Module) -> tuple[LeanDecoder | None, str]:

@@ -123,6 +123,9 @@ def measure(model: nn.Module, rows: tuple[int, ...] = MEASURED_ROWS, passes: int
             timings[count] = (statistics.median(plain), statistics.median(blocked))
             if timed_bf16:
                 bf16[count] = statistics.median(reduced)
+    for layer in layers:  # the timing's packed copies: made again where decode steps use them
+        if layer.bf16_weight is not None:
+            layer.bf16_weight.release()
     blocked_rows = _spread({count: b < MARGIN * p for count, (p, b) in timings.items()})
     bf16_rows = _spread({count: b16 < MARGIN * min(timings[count]) for count, b16 in bf16.items()})
     return ProductChoice("auto", blocked_rows, timings, time.perf_counter() - started,

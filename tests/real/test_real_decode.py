@@ -105,6 +105,6 @@ def test_opted_in_bf16_products_keep_the_top_token_along_fp32s_greedy_path(edits
     exact, reduced = runs[False], runs[True]
     assert not torch.equal(exact, reduced)  # the bf16 path did run
     agreement = (exact.argmax(-1) == reduced.argmax(-1)).float().mean().item()
-    assert agreement >= 0.93, agreement  # 96.5 % measured on an AMX Xeon (2026-12-03)
+    assert agreement >= 0.93, agreement  # on an AMX Xeon (2026-12-03): 96.5 % per module, 97.9 % fused
     spread = (exact.amax(-1) - exact.amin(-1)).mean().item()
     assert (exact - reduced).abs().max().item() < 0.05 * spread

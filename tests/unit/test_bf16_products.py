@@ -110,3 +110,53 @@ def test_bad_row_counts_are_refused(tiny_tokenizer):
     model, _tok = tiny_model("llama", tokenizer=tiny_tokenizer)
     with pytest.raises(ValueError, match=r"least row count must be in \[0, 16\]"):
         choose_products(model, "plain", bf16_min_rows=17, scope=DecodeScope())
+
+
+def _one_step(lean, model, tok, prompts, scope, active):
+    from tests.unit.test_lean_decode import _batch
+
+    cache, _width, mask, lengths, tokens = _batch(model, tok, prompts)
+    scope.active = active
+    try:
+        return lean.step(torch.tensor([[t] for t in tokens]), torch.tensor([[n] for n in lengths]), cache.layers,
+                         torch.cat([mask, torch.ones((len(prompts), 1), dtype=mask.dtype)], 1))
+    finally:
+        scope.active = False
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q, k and v carry biases
+@torch.no_grad()
+def test_the_fused_bf16_layers_match_fp32_follow_an_edit_and_yield_to_hooks(arch, tiny_tokenizer):
+    """A bf16 step fuses each layer's products (4 instead of 7) when no hook needs the
+    modules: its logits stay within bf16's rounding of the fp32 step and of the per-module
+    bf16 step a hook forces; a weight swapped as an edit commits it is packed again."""
+    from editserve.server.backends.lean_decode import lean_decoder_for
+
+    model, tok = tiny_model(arch, tokenizer=tiny_tokenizer)
+    scope = DecodeScope()
+    choose_products(model, "plain", bf16_min_rows=4, scope=scope)
+    lean, why = lean_decoder_for(model)
+    assert lean is not None, why
+    prompts = ["The capital of France is", "Hi", "Apple was founded by", "The mother tongue of"]
+    exact = _one_step(lean, model, tok, prompts, scope, False)
+    scope.active = True
+    assert lean._bf16_step(4) and not lean._bf16_step(3)
+    scope.active = False
+    fused = _one_step(lean, model, tok, prompts, scope, True)
+    scale = float(exact.abs().max())
+    assert not torch.equal(fused, exact)
+    torch.testing.assert_close(fused, exact, rtol=0, atol=5e-2 * scale)
+    down = model.model.layers[0].mlp.down_proj
+    hook = down.register_forward_hook(lambda _m, _i, out: None)  # a hook the fused layer would skip
+    scope.active = True
+    assert not lean._bf16_step(4)
+    scope.active = False
+    per_module = _one_step(lean, model, tok, prompts, scope, True)
+    hook.remove()
+    torch.testing.assert_close(fused, per_module, rtol=0, atol=2e-2 * scale)
+    down.weight.data = torch.randn_like(down.weight) * 0.5  # as the host commits an edit: a new storage
+    exact_after = _one_step(lean, model, tok, prompts, scope, False)
+    fused_after = _one_step(lean, model, tok, prompts, scope, True)
+    moved = float((exact_after - exact).abs().max())
+    assert moved > 0.5 * scale  # the swap changes the step far beyond bf16's rounding
+    assert float((fused_after - exact_after).abs().max()) < 0.1 * moved
