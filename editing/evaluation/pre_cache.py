@@ -15,8 +15,13 @@ A record is reused only when all of these are equal, each part of its key:
 - the case, every field (prompts, targets, probes), so another dataset file or version of the
   same case id misses;
 - the measuring options (fluency prompts and tokens, generation tokens);
-- the code: a digest of every Python source file of the package, so a change to how anything
-  is scored, routed or generated misses rather than mixing old and new numbers.
+- the code that measures an unedited model: a digest of :data:`MEASURING_SOURCES` (the
+  evaluation package, the in-process target, the model host and loader, the fact type) and
+  of the torch and transformers versions, so a change to how anything is scored, prompted or
+  generated misses rather than mixing old and new numbers. Until 2026-12-03 the digest covered
+  every source file of editserve, so any commit (a server option, a bench tool) threw away
+  every record and a 1,000-case run re-measured for ~30 minutes. Code outside the list that
+  changes what an *unedited* model is measured to say must be added to it.
 Torch's thread count is not part of the key: it changes float summation order at the 1e-6
 level, which the teacher-forced metrics (argmax and probability comparisons) do not see.
 """
@@ -37,16 +42,30 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 SKIPPED_DIRS = frozenset({"tests", "bench", "build"})  # measure nothing; hidden ones (.venv) too
 
+# what an unedited model's pre record depends on, relative to the package root: a folder
+# stands for every .py file under it
+MEASURING_SOURCES = ("editing/evaluation", "editing/facts.py", "server/eval_target.py", "server/host.py",
+                     "server/models.py")
 
-def code_digest(root: Path = PACKAGE_ROOT) -> str:
-    """sha256 over every ``.py`` file under ``root`` (relative path and bytes, in path order).
-    The walk prunes hidden and :data:`SKIPPED_DIRS` directories rather than filtering their
-    files afterwards: a checkout's virtual environments hold tens of thousands of files."""
-    digest = hashlib.sha256()
+
+def code_digest(root: Path = PACKAGE_ROOT, sources: tuple[str, ...] = MEASURING_SOURCES) -> str:
+    """sha256 over the ``.py`` files of ``sources`` under ``root`` (relative path and bytes, in
+    path order) and the torch and transformers versions. A folder's walk prunes hidden and
+    :data:`SKIPPED_DIRS` directories rather than filtering their files afterwards (a checkout's
+    virtual environments hold tens of thousands of files)."""
+    import torch
+    import transformers
+
+    digest = hashlib.sha256(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
     files: list[Path] = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS]
-        files += [Path(folder) / n for n in names if n.endswith(".py")]
+    for source in sources:
+        path = root / source
+        if path.is_file():
+            files.append(path)
+            continue
+        for folder, dirs, names in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS]
+            files += [Path(folder) / n for n in names if n.endswith(".py")]
     for path in sorted(files):
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())

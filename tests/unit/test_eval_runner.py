@@ -401,19 +401,30 @@ def test_cases_measured_together_score_as_they_do_alone(target, cases, monkeypat
         assert joint["fluency"] is not None and joint["reliability"] == alone["reliability"]
 
 
-def test_code_digest_follows_the_source(tmp_path):
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
-    (tmp_path / "tests").mkdir()
-    (tmp_path / "tests" / "t.py").write_text("y = 1\n")
-    first = code_digest(tmp_path)
-    (tmp_path / "tests" / "t.py").write_text("y = 2\n")  # tests do not measure anything
-    assert code_digest(tmp_path) == first
-    (tmp_path / ".venv" / "lib").mkdir(parents=True)  # nor does an environment inside the checkout
-    (tmp_path / ".venv" / "lib" / "dep.py").write_text("z = 1\n")
-    assert code_digest(tmp_path) == first
-    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
-    assert code_digest(tmp_path) != first
+def test_code_digest_follows_the_measuring_source_only(tmp_path):
+    (tmp_path / "pkg" / "evaluation").mkdir(parents=True)
+    (tmp_path / "pkg" / "evaluation" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "loader.py").write_text("w = 1\n")
+    (tmp_path / "pkg" / "server_option.py").write_text("s = 1\n")
+    sources = ("pkg/evaluation", "pkg/loader.py")
+    first = code_digest(tmp_path, sources)
+    (tmp_path / "pkg" / "server_option.py").write_text("s = 2\n")  # not among the measuring sources
+    assert code_digest(tmp_path, sources) == first
+    (tmp_path / "pkg" / "evaluation" / ".venv").mkdir()  # nor an environment inside a listed folder
+    (tmp_path / "pkg" / "evaluation" / ".venv" / "dep.py").write_text("z = 1\n")
+    assert code_digest(tmp_path, sources) == first
+    (tmp_path / "pkg" / "loader.py").write_text("w = 2\n")  # a listed file
+    assert code_digest(tmp_path, sources) != first
+    second = code_digest(tmp_path, sources)
+    (tmp_path / "pkg" / "evaluation" / "b.py").write_text("y = 1\n")  # a new file in a listed folder
+    assert code_digest(tmp_path, sources) != second
+
+
+def test_the_measuring_sources_exist():
+    """A renamed module must not silently drop out of the key."""
+    from editserve.editing.evaluation.pre_cache import MEASURING_SOURCES, PACKAGE_ROOT
+
+    assert all((PACKAGE_ROOT / source).exists() for source in MEASURING_SOURCES)
 
 
 def test_the_cli_reuses_and_says_so(tiny_model_dir, tmp_path, monkeypatch):
