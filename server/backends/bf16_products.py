@@ -52,7 +52,7 @@ class PackedBf16:
         """The packed copy of ``torch.cat(weights)`` (output rows stacked), packed for
         products of ``rows`` rows when it is (re)made."""
         if self._packed is not None and len(weights) == len(self._pointers):
-            for w, pointer, version in zip(weights, self._pointers, self._versions):  # a plain loop: 151 a step
+            for w, pointer, version in zip(weights, self._pointers, self._versions, strict=True):  # 151 a step
                 if w.data_ptr() != pointer or w._version != version:
                     break
             else:
