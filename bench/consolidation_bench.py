@@ -82,7 +82,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--from-state", type=Path, default=None,
                         help="take the edits from this finished sequential eval run's state directory")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 beside another run)")
     args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from editserve.editing.evaluation.datasets import load_cases
     from editserve.editing.evaluation.metrics import distribution_drift
