@@ -67,7 +67,7 @@ def main() -> None:
     from matplotlib.figure import Figure
 
     runs = [load_run(spec) for spec in args.runs]
-    figure = Figure(figsize=(12, 3.2), dpi=110)
+    figure = Figure(figsize=(12, 3.6), dpi=110)
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(PANELS))
     for ax, (metric, name) in zip(axes, PANELS, strict=True):
@@ -84,10 +84,12 @@ def main() -> None:
         ax.set_xlabel("accumulated edits")
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
     if args.title:
         figure.suptitle(args.title, fontsize=11)
-    figure.tight_layout()
+    # the legend under the panels: long run labels inside a panel hid its points
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.06 * ((len(labels) + 2) // 3) + 0.04, 1, 1))
     figure.savefig(args.out)
     for label, run in runs:
         print(table(label, run))
