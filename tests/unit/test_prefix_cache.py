@@ -44,12 +44,13 @@ def _reference(model, ids, n):
 def engine(tiny_tokenizer):
     made = []
 
-    def make(arch="llama", capacity=64 << 20):
+    def make(arch="llama", capacity=64 << 20, start=True):
         model, tok = tiny_model(arch, tokenizer=tiny_tokenizer)
         observer = _Prefills()
         backend = HFBackend(ModelHost(model, tok, name="tiny", dtype="fp32", device="cpu"), observer=observer,
                             prefix_cache_bytes=capacity)
-        backend.start()
+        if start:
+            backend.start()
         made.append(backend)
         return backend, observer
 
@@ -76,6 +77,30 @@ def test_a_shared_preamble_is_computed_once_and_outputs_equal_a_full_prefill(arc
     assert _tokens(backend.submit(ids, GenerationParams(max_new_tokens=10, ignore_eos=True))) \
         == _reference(model, ids, 10)
     assert observer.seen[-1] == (len(ids), len(ids) - 1)
+
+
+def test_prompts_prefilled_together_are_cached_whole_for_later_requests(engine):
+    """Two short prompts admitted at once share one padded prefill; each is stored in the
+    cache as its own unpadded keys (a copy, not a slice of the shared pass), so a later prompt
+    that extends one of them reuses all of it and still decodes what generate does."""
+    backend, observer = engine(start=False)  # both submitted before the engine admits any
+    model, tok = backend.host.model, backend.host.tokenizer
+    short = [tok(q.strip()).input_ids for q in QUESTIONS[1:]]
+    assert len(short[0]) != len(short[1]) and MIN_REUSE_TOKENS <= min(map(len, short)) <= max(map(len, short)) <= 64
+    handles = [backend.submit(ids, GenerationParams(max_new_tokens=6, ignore_eos=True)) for ids in short]
+    backend.start()
+    assert [_tokens(h) for h in handles] == [_reference(model, ids, 6) for ids in short]
+    assert observer.seen == [(len(short[0]), 0), (len(short[1]), 0)]
+    stored = [entry.kv for entry in backend.prefix_cache._entries.values()]
+    assert len(stored) == 2
+    for kv, ids in zip(stored, short, strict=True):
+        keys, _values = kv[0]
+        assert keys.shape[0] == 1 and keys.shape[2] == len(ids) and keys.is_contiguous()
+    longer = tok(QUESTIONS[2].strip() + " French, and her city was").input_ids
+    assert longer[: len(short[1])] == short[1]
+    assert _tokens(backend.submit(longer, GenerationParams(max_new_tokens=6, ignore_eos=True))) \
+        == _reference(model, longer, 6)
+    assert observer.seen[-1] == (len(longer), len(short[1]))
 
 
 def test_an_edit_empties_the_cache_and_later_prompts_see_the_new_weights(engine):
