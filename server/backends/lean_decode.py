@@ -27,7 +27,7 @@ With the opt-in bf16 decode products (``decode_bf16_min_rows``, :mod:`.bf16_prod
 step whose row count takes them computes each layer's products fused, against packed bf16
 copies: q, k and v as one product, the gate with its SiLU and the up projection with the
 product of the two as oneDNN post-operations, so a layer makes 4 products instead of 7 and
-casts between fp32 and bf16 once per product (at 16 rows on this project's Xeon: 36 -> ~29
+casts between fp32 and bf16 once per product (at 16 rows on this project's Xeon: ~37 -> ~31
 ms a step, docs/BENCHMARKS.md). It applies only while no hook sits on a projection or MLP
 it fuses; otherwise the layer's modules run, each rounding its own product to bf16.
 """
@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import bf16_products
 from .bf16_products import PackedBf16
 
 log = logging.getLogger(__name__)
@@ -205,8 +206,6 @@ class LeanDecoder:
 def _fusable(model: nn.Module) -> bool:
     """Whether the fused bf16 layer computes this model's layers: a SiLU-gated MLP without
     biases, an unbiased output projection, and a torch build with oneDNN's packed products."""
-    from . import bf16_products
-
     config = model.config
     layer = model.model.layers[0]
     mlp, attention = layer.mlp, layer.self_attn
