@@ -291,28 +291,38 @@ class HFBackend(GenerationBackend):
         prefills of ~47 ms before their first tokens; together they take one pass
         (docs/BENCHMARKS.md "Decode speed"). Long prompts are compute-bound, gain nothing from
         sharing a pass and would pay for the padding; a prompt the prefix cache serves reuses
-        the cached keys instead."""
-        done: list[tuple[_Sequence, torch.Tensor, int]] = []  # (sequence, next-token logits, reused tokens)
+        the cached keys instead. Each prompt that runs alone takes the read lock for its own
+        lookup and forward and streams its first token at once, as before: an edit can land
+        between two long prefills, and a long prompt's first token does not wait for the
+        others'."""
+        group: list[_Sequence] = []
+        for seq in seqs:
+            with self.host.lock.read():  # lookup, forward and store at one revision
+                revision = self.host.revision
+                hit = self.prefix_cache.lookup(seq.prompt_ids, revision)
+                together = hit is None and len(seq.prompt_ids) <= self.prefill_together_max_tokens
+                alone = None if together else self._prefill(seq, hit, revision)
+            if alone is None:
+                group.append(seq)
+            else:
+                self._first_token(*alone, revision)
+        if not group:
+            return
         with self.host.lock.read():
             revision = self.host.revision
-            group: list[_Sequence] = []
-            for seq in seqs:
-                hit = self.prefix_cache.lookup(seq.prompt_ids, revision)
-                if hit is None and len(seq.prompt_ids) <= self.prefill_together_max_tokens:
-                    group.append(seq)
-                else:
-                    done.append(self._prefill(seq, hit, revision))
-            if len(group) == 1:
-                done.append(self._prefill(group[0], None, revision))
-            elif group:
-                done += self._prefill_together(group, revision)
-        for seq, logits, reused in done:  # sampling and streaming need no lock
-            self.observer.on_prefill(len(seq.prompt_ids), reused)
-            seq.length = len(seq.prompt_ids)
-            now = time.perf_counter()
-            self.observer.on_first_token(now - seq.submitted_at)
-            seq.last_token_at = now
-            self._accept(seq, logits, revision, first=True)
+            done = [self._prefill(group[0], None, revision)] if len(group) == 1 \
+                else self._prefill_together(group, revision)
+        for item in done:  # sampling and streaming need no lock
+            self._first_token(*item, revision)
+
+    def _first_token(self, seq: _Sequence, logits: torch.Tensor, reused: int, revision: int) -> None:
+        """Account for a finished prefill and take the sequence's first token."""
+        self.observer.on_prefill(len(seq.prompt_ids), reused)
+        seq.length = len(seq.prompt_ids)
+        now = time.perf_counter()
+        self.observer.on_first_token(now - seq.submitted_at)
+        seq.last_token_at = now
+        self._accept(seq, logits, revision, first=True)
 
     def _prefill(self, seq: _Sequence, hit: PrefixHit | None, revision: int) -> tuple[_Sequence, torch.Tensor, int]:
         """Run one prompt, past whatever prefix an earlier prompt already computed (``hit``);

@@ -74,21 +74,27 @@ def test_concurrent_batched_greedy_equals_generate(arch, engine_factory):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_requests_admitted_together_share_one_prefill_and_equal_generate(arch, engine_factory):
     """Short prompts admitted at once are prefilled in one left-padded pass (one model call
-    with several rows and more than one position), and every request still decodes exactly
-    what transformers' generate makes of its prompt alone, padding notwithstanding."""
-    backend = engine_factory(arch, start=False, max_batch_size=4)
+    with several rows and more than one position), a long one alone, and every request still
+    decodes exactly what transformers' generate makes of its prompt alone, padding
+    notwithstanding."""
+    from editserve.server.backends.hf import PREFILL_TOGETHER_MAX_TOKENS
+
+    backend = engine_factory(arch, start=False, max_batch_size=5)
     model, tok = backend.host.model, backend.host.tokenizer
-    prompts = [tok(p).input_ids for p in PROMPTS]
-    assert len({len(ids) for ids in prompts}) == len(prompts)  # every row padded differently
+    short = [tok(p).input_ids for p in PROMPTS]
+    assert len({len(ids) for ids in short}) == len(short)  # every row padded differently
+    long = tok(" ".join(PROMPTS * 3)).input_ids  # past the shared pass's bound: prefilled alone
+    assert len(long) > PREFILL_TOGETHER_MAX_TOKENS
+    prompts = [short[0], long, *short[1:]]
     calls = []
     hook = model.register_forward_pre_hook(lambda _m, _a, kw: calls.append(tuple(kw["input_ids"].shape)),
                                            with_kwargs=True)
     handles = [backend.submit(ids, GenerationParams(max_new_tokens=10, ignore_eos=True)) for ids in prompts]
-    backend.start()  # all four are pending: the engine admits them together
+    backend.start()  # all five are pending: the engine admits them together
     results = [_collect(handle)[0] for handle in handles]
     hook.remove()
     prefills = [shape for shape in calls if shape[1] > 1]
-    assert prefills == [(4, max(len(ids) for ids in prompts))]
+    assert prefills == [(1, len(long)), (4, max(len(ids) for ids in short))]
     for ids, tokens in zip(prompts, results, strict=True):
         reference = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=None,
                                    pad_token_id=0)[0, len(ids):].tolist()
