@@ -378,8 +378,23 @@ class EditManager:
 
         Once the work has started it checks ``should_stop`` itself between its steps, so the
         wait stops polling: one caller's checks then come from one thread, in step order."""
+        where = f"the wait for the edit mutex ({what} queued behind {self.preparing or 'another edit, revert or trace'})"
+
+        def unless_given_up() -> T:
+            # the caller may have gone since the waiting thread last looked (it polls, and on a
+            # loaded machine it may not run for a while): work whose caller is gone never starts
+            # (a Score ran, unread, after its client's deadline because the edit ahead of it
+            # ended between two polls)
+            try:
+                check_stop(should_stop, where)
+            except Cancelled:
+                if method:
+                    self.metrics.edits.labels(method, "abandoned").inc()
+                raise
+            return work()
+
         # in a thread of its own that ends with the work: no idle OpenMP team slows decoding (fresh_thread.py)
-        future = self._worker.submit(in_fresh_thread, work, "editserve-edit-work")
+        future = self._worker.submit(in_fresh_thread, unless_given_up, "editserve-edit-work")
         while True:
             try:
                 return future.result(timeout=MUTEX_POLL_SECONDS)
@@ -387,8 +402,7 @@ class EditManager:
                 if future.running():
                     return future.result()
                 try:
-                    check_stop(should_stop, f"the wait for the edit mutex ({what} queued behind "
-                                            f"{self.preparing or 'another edit, revert or trace'})")
+                    check_stop(should_stop, where)
                 except Cancelled:
                     if future.cancel():  # not started: nothing ran; once started, it stops itself
                         if method:

@@ -66,11 +66,9 @@ def test_edits_stop_when_the_client_gives_up(tiny_servers):
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded):
             client.edit(_fact(2), timeout=1.0, **FAST)  # queued behind it: the wait is bounded too
-        # so are score and trace; 3 s rather than 1 s: a call whose client gives up before a
-        # loaded server (2 busy cores) dispatches it never reaches the handler, so is not counted
         with pytest.raises(DeadlineExceeded):
-            client.score([("The capital of France is", " Paris")], timeout=3.0)
-        assert time.monotonic() - started < 8
+            client.score([("The capital of France is", " Paris")], timeout=1.0)  # so are score and trace
+        assert time.monotonic() - started < 5
         running.cancel()
         channel.close()
         # the cancelled computation really stopped: the next edit gets the mutex in seconds,

@@ -156,6 +156,57 @@ def test_edits_reverts_and_long_reads_run_on_edit_threads_that_end_with_them(ser
     assert all(t.name == "editserve-edit-work" and not t.is_alive() for t in seen)
     assert served.host.weights_digest() == served.pristine
 
+def test_queued_work_whose_caller_gave_up_never_starts(served):
+    """The work ahead ends and the queued call's caller is gone at the same moment: the edit
+    thread must not start the queued work before the waiting thread's next poll notices
+    (CI saw a Score computed, unread, after its client's deadline)."""
+    release, ran, errors = threading.Event(), [], []
+
+    def ahead() -> None:
+        release.wait(30)
+
+    def queued() -> None:
+        try:  # gone exactly when the work ahead ends: the worker is free before any poll sees it
+            served.manager.run_stable(release.is_set, "score", lambda: ran.append("score"))
+        except Cancelled as error:
+            errors.append(error)
+
+    first = threading.Thread(target=lambda: served.manager.run_stable(None, "trace", ahead))
+    first.start()
+    time.sleep(0.2)
+    second = threading.Thread(target=queued)
+    second.start()
+    time.sleep(0.2)
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert ran == [] and len(errors) == 1, (ran, errors)
+    # an edit queued the same way is counted as abandoned, once
+    release.clear()
+    first = threading.Thread(target=lambda: served.manager.run_stable(None, "trace", ahead))
+    first.start()
+    time.sleep(0.2)
+    outcome: list = []
+    edit = threading.Thread(target=lambda: outcome.append(_raises_cancelled(
+        lambda: served.manager.edit("ft_l", [FACT], FT, should_stop=release.is_set))))
+    edit.start()
+    time.sleep(0.2)
+    release.set()
+    first.join(30)
+    edit.join(30)
+    assert outcome == [True] and served.calls == 0
+    _nothing_happened(served)
+    assert served.metric("editserve_edits_total", method="ft_l", status="abandoned") == 1
+
+
+def _raises_cancelled(work) -> bool:
+    try:
+        work()
+    except Cancelled:
+        return True
+    return False
+
+
 # --- idempotency keys --------------------------------------------------------------------------
 def test_a_retry_with_the_same_key_returns_the_original_reply(served, tmp_path, tiny_tokenizer):
     first = served.manager.edit("ft_l", [FACT], FT, description="why", idempotency_key="edit-1")
