@@ -84,16 +84,15 @@ class _FusedBf16Layer:
         return out
 
     def attention_output(self, out: torch.Tensor, rows: int) -> torch.Tensor:
-        """o_proj of the attention's ``out`` [B, heads * dim] fp32, as bf16 [B, H]."""
-        return _product(out.to(torch.bfloat16), self.o.of(self.attention.o_proj.weight, rows))
+        return _product(out.to(torch.bfloat16), self.o.of(self.attention.o_proj.weight, rows)).float()
 
     def mlp_output(self, h: torch.Tensor, rows: int) -> torch.Tensor:
-        """down(silu(gate(h)) * up(h)) for ``h`` [B, H] bf16, as bf16 [B, H]: SiLU and the
-        product are oneDNN post-operations of the gate and up products."""
+        """down(silu(gate(h)) * up(h)) for ``h`` [B, H] bf16: SiLU and the product are
+        oneDNN post-operations of the gate and up products."""
         m = self.mlp
         gate = torch.ops.mkldnn._linear_pointwise(h, self.gate.of(m.gate_proj.weight, rows), None, "swish", [], "")
         both = torch.ops.mkldnn._linear_pointwise.binary(h, gate, self.up.of(m.up_proj.weight, rows), None, "mul")
-        return _product(both, self.down.of(m.down_proj.weight, rows))
+        return _product(both, self.down.of(m.down_proj.weight, rows)).float()
 
 
 def _product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -169,9 +168,8 @@ class LeanDecoder:
             bias.masked_fill_(mask == 0, torch.finfo(x.dtype).min)
             bias = bias[:, None, None, :]  # [B, 1, 1, W]
         if self._bf16_step(rows):
-            rotation = self._rotation(cos, sin)
             for layer, fused, cache in zip(self.layers, self._fused, cache_layers, strict=True):
-                x = self._fused_layer(layer, fused, x, rotation, cache, bias)
+                x = self._fused_layer(layer, fused, x, cos, sin, cache, bias)
             return self.model.lm_head(self._norm(x, self.backbone.norm))[:, -1]
         for layer, cache in zip(self.layers, cache_layers, strict=True):
             attention = layer.self_attn
@@ -187,35 +185,19 @@ class LeanDecoder:
         x = self._norm(x, self.backbone.norm)
         return self.model.lm_head(x)[:, -1]
 
-    def _rotation(self, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Each row's rotary rotation as a matrix R [B, head_dim, head_dim], ``x @ R`` =
-        ``x * cos + rotate_half(x) * sin``: made once a step, it turns the five elementwise
-        operations of every layer's q/k rotation into one batched product."""
-        rows, half = cos.shape[0], self.head_dim // 2
-        cos, sin = cos.reshape(rows, self.head_dim), sin.reshape(rows, self.head_dim)
-        rotation = torch.diag_embed(cos)
-        index = torch.arange(half, device=cos.device)
-        # rotate_half(x)[j] is -x[j + half] for j < half and x[j - half] above
-        rotation[:, index + half, index] = -sin[:, :half]
-        rotation[:, index, index + half] = sin[:, half:]
-        return rotation
-
-    def _fused_layer(self, layer: nn.Module, fused: _FusedBf16Layer, x: torch.Tensor, rotation: torch.Tensor,
-                     cache, bias: torch.Tensor | None) -> torch.Tensor:
+    def _fused_layer(self, layer: nn.Module, fused: _FusedBf16Layer, x: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, cache, bias: torch.Tensor | None) -> torch.Tensor:
         """One decoder layer with fused bf16 products; ``x`` [B, 1, H] fp32 and the result too.
-        q and k are rotated together, as one batched product with the step's ``rotation``."""
+        q and k are rotated together (one set of operations for both)."""
         rows = x.shape[0]
         h = self._norm(x, layer.input_layernorm).view(rows, self.hidden).to(torch.bfloat16)
         qkv = fused.attention_inputs(h, rows)
-        rotated = torch.bmm(qkv[:, : (self.heads + self.kv_heads) * self.head_dim]
-                            .view(rows, self.heads + self.kv_heads, self.head_dim), rotation
-                            ).view(rows, self.heads + self.kv_heads, 1, self.head_dim)
+        rotated = self._rotate(qkv[:, : (self.heads + self.kv_heads) * self.head_dim]
+                               .view(rows, self.heads + self.kv_heads, 1, self.head_dim), cos, sin)
         values = qkv[:, (self.heads + self.kv_heads) * self.head_dim :].view(rows, self.kv_heads, 1, self.head_dim)
         keys, values = cache.update(rotated[:, self.heads :], values)
         out = F.scaled_dot_product_attention(rotated[:, : self.heads], keys, values, attn_mask=bias,
                                              scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
-        # the bf16 products' outputs are added to the fp32 residual as they are (one operation,
-        # the same bits as widening first)
         x = x + fused.attention_output(out.reshape(rows, self.heads * self.head_dim), rows).view(rows, 1, self.hidden)
         h = self._norm(x, layer.post_attention_layernorm).view(rows, self.hidden).to(torch.bfloat16)
         return x + fused.mlp_output(h, rows).view(rows, 1, self.hidden)
