@@ -3,9 +3,9 @@
 One engine thread owns all forward passes. Requests are prefilled when admitted (short
 prompts admitted together share one left-padded pass), then join the running batch: every
 decode step advances all running sequences by one token in a single forward pass over a
-left-padded KV cache. When the set
-of running sequences changes (a join, a finish, a cancel) the batch cache is rebuilt from
-each sequence's valid slice; while it is stable the cache is reused as is.
+left-padded KV cache. When the set of running sequences changes (a join, a finish, a cancel)
+the batch cache is rebuilt from each sequence's valid slice; while it is stable the cache is
+reused as is.
 
 Every step holds the host's read lock, so an edit's apply (the writer) lands exactly between
 two steps and every token knows the revision that produced it.
