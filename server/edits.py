@@ -385,12 +385,8 @@ class EditManager:
             # loaded machine it may not run for a while): work whose caller is gone never starts
             # (a Score ran, unread, after its client's deadline because the edit ahead of it
             # ended between two polls)
-            try:
+            with self._counting_abandoned(method):
                 check_stop(should_stop, where)
-            except Cancelled:
-                if method:
-                    self.metrics.edits.labels(method, "abandoned").inc()
-                raise
             return work()
 
         # in a thread of its own that ends with the work: no idle OpenMP team slows decoding (fresh_thread.py)
@@ -478,13 +474,10 @@ class EditManager:
                 notes.append(f"spent {stats_seconds:.1f} s estimating key statistics for layers "
                              f"{diagnostics.get('layers')} (first use of these options; cached on disk)")
             self.metrics.edit_compute.labels(method).observe(compute_seconds)
-            try:
+            with self._counting_abandoned(method):
                 check_stop(should_stop, "the edit, before scoring it")
                 reports = self._scores(facts, delta) if report else []
                 drift = self._check_drift(method, [delta], budget) if budget.active else None
-            except Cancelled:
-                self.metrics.edits.labels(method, "abandoned").inc()
-                raise
             if dry_run:
                 self.metrics.edits.labels(method, "dry_run").inc()
                 return EditOutcome("", self.host.revision, False, reports, compute_seconds, 0.0, None, diagnostics,
@@ -587,19 +580,27 @@ class EditManager:
         deadline passed (or who cancelled) while queued leaves with Cancelled instead of
         computing an edit nobody will read. Polls, since the lock itself cannot be woken."""
         while not self._mutex.acquire(timeout=MUTEX_POLL_SECONDS):
-            try:
+            with self._counting_abandoned(method):
                 check_stop(should_stop, f"the wait for the edit mutex ({what} queued behind "
                                         f"{self.preparing or 'another edit, revert or trace'})")
-            except Cancelled:
-                if method:
-                    self.metrics.edits.labels(method, "abandoned").inc()
-                raise
         try:
             yield
         finally:
             self._mutex.release()
             if what in TRIM_AFTER:
                 release_free_memory()
+
+    @contextmanager
+    def _counting_abandoned(self, method: str) -> Iterator[None]:
+        """Count an edit of ``method`` as abandoned when Cancelled leaves the block, then let
+        it go on: the looks at the caller (queued, waiting for the mutex, before scoring) share
+        it. Only edits count (a method is named); reverts, traces and scores pass none."""
+        try:
+            yield
+        except Cancelled:
+            if method:
+                self.metrics.edits.labels(method, "abandoned").inc()
+            raise
 
     def run_stable(self, should_stop: StopCheck | None, what: str, work: Callable[[], T]) -> T:
         """Run a long read (a trace, a score) that must see one revision: on the edit thread,
