@@ -177,7 +177,8 @@ def test_a_preserving_consolidation_keeps_the_other_edits_keys_and_solves_its_ow
     from editserve.editing.scoring import score
 
     plain, kept = make("plain"), make("kept")
-    for served, options in ((plain, MEMIT), (kept, {**MEMIT, "preserve": True, "preserve_projection": False})):
+    for served, options in ((plain, {**MEMIT, "preserve": False}),
+                            (kept, {**MEMIT, "preserve": True, "preserve_projection": False})):
         ids = _edit_each(served)
         outcome = served.manager.consolidate(ids[1:], options)
         for report in outcome.reports:

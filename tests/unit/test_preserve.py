@@ -155,7 +155,23 @@ def test_keys_only_preservation_in_memit_keeps_earlier_keys(tiny_tokenizer, stat
     ctx.preserved_keys = lambda wanted: first.keys[wanted] if wanted in names else None
     options = dict(preserve=True, preserve_projection=False, mom2_update_weight=1e-3)
     kept, _ = compute_memit(ctx, FACTS[1:], tiny_memit(model, **options))
-    plain, _ = compute_memit(ctx, FACTS[1:], tiny_memit(model, mom2_update_weight=1e-3))
+    plain, _ = compute_memit(ctx, FACTS[1:], tiny_memit(model, preserve=False, mom2_update_weight=1e-3))
     for name in names:
         moved = float((kept.delta(name) @ first.keys[name]).norm())
         assert moved < 0.05 * float((plain.delta(name) @ first.keys[name]).norm())
+
+
+def test_keys_only_memit_with_no_edit_active_is_plain_memit(tiny_tokenizer, stats_dir):
+    """Why keys-only preservation can be MEMIT's Llama default (memit-llama-3): with no earlier
+    edit's keys to keep, the solve is plain MEMIT's, bit for bit; and the shipped Llama options
+    are that form (preserve on, no null-space projection)."""
+    model, adapter = learnable_model("llama", tiny_tokenizer, edit_layer=2)
+    ctx = EditingContext(model, tiny_tokenizer, adapter, stats_dir, progress=False)
+    shipped = tiny_memit(model)
+    assert shipped.preserve and not shipped.preserve_projection
+    kept, diagnostics = compute_memit(ctx, FACTS[:2], shipped)
+    plain, _ = compute_memit(ctx, FACTS[:2], tiny_memit(model, preserve=False))
+    assert [layer["preserved_keys"] for layer in diagnostics["per_layer"]] == [0, 0]
+    for layer in (1, 2):
+        name = adapter.mlp_out_weight_name(layer)
+        assert torch.equal(kept.delta(name), plain.delta(name)), name
