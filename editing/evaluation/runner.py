@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .datasets import EvalCase
-from .measure import MEASURE_CHUNK, EditTarget, drift_of, measure_case, measure_cases, summary_of
+from .measure import EditTarget, drift_of, measure_case, measure_cases, measure_chunks, summary_of
 from .metrics import summarize
 from .pre_cache import PreMeasurementCache
 
@@ -125,8 +125,8 @@ def _measure_unedited(target: EditTarget, cases: Sequence[EvalCase], cache: PreM
     keys = [cache.key(identity, case, keyed) if identity is not None else None for case in cases]
     records: list[dict | None] = [None if key is None else cache.get(key) for key in keys]
     missing = [i for i, record in enumerate(records) if record is None]
-    for start in range(0, len(missing), MEASURE_CHUNK):  # stored as they come: a stopped run keeps them
-        part = missing[start:start + MEASURE_CHUNK]
+    for group in measure_chunks([cases[i] for i in missing]):  # stored as they come: a stopped run keeps them
+        part = [missing[j] for j in group]
         measured = measure_cases(target, [cases[i] for i in part], [None] * len(part), **options)
         for i, record in zip(part, measured, strict=True):
             records[i] = record

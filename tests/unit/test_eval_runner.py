@@ -388,7 +388,9 @@ def test_a_sequential_run_reuses_the_non_sequential_runs_measurements(target, ca
 def test_cases_measured_together_score_as_they_do_alone(target, cases, monkeypatch):
     from editserve.editing.evaluation import measure
 
-    monkeypatch.setattr(measure, "MEASURE_CHUNK", 2)
+    per_case = [len(measure._generation_prompts(case)) for case in cases]
+    assert len(set(per_case)) == 1
+    monkeypatch.setattr(measure, "MEASURE_ROWS", 2 * per_case[0])  # two cases a group
     counting = CountingTarget(target)
     together = measure.measure_cases(counting, cases, [None] * len(cases), fluency_prompts=1, fluency_tokens=4,
                                      generation_tokens=3)
@@ -399,6 +401,22 @@ def test_cases_measured_together_score_as_they_do_alone(target, cases, monkeypat
             assert joint[key] == pytest.approx(alone[key], rel=1e-4)
         assert len(joint["gen_clauses"]) == len(alone["gen_clauses"]) == 1  # one neighbour, no locality prompt
         assert joint["fluency"] is not None and joint["reliability"] == alone["reliability"]
+
+
+def test_cases_are_grouped_by_the_prompts_they_generate(cases):
+    """Groups fill up to MEASURE_ROWS prompts; a case larger than that goes alone, and every
+    case is in exactly one group, in order."""
+    from editserve.editing.evaluation import measure
+
+    big = replace(cases[0], neighborhood_prompts=tuple(f"{p} {i}" for i in range(9) for p in
+                                                       cases[0].neighborhood_prompts))
+    mixed = [cases[0], cases[1], big, cases[2]]
+    size = len(measure._generation_prompts(cases[0]))
+    assert len(measure._generation_prompts(big)) > 3 * size
+    groups = measure.measure_chunks(mixed, rows=3 * size)
+    assert groups == [[0, 1], [2], [3]]
+    assert measure.measure_chunks(mixed, rows=10_000) == [[0, 1, 2, 3]]
+    assert measure.measure_chunks(mixed, rows=1) == [[0], [1], [2], [3]]
 
 
 def test_code_digest_follows_the_measuring_source_only(tmp_path):
